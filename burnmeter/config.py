@@ -1,0 +1,230 @@
+"""The TOML config file (SPEC "Interfaces"), validated once into typed state.
+
+``load_config(path)`` returns a ``Config``; any unknown key or bad value raises
+``ConfigError`` whose message is one line naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated
+from typing import Literal
+from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfoNotFoundError
+
+from pydantic import BaseModel
+from pydantic import ConfigDict
+from pydantic import Field
+from pydantic import ValidationError
+from pydantic import field_validator
+from pydantic import model_validator
+
+DEFAULT_DB_PATH = "burnmeter.db"
+DEFAULT_DB_URL = f"sqlite:///{DEFAULT_DB_PATH}"
+
+FieldName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+PositiveDecimal = Annotated[Decimal, Field(gt=0)]
+Price = Annotated[Decimal, Field(ge=0)]
+
+
+class ConfigError(ValueError):
+    """A config problem, as one line naming the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Pool(_Strict):
+    """A named balance in the user document: spent in ``balance`` order."""
+
+    name: str = ""
+    balance: list[FieldName] = Field(min_length=1)
+    used: FieldName
+    tokens: FieldName | None = None
+    expires: FieldName | None = None
+
+
+class Route(_Strict):
+    """Which pool a client-facing host (or listen port) bills, and at what multiplier."""
+
+    host: str | None = None
+    listen_port: int | None = Field(default=None, ge=1, le=65535)
+    pool: str
+    multiplier: PositiveDecimal = Decimal(1)
+    upstream_key_env: str | None = None
+    rate_limit_rpm: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_matcher(self) -> Route:
+        if (self.host is None) == (self.listen_port is None):
+            raise ValueError("a route needs exactly one of host or listen_port")
+        return self
+
+    def matches(self, host: str, port: int | None, listen_port: int | None) -> bool:
+        if self.listen_port is not None:
+            return self.listen_port == listen_port
+        assert self.host is not None
+        want_host, _, want_port = self.host.lower().partition(":")
+        if want_host != host.lower():
+            return False
+        return not want_port or (port is not None and int(want_port) == port)
+
+
+class DefaultPrice(_Strict):
+    input: Price
+    output: Price
+    cache_write: Price | None = None
+    cache_write_1h: Price | None = None
+    cache_read: Price | None = None
+
+
+class ModelPrice(_Strict):
+    """USD per million tokens for one model."""
+
+    aliases: list[str] = []
+    input: Price
+    output: Price
+    cache_write: Price | None = None
+    cache_write_1h: Price | None = None
+    cache_read: Price | None = None
+    pool: str | None = None
+    multiplier: PositiveDecimal = Decimal(1)
+
+
+class Config(_Strict):
+    db: str = DEFAULT_DB_URL
+    timezone: str = "Asia/Ho_Chi_Minh"
+    log_ttl_days: int = Field(default=30, ge=0)
+    default_pool: str = "ohmygpt"
+    unknown_model: Literal["reject", "default", "list-price"] = "reject"
+    default_price: DefaultPrice | None = None
+    key_cache_seconds: int = Field(default=30, ge=0)
+    hold_sweep_minutes: int = Field(default=60, ge=1)
+    default_max_output_tokens: int = Field(default=4096, ge=1)
+    max_request_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    rate_limit_rpm: int | None = Field(default=None, ge=1)
+    pools: dict[str, Pool] = Field(default_factory=dict, min_length=1, validate_default=True)
+    routes: list[Route] = []
+    models: dict[str, ModelPrice] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_pools(cls, data: object) -> object:
+        if isinstance(data, dict) and "pools" not in data:
+            return {**data, "pools": DEFAULT_POOLS}
+        return data
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    @field_validator("pools")
+    @classmethod
+    def _name_pools(cls, pools: dict[str, Pool]) -> dict[str, Pool]:
+        return {name: pool.model_copy(update={"name": name}) for name, pool in pools.items()}
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        if self.default_pool not in self.pools:
+            raise ValueError(f"default_pool: no pool named {self.default_pool!r}")
+        for i, route in enumerate(self.routes):
+            if route.pool not in self.pools:
+                raise ValueError(f"routes.{i}.pool: no pool named {route.pool!r}")
+        seen: dict[str, str] = {}
+        for model_id, model in self.models.items():
+            if model.pool is not None and model.pool not in self.pools:
+                raise ValueError(f"models.{model_id}.pool: no pool named {model.pool!r}")
+            for name in [model_id, *model.aliases]:
+                if name in seen and seen[name] != model_id:
+                    raise ValueError(f"models.{model_id}.aliases: {name!r} is also {seen[name]!r}")
+                seen[name] = model_id
+        if self.unknown_model == "default" and self.default_price is None:
+            raise ValueError("default_price: required when unknown_model = 'default'")
+        return self
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def model(self, name: str) -> tuple[str, ModelPrice] | None:
+        """The configured model for an id or alias: (canonical id, prices)."""
+        if name in self.models:
+            return name, self.models[name]
+        for model_id, model in self.models.items():
+            if name in model.aliases:
+                return model_id, model
+        return None
+
+    def route(self, host: str, port: int | None, listen_port: int | None) -> Route | None:
+        for route in self.routes:
+            if route.matches(host, port, listen_port):
+                return route
+        return None
+
+
+DEFAULT_POOLS = {
+    "openhands": {
+        "balance": ["creditsNew"],
+        "used": "creditsNewUsed",
+        "tokens": "tokensUserNew",
+        "expires": "expiresAtNew",
+    },
+    "ohmygpt": {
+        "balance": ["credits", "refCredits"],
+        "used": "creditsUsed",
+        "expires": "expiresAt",
+    },
+}
+
+
+def default_config() -> Config:
+    """The built-in config: the original's two pools, no routes, no prices."""
+    return Config.model_validate({"pools": DEFAULT_POOLS})
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{key}: {message}" if key else message
+
+
+def parse_config(data: dict[str, object]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read and validate a TOML config; None gives the built-in default."""
+    if path is None:
+        return default_config()
+    file = Path(path)
+    try:
+        mode = file.stat().st_mode
+        text = file.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{file}: {e.strerror}") from None
+    if mode & stat.S_IWOTH:
+        raise ConfigError(f"{file}: world-writable config file refused (chmod o-w)")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{file}: {e}") from None
+    try:
+        return parse_config(data)
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None

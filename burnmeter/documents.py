@@ -1,0 +1,83 @@
+"""Key handling and the request_logs document (SPEC "Documents")."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import UTC
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from burnmeter.records import UsageRecord
+
+KEY_PREFIX = "sk-burn-"
+HASHED_PREFIX = "sha256:"
+
+
+def new_key() -> str:
+    """A fresh client key: 256 random bits."""
+    return KEY_PREFIX + secrets.token_hex(32)
+
+
+def hash_key(key: str) -> str:
+    """The user_keys._id burnmeter stores for keys it creates: never the key itself."""
+    return HASHED_PREFIX + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def mask_key(key: str) -> str:
+    """What logs show of a key: a short prefix and the last four characters."""
+    if len(key) <= 12:
+        return "…" + key[-2:] if len(key) > 4 else "…"
+    return f"{key[:7]}…{key[-4:]}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def request_log(
+    *,
+    request_id: str,
+    user_id: str,
+    key_mask: str,
+    model: str | None,
+    usage: UsageRecord | None,
+    cost: Decimal,
+    billing_tokens: int,
+    pool: str,
+    status_code: int,
+    latency_ms: int,
+    ttft_ms: int | None,
+    host: str,
+    upstream: str,
+    path: str,
+    stream: bool,
+    created_at: datetime,
+) -> dict[str, Any]:
+    """One request_logs document with the original's fields and burnmeter's own."""
+    u = usage or UsageRecord(source="none")
+    return {
+        "_id": request_id,
+        "userId": user_id,
+        "userKeyId": key_mask,
+        "model": model,
+        "inputTokens": u.input_tokens,
+        "outputTokens": u.output_tokens,
+        "cacheWriteTokens": u.cache_write_tokens,
+        "cacheHitTokens": u.cache_read_tokens,
+        "reasoningTokens": u.reasoning_tokens,
+        "creditsCost": cost,
+        "creditType": pool,
+        "tokensUsed": billing_tokens,
+        "statusCode": status_code,
+        "latencyMs": latency_ms,
+        "ttftMs": ttft_ms,
+        "isSuccess": 200 <= status_code < 300,
+        "createdAt": created_at,
+        "host": host,
+        "upstream": upstream,
+        "path": path,
+        "stream": stream,
+        "usageSource": u.source if usage is not None else "none",
+    }

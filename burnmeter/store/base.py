@@ -1,0 +1,174 @@
+"""The store interface both backends implement (SQLite embedded, MongoDB production).
+
+Documents are exchanged as MongoDB-shaped dicts with the SPEC's field names: money as
+``Decimal`` USD, dates as timezone-aware UTC ``datetime``. A field missing from a stored
+document is missing from the dict too.
+
+Every operation is synchronous and thread-safe; the proxy calls them from worker threads,
+never from mitmproxy's event loop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from abc import abstractmethod
+from collections.abc import Iterable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from typing import Literal
+
+from burnmeter.config import Pool
+
+Document = dict[str, Any]
+ImportOutcome = Literal["added", "skipped"]
+
+USERS = "usersNew"
+KEYS = "user_keys"
+LOGS = "request_logs"
+
+MONEY_FIELDS = ("credits", "refCredits", "creditsUsed", "creditsNew", "creditsNewUsed")
+TOKEN_FIELDS = ("tokensUserNew", "totalInputTokens", "totalOutputTokens")
+DATE_FIELDS = ("expiresAt", "expiresAtNew", "createdAt")
+
+
+class StoreError(RuntimeError):
+    """The store cannot be reached or refused an operation (an outage, not a user error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyOwner:
+    """Who a client key belongs to, as found by ``Store.find_key``."""
+
+    user_id: str
+    key_doc_id: str | None  # user_keys._id that matched (raw or hashed), None for usersNew.apiKey
+    key_active: bool
+    key_expires_at: datetime | None
+    user: Document  # the usersNew document (balances as Decimal, dates as aware datetimes)
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Money set aside for one request: ``parts`` says how much came from each balance field."""
+
+    request_id: str
+    user_id: str
+    pool: str
+    parts: dict[str, Decimal]
+    created_at: datetime
+
+    @property
+    def amount(self) -> Decimal:
+        return sum(self.parts.values(), Decimal(0))
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A hold that could not be made: the pool's balance right now."""
+
+    balance: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """The actual charge of one request, applied once: release the hold, charge, log."""
+
+    request_id: str
+    user_id: str
+    pool: str
+    cost: Decimal
+    billing_tokens: int
+    input_tokens: int
+    output_tokens: int
+    key_doc_id: str | None
+    log: Document = field(default_factory=dict)  # the request_logs document, _id = request_id
+
+
+class Store(ABC):
+    """One backend. ``pools`` are the config's pools: they name the balance fields."""
+
+    def __init__(self, pools: Mapping[str, Pool]) -> None:
+        self.pools = dict(pools)
+
+    # -- set-up -------------------------------------------------------------------------
+    @abstractmethod
+    def ensure_schema(self, log_ttl_days: int) -> None:
+        """Create tables/collections and the SPEC's indexes (TTL: 0 = keep forever)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # -- keys and users -----------------------------------------------------------------
+    @abstractmethod
+    def find_key(self, key: str) -> KeyOwner | None:
+        """user_keys by _id (raw, then hashed), then usersNew.apiKey; None if unknown."""
+
+    @abstractmethod
+    def user(self, user_id: str) -> Document | None: ...
+
+    @abstractmethod
+    def users(self) -> list[Document]: ...
+
+    @abstractmethod
+    def balance(self, user_id: str, pool: Pool) -> Decimal:
+        """Σ of the pool's balance fields (0 for an unknown user)."""
+
+    @abstractmethod
+    def create_user(self, user_id: str, key_doc_id: str, balances: Mapping[str, Decimal]) -> None:
+        """New active user with one user_keys document; ``balances`` by balance field.
+
+        Raises ``ValueError`` when the user exists."""
+
+    @abstractmethod
+    def topup(self, user_id: str, field_name: str, amount: Decimal) -> Decimal:
+        """Add to one balance field; returns its new value. ``KeyError`` for an unknown user."""
+
+    @abstractmethod
+    def set_fields(self, user_id: str, values: Mapping[str, Any]) -> None:
+        """$set on the user document (isActive, expiry dates). ``KeyError`` if unknown."""
+
+    # -- metering -----------------------------------------------------------------------
+    @abstractmethod
+    def hold(
+        self, request_id: str, user_id: str, pool: Pool, amount: Decimal, minimum: Decimal
+    ) -> Hold | Refusal:
+        """Atomically set aside ``amount`` from the pool, spending its fields in order.
+
+        If the balance is short of ``amount`` but covers ``minimum`` (and is > 0), hold what
+        is left; otherwise refuse. Never takes a field below zero."""
+
+    @abstractmethod
+    def settle(self, settlements: Iterable[Settlement]) -> list[bool]:
+        """Apply each settlement once (idempotent by request id); True where it was applied.
+
+        Charges ``cost`` to the pool (from the hold first), releases the rest of the hold,
+        bumps used/token counters and the key's counters, and inserts the log document."""
+
+    @abstractmethod
+    def open_holds(self, older_than: datetime) -> list[Hold]: ...
+
+    @abstractmethod
+    def release(self, hold: Hold) -> bool:
+        """Give an abandoned hold back to the pool (idempotent)."""
+
+    # -- request logs -------------------------------------------------------------------
+    @abstractmethod
+    def log(self, request_id: str) -> Document | None: ...
+
+    @abstractmethod
+    def logs(self, limit: int, user_id: str | None = None) -> list[Document]:
+        """Newest first."""
+
+    @abstractmethod
+    def purge_logs(self, before: datetime) -> int:
+        """Delete logs created before ``before`` (the TTL, for backends without one)."""
+
+    # -- import -------------------------------------------------------------------------
+    @abstractmethod
+    def import_user(self, doc: Document) -> ImportOutcome: ...
+
+    @abstractmethod
+    def import_log(self, doc: Document) -> ImportOutcome: ...

@@ -1,0 +1,3 @@
+from stats.cli import main
+
+main()
