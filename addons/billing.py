@@ -1,0 +1,118 @@
+"""What a finished (or failed) request costs: usage, or an estimate, priced into a Settlement.
+
+Usage the upstream reported wins. When it is missing or a stream was cut short, the charge
+is an estimate flagged ``usageSource: "estimated"``: the request's input estimate plus
+output from the characters generated, never less than what was reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from mitmproxy import http
+
+from addons.admission import Ticket
+from burnmeter import pricing
+from burnmeter.documents import request_log
+from burnmeter.documents import utcnow
+from burnmeter.estimate import EMBEDDING_APIS
+from burnmeter.estimate import estimate_output_tokens
+from burnmeter.money import ZERO
+from burnmeter.records import UsageRecord
+from burnmeter.store.base import Settlement
+from burnmeter.usage import usage_from_json
+
+CLIENT_CLOSED = 499
+"""Status logged when the client went away mid-response (nginx's convention)."""
+UPSTREAM_FAILED = 502
+
+
+def estimated(ticket: Ticket, reported: UsageRecord | None, text_chars: int) -> UsageRecord:
+    """Usage of a request the upstream did not (fully) report."""
+    output = estimate_output_tokens(text_chars)
+    if reported is None:
+        assert ticket.estimate is not None
+        return UsageRecord(
+            input_tokens=ticket.estimate.input_tokens, output_tokens=output, source="estimated"
+        )
+    if reported.output_tokens >= output:
+        return reported
+    return dataclasses.replace(reported, output_tokens=output, source="estimated")
+
+
+def response_usage(ticket: Ticket, response: http.Response) -> UsageRecord | None:
+    """Usage of a response that arrived whole (``response`` hook)."""
+    success = 200 <= response.status_code < 300
+    if ticket.tap is not None:
+        stream = ticket.tap.usage
+        reported, _ = stream.result()
+        if not success or (stream.done and reported is not None):
+            return reported
+        return estimated(ticket, reported, stream.text_chars)
+    content = None if response.stream else response.get_content(strict=False)
+    reported = None
+    if content and "json" in response.headers.get("content-type", ""):
+        assert ticket.api is not None
+        reported, _ = usage_from_json(ticket.api, content)
+    if reported is not None or not success:
+        return reported
+    generated = 0 if ticket.api in EMBEDDING_APIS else len(content or b"")
+    return estimated(ticket, None, generated)
+
+
+def error_usage(ticket: Ticket, response: http.Response | None) -> UsageRecord | None:
+    """Usage of a request that failed (``error`` hook): None if nothing reached the client."""
+    if response is None:
+        return None
+    if ticket.tap is None:
+        return estimated(ticket, None, 0)
+    reported, _ = ticket.tap.usage.result()
+    return estimated(ticket, reported, ticket.tap.usage.text_chars)
+
+
+def error_status(flow: http.HTTPFlow) -> int:
+    assert flow.error is not None
+    if flow.response is not None and "client" in flow.error.msg.lower():
+        return CLIENT_CLOSED
+    return UPSTREAM_FAILED
+
+
+def settlement(
+    flow: http.HTTPFlow, ticket: Ticket, usage: UsageRecord | None, status: int
+) -> Settlement:
+    """The charge (0 without usage, releasing the hold) and its request log document."""
+    assert ticket.quote is not None
+    cost = pricing.cost(usage, ticket.quote) if usage else ZERO
+    billing_tokens = pricing.billing_tokens(usage, ticket.quote) if usage else 0
+    started = flow.request.timestamp_start
+    first_byte = ticket.tap.first_byte_at if ticket.tap else None
+    log = request_log(
+        request_id=flow.id,
+        user_id=ticket.user_id,
+        key_mask=ticket.key_mask,
+        model=ticket.quote.model,
+        usage=usage,
+        cost=cost,
+        billing_tokens=billing_tokens,
+        pool=ticket.pool,
+        status_code=status,
+        latency_ms=round((time.time() - started) * 1000),
+        ttft_ms=round((first_byte - started) * 1000) if first_byte else None,
+        host=ticket.host,
+        upstream=ticket.upstream,
+        path=ticket.path,
+        stream=ticket.stream,
+        created_at=utcnow(),
+    )
+    return Settlement(
+        request_id=flow.id,
+        user_id=ticket.user_id,
+        pool=ticket.pool,
+        cost=cost,
+        billing_tokens=billing_tokens,
+        input_tokens=usage.input_tokens if usage else 0,
+        output_tokens=usage.output_tokens if usage else 0,
+        key_doc_id=ticket.owner.key_doc_id,
+        log=log,
+    )

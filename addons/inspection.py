@@ -1,0 +1,196 @@
+"""What mitmweb and the console show of metering: flow notes, marks and a contentview.
+
+Every metered flow gets ``flow.metadata["metering"]`` (a plain JSON-able record), a
+one-line ``flow.comment`` and, when something needs a look, a mark: rejected locally
+(:no_entry:), failed upstream (:x:) or charged from an estimate (:warning:).
+
+The ``LLMStream`` contentview shows a streamed LLM response as its reassembled text plus
+its usage. Streamed bodies are only kept with ``--set store_streamed_bodies=true``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
+from typing import Literal
+
+from mitmproxy import contentviews
+from mitmproxy import flow
+from mitmproxy import http
+
+from addons.admission import Ticket
+from burnmeter.records import UsageRecord
+from burnmeter.sse import JSONArrayParser
+from burnmeter.sse import SSEParser
+from burnmeter.store.base import Settlement
+from burnmeter.usage import StreamUsage
+from burnmeter.usage import api_for
+
+Outcome = Literal["charged", "failed", "rejected", "passthrough"]
+
+MARKS: dict[str, str] = {
+    "rejected": ":no_entry:",
+    "failed": ":x:",
+    "estimated": ":warning:",
+}
+TOKEN_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
+
+
+def describe(
+    ticket: Ticket | None,
+    outcome: Outcome,
+    *,
+    status: int | None = None,
+    reason: str | None = None,
+    usage: UsageRecord | None = None,
+    settlement: Settlement | None = None,
+) -> dict[str, Any]:
+    """The flow's ``metadata["metering"]`` record: plain JSON types, money as a string."""
+    record: dict[str, Any] = {"outcome": outcome, "status": status, "reason": reason}
+    if ticket is not None:
+        record |= {
+            "user": ticket.user_id,
+            "key": ticket.key_mask,
+            "pool": ticket.pool,
+            "model": ticket.quote.model if ticket.quote else ticket.model,
+            "api": ticket.api,
+            "stream": ticket.stream,
+            "host": ticket.host,
+            "upstream": ticket.upstream,
+        }
+    if settlement is not None:
+        record |= {field: getattr(usage, field, 0) for field in TOKEN_FIELDS}
+        record |= {
+            "cost": str(settlement.cost),
+            "billing_tokens": settlement.billing_tokens,
+            "usage_source": usage.source if usage else "none",
+        }
+    return record
+
+
+def comment(record: dict[str, Any]) -> str:
+    """E.g. ``alice · gpt-4o · 1,234 tok · $0.0123 · openhands``."""
+    parts = [record.get("user") or "anonymous"]
+    if record["outcome"] == "rejected":
+        return " · ".join([*parts, f"rejected: {record['reason']}"])
+    if record.get("model"):
+        parts.append(record["model"])
+    if "cost" in record:
+        tokens = sum(record[field] for field in TOKEN_FIELDS if field != "reasoning_tokens")
+        parts += [f"{tokens:,} tok", f"${Decimal(record['cost']):.4f}"]
+    parts.append(record["pool"])
+    if record.get("usage_source") == "estimated":
+        parts.append("estimated")
+    if record["outcome"] == "failed":
+        parts.append(f"failed: {record['reason']}")
+    return " · ".join(parts)
+
+
+def annotate(f: http.HTTPFlow, record: dict[str, Any]) -> None:
+    f.metadata["metering"] = record
+    f.comment = comment(record)
+    kind = "estimated" if record.get("usage_source") == "estimated" else record["outcome"]
+    if kind in MARKS:
+        f.marked = MARKS[kind]
+
+
+def usage_summary(flows: Sequence[flow.Flow]) -> str:
+    """E.g. ``3 flows · 1,200/340 tokens · $0.0123`` over the flows metering charged."""
+    records = [
+        r for f in flows if isinstance(r := f.metadata.get("metering"), dict) and "cost" in r
+    ]
+    input_tokens = sum(
+        r["input_tokens"] + r["cache_read_tokens"] + r["cache_write_tokens"] for r in records
+    )
+    output_tokens = sum(r["output_tokens"] for r in records)
+    cost = sum((Decimal(r["cost"]) for r in records), Decimal(0))
+    return f"{len(records)} flows · {input_tokens:,}/{output_tokens:,} tokens · ${cost:.4f}"
+
+
+def format_balances(balances: Iterable[tuple[str, Decimal]]) -> str:
+    return " · ".join(f"{pool}: ${amount:.4f}" for pool, amount in balances)
+
+
+def _text_parts(api: str, obj: dict[str, Any]) -> Iterable[object]:
+    """The generated text (and tool-call arguments) one stream event carries."""
+    match api:
+        case "openai.chat":
+            for choice in obj.get("choices") or []:
+                delta = choice.get("delta") or {}
+                yield delta.get("reasoning_content")
+                yield delta.get("content")
+                for call in delta.get("tool_calls") or []:
+                    yield (call.get("function") or {}).get("arguments")
+        case "openai.responses":
+            if str(obj.get("type", "")).endswith(".delta"):
+                yield obj.get("delta")
+        case "anthropic.messages":
+            if obj.get("type") == "content_block_delta":
+                delta = obj.get("delta") or {}
+                yield from (delta.get(k) for k in ("thinking", "text", "partial_json"))
+        case "gemini.generate":
+            for candidate in obj.get("candidates") or []:
+                for part in (candidate.get("content") or {}).get("parts") or []:
+                    yield part.get("text")
+
+
+def _payloads(data: bytes) -> list[bytes]:
+    """The events of a streamed body: SSE data fields, or JSON array elements."""
+    if data.lstrip()[:1] in (b"[", b"{"):
+        return JSONArrayParser().feed(data)
+    sse = SSEParser()
+    return [event.data for event in [*sse.feed(data), *sse.close()]]
+
+
+def reassemble(api: str, data: bytes) -> tuple[str, int]:
+    """(text, number of events) of a streamed response body."""
+    payloads = _payloads(data)
+    text: list[str] = []
+    for payload in payloads:
+        try:
+            obj = json.loads(payload)
+            text += [part for part in _text_parts(api, obj) if isinstance(part, str)]
+        except (ValueError, AttributeError, TypeError):
+            continue
+    return "".join(text), len(payloads)
+
+
+class LLMStreamContentview(contentviews.Contentview):
+    """A streamed LLM response as reassembled text and usage."""
+
+    @property
+    def name(self) -> str:
+        return "LLM Stream"
+
+    def prettify(self, data: bytes, metadata: contentviews.Metadata) -> str:
+        api = _api(metadata) or "openai.chat"
+        text, count = reassemble(api, data)
+        stream = StreamUsage(api, collect_text=False)
+        stream.feed(data)
+        usage, model = stream.result()
+        summary = f"--- {count} events · model {model or '?'} · done={stream.done}"
+        if usage is None:
+            return f"{text}\n\n{summary}\nusage: none reported"
+        counts = " · ".join(
+            f"{f.removesuffix('_tokens')} {getattr(usage, f):,}" for f in TOKEN_FIELDS
+        )
+        return f"{text}\n\n{summary}\nusage: {counts}"
+
+    def render_priority(self, data: bytes, metadata: contentviews.Metadata) -> float:
+        is_sse = (metadata.content_type or "").startswith("text/event-stream")
+        return 2 if is_sse and _api(metadata) else -1
+
+
+def _api(metadata: contentviews.Metadata) -> str | None:
+    if isinstance(metadata.flow, http.HTTPFlow):
+        return api_for(metadata.flow.request.path)
+    return None

@@ -1,0 +1,84 @@
+"""Client API keys: where requests carry them, swapping in the upstream's, and a TTL cache.
+
+Keys are read from ``Authorization: Bearer`` on every path, ``x-api-key`` on Anthropic
+paths and ``x-goog-api-key`` or ``?key=`` on Gemini paths. A client's key is never
+forwarded: it is a burnmeter secret, replaced by the route's upstream key (if any).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from mitmproxy import http
+
+from addons.errors import Style
+from burnmeter.store.base import KeyOwner
+
+CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
+
+
+def client_key(request: http.Request, style: Style) -> str | None:
+    """The key the client authenticated with, or None."""
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    if style == "anthropic":
+        return request.headers.get("x-api-key", "").strip() or None
+    if style == "gemini":
+        return (request.headers.get("x-goog-api-key") or request.query.get("key", "")) or None
+    return None
+
+
+def set_upstream_key(request: http.Request, style: Style, key: str | None) -> None:
+    """Drop the client's credentials and, if the route has one, add the upstream's key."""
+    for name in CLIENT_KEY_HEADERS:
+        request.headers.pop(name, None)
+    if "key" in request.query:
+        request.query.pop("key")
+    if key is None:
+        return
+    match style:
+        case "anthropic":
+            request.headers["x-api-key"] = key
+        case "gemini":
+            request.headers["x-goog-api-key"] = key
+        case "openai":
+            request.headers["authorization"] = f"Bearer {key}"
+
+
+class KeyCache:
+    """Look-ups of the store's ``find_key``, unknown keys included, kept ``ttl`` seconds.
+
+    A revoked key or disabled user therefore stops working within ``ttl``. At most
+    ``max_entries`` keys are kept (oldest dropped first), so random keys cannot grow it.
+    """
+
+    def __init__(
+        self, ttl: int, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.clock = clock
+        self._entries: dict[str, tuple[float, KeyOwner | None]] = {}
+
+    def get(self, key: str) -> tuple[bool, KeyOwner | None]:
+        """(found, owner): ``found`` is False when the store must be asked."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return False, None
+        if entry[0] <= self.clock():
+            del self._entries[key]
+            return False, None
+        return True, entry[1]
+
+    def put(self, key: str, owner: KeyOwner | None) -> None:
+        if self.ttl <= 0:
+            return
+        self._entries.pop(key, None)
+        while len(self._entries) >= self.max_entries:
+            del self._entries[next(iter(self._entries))]
+        self._entries[key] = (self.clock() + self.ttl, owner)
+
+    def clear(self) -> None:
+        self._entries.clear()

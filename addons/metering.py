@@ -1,0 +1,256 @@
+"""burnmeter: meter LLM API traffic through mitmproxy, billing each user's credit pools.
+
+Run it (reverse mode, one ``--mode`` per upstream, is the production shape)::
+
+    mitmdump -s addons/metering.py --mode reverse:https://api.openai.com@8004 \\
+        [--set metering_config=burnmeter.toml] [--set metering_db=sqlite:///burnmeter.db]
+
+Every request needs a client key (``Authorization: Bearer``, or ``x-api-key`` on
+Anthropic paths); LLM requests are priced, held against the pool their host bills,
+forwarded, and settled from the usage the upstream reports. Locally answered requests
+(401/402/400/413/503) never reach the upstream.
+
+The addon sets two mitmproxy options itself: ``connection_strategy=lazy`` (so no upstream
+connection is opened for a request answered locally, and an unreachable upstream still
+lets the addon answer) and ``keep_host_header=true`` (in reverse mode mitmproxy would
+otherwise replace the client's Host header, which picks the pool, before any hook runs;
+the addon reads it and then sets the upstream's Host itself).
+
+Read streamed bodies in mitmweb with ``--set store_streamed_bodies=true`` (the "LLM
+Stream" view); commands: ``metering.balance USER`` and ``metering.usage @all``.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from mitmproxy import command
+from mitmproxy import contentviews
+from mitmproxy import ctx
+from mitmproxy import exceptions
+from mitmproxy import flow
+from mitmproxy import http
+from mitmproxy.net.http import url
+from mitmproxy.proxy.mode_specs import ReverseMode
+
+from addons import billing
+from addons import errors
+from addons import options
+from addons.admission import Admission
+from addons.admission import Rejection
+from addons.admission import Ticket
+from addons.admission import request_api
+from addons.errors import error_response
+from addons.inspection import LLMStreamContentview
+from addons.inspection import Outcome
+from addons.inspection import annotate
+from addons.inspection import describe
+from addons.inspection import format_balances
+from addons.inspection import usage_summary
+from addons.keys import KeyCache
+from addons.keys import set_upstream_key
+from addons.settlement import SettlementWriter
+from addons.streamtap import StreamTap
+from burnmeter.records import UsageRecord
+from burnmeter.store import StoreURLError
+from burnmeter.store import open_store
+from burnmeter.store.base import Settlement
+from burnmeter.store.base import Store
+from burnmeter.store.base import StoreError
+
+logger = logging.getLogger(__name__)
+
+STORE_THREADS = 8
+REQUIRED_OPTIONS = {"connection_strategy": "lazy", "keep_host_header": True}
+
+
+def declared_size(request: http.Request) -> int:
+    try:
+        return int(request.headers.get("content-length", "0"))
+    except ValueError:
+        return 0
+
+
+def open_checked_store(settings: options.Settings) -> Store:
+    try:
+        store = open_store(settings.db_url, settings.config.pools)
+        store.ensure_schema(settings.config.log_ttl_days)
+    except (StoreURLError, StoreError) as e:
+        raise exceptions.OptionsError(f"metering_db: {e}") from None
+    return store
+
+
+class Metering:
+    def __init__(self) -> None:
+        self.settings: options.Settings | None = None
+        self.store: Store | None = None
+        self.writer: SettlementWriter | None = None
+        self.executor: ThreadPoolExecutor | None = None
+        self.admission: Admission | None = None
+        self.tickets: weakref.WeakKeyDictionary[http.HTTPFlow, Ticket] = weakref.WeakKeyDictionary()
+
+    def load(self, loader) -> None:
+        options.declare(loader)
+
+    def configure(self, updated: set[str]) -> None:
+        if not updated & options.NAMES:
+            return
+        settings = options.read_settings(ctx.options)
+        if settings == self.settings:
+            return
+        store = open_checked_store(settings)
+        self._close()
+        self._start(settings, store)
+
+    def running(self) -> None:
+        unknown = sorted(k for k in ctx.options.deferred if k.startswith("metering"))
+        if unknown:
+            logger.warning("metering: unknown option(s) ignored: %s", ", ".join(unknown))
+        changes = {k: v for k, v in REQUIRED_OPTIONS.items() if getattr(ctx.options, k) != v}
+        if changes:
+            logger.info("metering: setting %s", changes)
+            ctx.options.update(**changes)
+
+    def done(self) -> None:
+        self._close()
+
+    def _start(self, settings: options.Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.writer = SettlementWriter(store, settings.queue_size)
+        self.writer.start()
+        self.executor = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="metering-store")
+        self.admission = Admission(
+            settings.config, store, KeyCache(settings.key_cache_ttl), self.writer, self.executor
+        )
+        logger.info("metering: store %s", settings.db_url.partition("@")[2] or settings.db_url)
+
+    def _close(self) -> None:
+        if self.writer is not None:
+            self.writer.stop()
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+        if self.store is not None:
+            self.store.close()
+        self.settings = self.store = self.writer = self.executor = self.admission = None
+
+    async def requestheaders(self, f: http.HTTPFlow) -> None:
+        if f.response or f.error:
+            return
+        if self.admission is None:
+            self._reject(f, None, Rejection(errors.UNAVAILABLE, "Metering is not configured"))
+            return
+        try:
+            ticket = await self.admission.authenticate(f)
+        except Rejection as r:
+            self._reject(f, None, r)
+            return
+        self._forward(f, ticket)
+        if ticket.api is None:
+            annotate(f, describe(ticket, "passthrough"))
+            return
+        try:
+            self.admission.check_size(declared_size(f.request))
+        except Rejection as r:
+            self._reject(f, ticket, r)
+            return
+        self.tickets[f] = ticket
+
+    async def request(self, f: http.HTTPFlow) -> None:
+        ticket = self.tickets.get(f)
+        if ticket is None or f.response or self.admission is None:
+            return
+        try:
+            await self.admission.admit(f, ticket)
+        except Rejection as r:
+            self._reject(f, ticket, r)
+
+    def responseheaders(self, f: http.HTTPFlow) -> None:
+        ticket = self.tickets.get(f)
+        if ticket is None or ticket.hold is None or f.response is None:
+            return
+        assert ticket.api is not None
+        status = f.response.status_code
+        is_sse = f.response.headers.get("content-type", "").startswith("text/event-stream")
+        if is_sse or (ticket.stream and 200 <= status < 300):
+            ticket.tap = StreamTap(ticket.api)
+            f.response.stream = ticket.tap
+
+    def response(self, f: http.HTTPFlow) -> None:
+        ticket = self.tickets.pop(f, None)
+        if ticket is None or ticket.hold is None or f.response is None:
+            return
+        usage = billing.response_usage(ticket, f.response)
+        status = f.response.status_code
+        reason = None if 200 <= status < 300 else f"upstream answered {status}"
+        self._settle(f, ticket, usage, status, "charged" if usage else "failed", reason)
+
+    def error(self, f: http.HTTPFlow) -> None:
+        ticket = self.tickets.pop(f, None)
+        if ticket is None or ticket.hold is None or f.error is None:
+            return
+        usage = billing.error_usage(ticket, f.response)
+        status = billing.error_status(f)
+        self._settle(f, ticket, usage, status, "charged" if usage else "failed", f.error.msg)
+
+    def _forward(self, f: http.HTTPFlow, ticket: Ticket) -> None:
+        """Address the upstream as mitmproxy would have: its Host, its key."""
+        assert self.settings is not None
+        if isinstance(f.client_conn.proxy_mode, ReverseMode):
+            f.request.host_header = url.hostport(f.request.scheme, f.request.host, f.request.port)
+        upstream_key = self.settings.upstream_keys.get(ticket.route) if ticket.route else None
+        set_upstream_key(f.request, ticket.style, upstream_key)
+
+    def _reject(self, f: http.HTTPFlow, ticket: Ticket | None, rejection: Rejection) -> None:
+        _, _, style = request_api(f.request)
+        problem = rejection.problem
+        f.response = error_response(style, problem, rejection.message, **rejection.extra)
+        self.tickets.pop(f, None)
+        annotate(f, describe(ticket, "rejected", status=problem.status, reason=problem.code))
+
+    def _settle(
+        self,
+        f: http.HTTPFlow,
+        ticket: Ticket,
+        usage: UsageRecord | None,
+        status: int,
+        outcome: Outcome,
+        reason: str | None,
+    ) -> None:
+        settlement = billing.settlement(f, ticket, usage, status)
+        self._record(settlement)
+        record = describe(
+            ticket, outcome, status=status, reason=reason, usage=usage, settlement=settlement
+        )
+        annotate(f, record)
+
+    def _record(self, settlement: Settlement) -> None:
+        """The one hand-off of a settlement towards the store (a journal goes here)."""
+        assert self.writer is not None
+        self.writer.submit(settlement)
+
+    @command.command("metering.balance")
+    def balance(self, user: str) -> str:
+        """Credit balance of USER in each pool."""
+        if self.store is None or self.settings is None:
+            raise exceptions.CommandError("metering is not configured")
+        try:
+            if self.store.user(user) is None:
+                raise exceptions.CommandError(f"no user {user!r}")
+            pools = self.settings.config.pools
+            return format_balances((name, self.store.balance(user, p)) for name, p in pools.items())
+        except StoreError as e:
+            raise exceptions.CommandError(f"store unavailable: {e}") from None
+
+    @command.command("metering.usage")
+    def usage(self, flows: Sequence[flow.Flow]) -> str:
+        """Tokens and cost of the metered flows among FLOWS (e.g. @all)."""
+        return usage_summary(flows)
+
+
+contentviews.add(LLMStreamContentview)
+
+addons = [Metering()]

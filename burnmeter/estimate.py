@@ -1,0 +1,302 @@
+"""Request-side token estimates: what admission holds before the upstream reports usage.
+
+No tokenizer: text is ``ceil(chars / 4)`` tokens, plus a small overhead per message, and
+media count at flat rates (see docs/estimator.md for how far off this is on real traffic).
+``ValueError`` means a malformed request; its message is meant for the client (400).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import replace
+from decimal import Decimal
+from typing import Literal
+
+from burnmeter.config import Config
+from burnmeter.pricing import PriceQuote
+from burnmeter.pricing import cost
+from burnmeter.records import UsageRecord
+
+CacheTtl = Literal["5m", "1h"]
+
+CHARS_PER_TOKEN = 4
+MESSAGE_OVERHEAD_TOKENS = 4
+"""Role and separators around each message (the original's figure)."""
+
+IMAGE_TOKENS = {"openai": 765, "anthropic": 1_600, "gemini": 258}
+"""Per image: OpenAI's high-detail 1024x1024 (4 tiles x 170 + 85), Anthropic's ~1.15
+megapixel maximum (width x height / 750), Gemini's fixed 258."""
+OPENAI_LOW_DETAIL_IMAGE_TOKENS = 85
+AUDIO_TOKENS = 1_000
+"""Per audio clip: about 30 seconds at Gemini's 32 tokens per second."""
+FILE_TOKENS = 3_000
+"""Per PDF, video or other file: about two PDF pages at Anthropic's 1,500 per page."""
+ANTHROPIC_TOOL_PROMPT_TOKENS = 346
+"""The system prompt Anthropic adds when a request has tools (its figure for Claude 4)."""
+
+EMBEDDING_APIS = ("openai.embeddings", "gemini.embed")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEstimate:
+    input_tokens: int
+    max_output_tokens: int
+    stream: bool
+    cache_ttl: CacheTtl | None = None
+    """The request marks prompt parts for caching (``cache_control``): its input may be
+    billed as cache writes, dearer than input."""
+
+
+def estimate_request(api: str, body: object, config: Config, path: str = "") -> RequestEstimate:
+    """Estimate a request of ``api`` (a corpus api name, e.g. "openai.chat") to ``path``."""
+    if not isinstance(body, dict):
+        raise ValueError("request body must be a JSON object")
+    tally = _Tally(api.partition(".")[0])
+    match api:
+        case "openai.chat":
+            tally.messages(_array(body, "messages"))
+            tally.tools(body.get("tools"), body.get("functions"))
+        case "anthropic.messages":
+            tally.add(_text_or_array(body, "system"))
+            tally.cache_marker(body.get("cache_control"))
+            tally.messages(_array(body, "messages"))
+            tally.tools(body.get("tools"))
+            if body.get("tools"):
+                tally.flat_tokens += ANTHROPIC_TOOL_PROMPT_TOKENS
+        case "openai.responses":
+            tally.add(body.get("instructions"))
+            items = _text_or_array(body, "input")
+            tally.messages([items] if isinstance(items, str) else items)
+            tally.tools(body.get("tools"))
+        case "openai.embeddings":
+            tally.embedding_input(_text_or_array(body, "input"))
+        case "gemini.generate":
+            tally.add(_object(body, "systemInstruction", "system_instruction"))
+            tally.messages(_array(body, "contents"))
+            tally.tools(body.get("tools"))
+        case "gemini.embed":
+            tally.add(_object(body, "content"))
+            for request in _array(body, "requests"):
+                tally.add(_object(request, "content"))
+        case _:
+            raise ValueError(f"unknown api {api!r}")
+    return RequestEstimate(
+        input_tokens=tally.tokens(),
+        max_output_tokens=_max_output_tokens(api, body, config),
+        stream=_stream(api, body, path),
+        cache_ttl=tally.cache_ttl,
+    )
+
+
+def estimate_output_tokens(text_chars: int) -> int:
+    """Output tokens for a response whose usage never came (a stream cut short)."""
+    return math.ceil(text_chars / CHARS_PER_TOKEN)
+
+
+def hold_amounts(estimate: RequestEstimate, quote: PriceQuote) -> tuple[Decimal, Decimal]:
+    """(maximum, minimum) to hold: estimated input plus the output limit, and input alone.
+
+    A request that asks for caching may be billed for its whole prompt as cache writes, so
+    the input is priced at whichever is dearer.
+    """
+    prompts = [UsageRecord(input_tokens=estimate.input_tokens, source="estimated")]
+    if estimate.cache_ttl is not None:
+        one_hour = estimate.input_tokens if estimate.cache_ttl == "1h" else 0
+        prompts.append(
+            UsageRecord(
+                cache_write_tokens=estimate.input_tokens,
+                cache_write_1h_tokens=one_hour,
+                source="estimated",
+            )
+        )
+    maximum = max(
+        cost(replace(prompt, output_tokens=estimate.max_output_tokens), quote) for prompt in prompts
+    )
+    return maximum, max(cost(prompt, quote) for prompt in prompts)
+
+
+class _Tally:
+    """Characters, flat-rate media tokens and messages seen in a request."""
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self.chars = 0
+        self.flat_tokens = 0
+        self.message_count = 0
+        self.cache_ttl: CacheTtl | None = None
+
+    def tokens(self) -> int:
+        text = math.ceil(self.chars / CHARS_PER_TOKEN)
+        return text + self.flat_tokens + self.message_count * MESSAGE_OVERHEAD_TOKENS
+
+    def messages(self, items: Sequence[object]) -> None:
+        self.message_count += len(items)
+        self.add(items)
+
+    def tools(self, *tool_lists: object) -> None:
+        for tools in tool_lists:
+            if tools is None:
+                continue
+            if not isinstance(tools, list):
+                raise ValueError("'tools' must be an array")
+            self.add_cache_markers(tools)
+            self.chars += len(json.dumps(tools, separators=(",", ":")))
+
+    def embedding_input(self, value: str | list[object]) -> None:
+        # Token-id arrays are already tokens.
+        if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+            self.flat_tokens += len(value)
+        elif isinstance(value, list):
+            for item in value:
+                self.embedding_input(item if isinstance(item, list) else str(item))
+        else:
+            self.chars += len(value)
+
+    def add(self, value: object) -> None:
+        if isinstance(value, str):
+            self.chars += len(value)
+        elif isinstance(value, list):
+            for item in value:
+                self.add(item)
+        elif isinstance(value, dict):
+            if (flat := self._media_tokens(value)) is not None:
+                self.flat_tokens += flat
+                return
+            for key, item in value.items():
+                if key == "cache_control":
+                    self.cache_marker(item)
+                else:
+                    self.add(item)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            self.chars += len(str(value))
+
+    def add_cache_markers(self, value: object) -> None:
+        if isinstance(value, list):
+            for item in value:
+                self.add_cache_markers(item)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if key == "cache_control":
+                    self.cache_marker(item)
+                else:
+                    self.add_cache_markers(item)
+
+    def cache_marker(self, marker: object) -> None:
+        if not isinstance(marker, dict):
+            return
+        if marker.get("ttl") == "1h":
+            self.cache_ttl = "1h"
+        elif self.cache_ttl is None:
+            self.cache_ttl = "5m"
+
+    def _media_tokens(self, part: dict[str, object]) -> int | None:
+        """Flat tokens for an image, audio or file part; None if ``part`` is not one."""
+        kind = part.get("type")
+        if kind in ("image_url", "input_image"):
+            image = part.get("image_url")
+            detail = image.get("detail") if isinstance(image, dict) else part.get("detail")
+            return OPENAI_LOW_DETAIL_IMAGE_TOKENS if detail == "low" else IMAGE_TOKENS[self.family]
+        if kind == "image":
+            return IMAGE_TOKENS[self.family]
+        if kind == "input_audio":
+            return AUDIO_TOKENS
+        if kind in ("file", "input_file"):
+            return FILE_TOKENS
+        if kind == "document":
+            source = part.get("source")
+            if isinstance(source, dict) and source.get("type") in ("text", "content"):
+                return None  # plain text, counted as such
+            return FILE_TOKENS
+        for key in ("inlineData", "inline_data", "fileData", "file_data"):
+            blob = part.get(key)
+            if isinstance(blob, dict):
+                return self._blob_tokens(blob)
+        return None
+
+    def _blob_tokens(self, blob: dict[str, object]) -> int:
+        mime = str(blob.get("mimeType") or blob.get("mime_type") or "")
+        if mime.startswith("image/"):
+            return IMAGE_TOKENS[self.family]
+        if mime.startswith("audio/"):
+            return AUDIO_TOKENS
+        data = blob.get("data")
+        if mime.startswith("text/") and isinstance(data, str):
+            # Base64 of text: 3 bytes per 4 characters, then chars/4 as for any text.
+            return math.ceil(len(data) * 3 / 4 / CHARS_PER_TOKEN)
+        return FILE_TOKENS
+
+
+def _array(body: dict[str, object], name: str) -> list[dict[str, object]]:
+    value = body.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError(f"{name!r} must be an array")
+    if not all(isinstance(item, dict) for item in value):
+        raise ValueError(f"each of {name!r} must be an object")
+    return value
+
+
+def _text_or_array(body: dict[str, object], name: str) -> str | list[object]:
+    value = body.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, str | list):
+        raise ValueError(f"{name!r} must be a string or an array")
+    return value
+
+
+def _object(body: dict[str, object], *names: str) -> dict[str, object]:
+    for name in names:
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ValueError(f"{name!r} must be an object")
+        return value
+    return {}
+
+
+def _positive_int(body: dict[str, object], *names: str) -> int | None:
+    """The first of ``names`` that is set; JSON null counts as unset."""
+    for name in names:
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name!r} must be a positive integer, not {json.dumps(value)}")
+        return value
+    return None
+
+
+def _max_output_tokens(api: str, body: dict[str, object], config: Config) -> int:
+    if api in EMBEDDING_APIS:
+        return 0
+    choices = None
+    match api:
+        case "openai.chat":
+            limit = _positive_int(body, "max_completion_tokens", "max_tokens")
+            choices = _positive_int(body, "n")
+        case "openai.responses":
+            limit = _positive_int(body, "max_output_tokens")
+        case "anthropic.messages":
+            limit = _positive_int(body, "max_tokens")
+        case _:
+            generation = _object(body, "generationConfig", "generation_config")
+            limit = _positive_int(generation, "maxOutputTokens", "max_output_tokens")
+            choices = _positive_int(generation, "candidateCount", "candidate_count")
+    return (limit or config.default_max_output_tokens) * (choices or 1)
+
+
+def _stream(api: str, body: dict[str, object], path: str) -> bool:
+    if api.startswith("gemini."):
+        return ":streamGenerateContent" in path
+    value = body.get("stream")
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ValueError(f"'stream' must be true or false, not {json.dumps(value)}")
+    return value

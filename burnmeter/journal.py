@@ -1,0 +1,285 @@
+"""A local write-ahead journal of settlements: what the proxy owes the store.
+
+The response hook appends each ``Settlement`` here before the response ends; one writer
+thread applies them to the store and then advances the checkpoint. Records past the
+checkpoint are replayed after a crash or a store outage, and ``Store.settle`` is
+idempotent by request id, so a record applied twice is charged once. Whenever the journal
+is unsure what was applied (a lost or damaged checkpoint), it replays rather than skips.
+
+Durability: each record is one ``os.write`` on an ``O_APPEND`` descriptor, so it is in the
+page cache once ``append`` returns and survives the process being killed (SIGKILL, OOM).
+Power loss or a kernel crash is covered only with ``fsync=True`` (one fsync per record).
+
+A torn last line can only come from dying inside that write, i.e. before ``append``
+returned: the response hook had not finished, so the end of the response never reached
+the client. Opening the journal cuts such a line off. Its hold stays in the store until
+the writer's sweep releases it.
+
+The file layout is JSON lines; ``path + ".checkpoint"`` holds the byte offset up to which
+records are applied, and ``fcntl.flock`` on the journal makes it one process's.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import json
+import logging
+import os
+import threading
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from burnmeter.store.base import Settlement
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+_READ_CHUNK = 64 * 1024
+
+
+class JournalError(RuntimeError):
+    pass
+
+
+class JournalFull(JournalError):
+    """The journal reached ``max_bytes``: the store has been unreachable for too long."""
+
+
+class JournalLocked(JournalError):
+    """Another process (or another ``Journal`` in this one) has the journal open."""
+
+
+# -- one place for the record format ------------------------------------------------------
+
+
+def to_json(settlement: Settlement) -> str:
+    """One line (without the newline): Decimal as a string, datetimes as ISO 8601."""
+    return json.dumps(
+        {
+            "request_id": settlement.request_id,
+            "user_id": settlement.user_id,
+            "pool": settlement.pool,
+            "cost": str(settlement.cost),
+            "billing_tokens": settlement.billing_tokens,
+            "input_tokens": settlement.input_tokens,
+            "output_tokens": settlement.output_tokens,
+            "key_doc_id": settlement.key_doc_id,
+            "log": settlement.log,
+        },
+        default=_tag,
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+
+
+def from_json(text: str | bytes) -> Settlement:
+    raw = json.loads(text, object_hook=_untag)
+    return Settlement(
+        request_id=raw["request_id"],
+        user_id=raw["user_id"],
+        pool=raw["pool"],
+        cost=Decimal(raw["cost"]),
+        billing_tokens=raw["billing_tokens"],
+        input_tokens=raw["input_tokens"],
+        output_tokens=raw["output_tokens"],
+        key_doc_id=raw["key_doc_id"],
+        log=raw["log"],
+    )
+
+
+def _tag(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return {"$decimal": str(value)}
+    if isinstance(value, datetime):
+        return {"$date": value.isoformat()}
+    raise TypeError(f"cannot journal a {type(value).__name__}")
+
+
+def _untag(obj: dict[str, Any]) -> Any:
+    if len(obj) == 1:
+        if "$decimal" in obj:
+            return Decimal(obj["$decimal"])
+        if "$date" in obj:
+            return datetime.fromisoformat(obj["$date"])
+    return obj
+
+
+# -- the file -------------------------------------------------------------------------------
+
+
+class Journal:
+    """Append from any thread (the event loop); ``pending``/``advance`` from one consumer."""
+
+    def __init__(self, path: str, max_bytes: int = DEFAULT_MAX_BYTES, *, fsync: bool = False):
+        self.path = path
+        self.max_bytes = max_bytes
+        self.fsync = fsync
+        self._checkpoint_path = path + ".checkpoint"
+        self._lock = threading.Lock()
+        self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise JournalLocked(f"{path}: journal is in use by another burnmeter process") from None
+        try:
+            self._size = self._cut_torn_tail(os.fstat(self._fd).st_size)
+            self._checkpoint = self._read_checkpoint()
+            # End offsets of the records past the checkpoint: backlog and advance bookkeeping.
+            self._ends: collections.deque[int] = collections.deque(self._line_ends())
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    # -- producer side (event loop) ------------------------------------------------------
+    def append(self, settlement: Settlement) -> None:
+        line = (to_json(settlement) + "\n").encode("utf-8")
+        with self._lock:
+            if self._fd < 0:
+                raise JournalError(f"{self.path}: journal is closed")
+            if self._size + len(line) > self.max_bytes:
+                raise JournalFull(f"{self.path}: journal is full ({self._size} bytes)")
+            try:
+                written = os.write(self._fd, line)
+            except OSError as e:
+                self._undo_partial_write()
+                raise JournalError(f"{self.path}: cannot append: {e}") from e
+            if written != len(line):  # e.g. the disk is full
+                self._undo_partial_write()
+                raise JournalError(f"{self.path}: short write ({written}/{len(line)} bytes)")
+            self._size += written
+            self._ends.append(self._size)
+        if self.fsync:
+            os.fsync(self._fd)
+
+    # -- consumer side (the writer thread) -----------------------------------------------
+    @property
+    def backlog(self) -> int:
+        """Records appended but not yet applied."""
+        return len(self._ends)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def pending(self, limit: int) -> list[tuple[int, Settlement]]:
+        """Up to ``limit`` records past the checkpoint, each with its end offset."""
+        with self._lock:
+            start, end = self._checkpoint, self._size
+        out: list[tuple[int, Settlement]] = []
+        offset = start
+        buf = b""
+        while len(out) < limit and offset + len(buf) < end:
+            buf += os.pread(self._fd, min(_READ_CHUNK, end - offset - len(buf)), offset + len(buf))
+            while len(out) < limit and (nl := buf.find(b"\n")) >= 0:
+                line, buf = buf[:nl], buf[nl + 1 :]
+                offset += nl + 1
+                try:
+                    out.append((offset, from_json(line)))
+                except (ValueError, KeyError, TypeError) as e:
+                    if out:  # apply what precedes it first; it is set aside on the next call
+                        return out
+                    self._reject(line, offset, e)
+        return out
+
+    def advance(self, offset: int) -> None:
+        """Records up to ``offset`` are applied: persist that, and empty a caught-up journal."""
+        with self._lock:
+            if self._fd < 0:
+                raise JournalError(f"{self.path}: journal is closed")
+            while self._ends and self._ends[0] <= offset:
+                self._ends.popleft()
+            self._checkpoint = offset
+            if offset == self._size:
+                # Checkpoint first: dying between the two steps replays applied records
+                # (harmless) instead of skipping unapplied ones.
+                self._write_checkpoint(0)
+                os.ftruncate(self._fd, 0)
+                self._size = self._checkpoint = 0
+                return
+        self._write_checkpoint(offset)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)  # also releases the flock
+                self._fd = -1
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------
+    def _undo_partial_write(self) -> None:
+        os.ftruncate(self._fd, self._size)
+
+    def _cut_torn_tail(self, size: int) -> int:
+        end = size
+        while end > 0:
+            start = max(0, end - _READ_CHUNK)
+            nl = os.pread(self._fd, end - start, start).rfind(b"\n")
+            if nl >= 0:
+                end = start + nl + 1
+                break
+            end = start
+        if end != size:
+            logger.warning("%s: dropped a torn last record (%d bytes)", self.path, size - end)
+            os.ftruncate(self._fd, end)
+        return end
+
+    def _read_checkpoint(self) -> int:
+        try:
+            with open(self._checkpoint_path, encoding="ascii") as f:
+                offset = int(f.read())
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as e:
+            logger.warning("%s: unreadable checkpoint (%s): replaying the journal", self.path, e)
+            return 0
+        at_line_start = offset == 0 or (
+            0 < offset <= self._size and os.pread(self._fd, 1, offset - 1) == b"\n"
+        )
+        if not at_line_start:
+            logger.warning("%s: checkpoint %d does not match: replaying", self.path, offset)
+            return 0
+        return offset
+
+    def _line_ends(self) -> list[int]:
+        ends: list[int] = []
+        offset = self._checkpoint
+        while offset < self._size:
+            chunk = os.pread(self._fd, min(_READ_CHUNK, self._size - offset), offset)
+            nl = chunk.find(b"\n")
+            while nl >= 0:
+                ends.append(offset + nl + 1)
+                nl = chunk.find(b"\n", nl + 1)
+            offset += len(chunk)
+        return ends
+
+    def _write_checkpoint(self, offset: int) -> None:
+        tmp = self._checkpoint_path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, str(offset).encode("ascii"))
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._checkpoint_path)
+
+    def _reject(self, line: bytes, end: int, error: Exception) -> None:
+        """Set an undecodable record aside (``path + ".rejected"``) so it cannot block the rest."""
+        logger.error(
+            "%s: undecodable record ending at byte %d (%s): moved to %s.rejected",
+            self.path,
+            end,
+            error,
+            self.path,
+        )
+        with open(self.path + ".rejected", "ab") as f:
+            f.write(line + b"\n")
+        self.advance(end)

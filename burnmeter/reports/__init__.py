@@ -1,0 +1,23 @@
+"""Spend reports over either store: ``reports_for(store).summary(window)`` and friends."""
+
+from __future__ import annotations
+
+from burnmeter.reports.base import Reports
+from burnmeter.store.base import Store
+
+
+def reports_for(store: Store) -> Reports:
+    """The reports answered by the store's own server (SQL or aggregation pipelines)."""
+    from burnmeter.store.sqlite import SqliteStore
+
+    if isinstance(store, SqliteStore):
+        from burnmeter.reports.sqlite import SqliteReports
+
+        return Reports(SqliteReports(store._conn()), store.pools)
+    from burnmeter.store.mongo import MongoStore
+
+    if isinstance(store, MongoStore):
+        from burnmeter.reports.mongo import MongoReports
+
+        return Reports(MongoReports(store.db), store.pools)
+    raise TypeError(f"no reports for {type(store).__name__}")

@@ -1,0 +1,478 @@
+"""The embedded store: one SQLite file in WAL mode, shared by the proxy and the CLI.
+
+Tables mirror the MongoDB collections, with the documents' field names as column names:
+money is INTEGER nano-USD, dates are INTEGER epoch milliseconds UTC, booleans 0/1, and
+NULL means the field is missing. A field without a column, or whose value does not fit
+its column's type (a null, say), is kept as Extended JSON in ``extra``.
+
+Every write runs in ``BEGIN IMMEDIATE``: SQLite's single write lock makes each
+read-then-write atomic across threads and processes. Each thread has its own connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable
+from collections.abc import Iterator
+from collections.abc import Mapping
+from contextlib import contextmanager
+from datetime import datetime
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+from typing import Literal
+
+from burnmeter.config import Pool
+from burnmeter.documents import utcnow
+from burnmeter.money import ZERO
+from burnmeter.money import from_nanos
+from burnmeter.money import to_nanos
+from burnmeter.store import extjson
+from burnmeter.store import rules
+from burnmeter.store.base import DATE_FIELDS
+from burnmeter.store.base import KEYS
+from burnmeter.store.base import LOGS
+from burnmeter.store.base import MONEY_FIELDS
+from burnmeter.store.base import TOKEN_FIELDS
+from burnmeter.store.base import USERS
+from burnmeter.store.base import Document
+from burnmeter.store.base import Hold
+from burnmeter.store.base import ImportOutcome
+from burnmeter.store.base import KeyOwner
+from burnmeter.store.base import Refusal
+from burnmeter.store.base import Settlement
+from burnmeter.store.base import Store
+from burnmeter.store.base import StoreError
+
+Kind = Literal["money", "int", "date", "bool", "text"]
+Columns = Mapping[str, Kind]
+
+USER_COLUMNS: dict[str, Kind] = {
+    "isActive": "bool",
+    "role": "text",
+    "apiKey": "text",
+    **dict.fromkeys(MONEY_FIELDS, "money"),
+    **dict.fromkeys(TOKEN_FIELDS, "int"),
+    **dict.fromkeys(DATE_FIELDS, "date"),
+}
+KEY_COLUMNS: dict[str, Kind] = {
+    "name": "text",
+    "isActive": "bool",
+    "expiresAt": "date",
+    "tokensUsed": "int",
+    "requestsCount": "int",
+    "lastUsedAt": "date",
+    "createdAt": "date",
+}
+LOG_COLUMNS: dict[str, Kind] = {
+    "userId": "text",
+    "userKeyId": "text",
+    "model": "text",
+    "inputTokens": "int",
+    "outputTokens": "int",
+    "cacheWriteTokens": "int",
+    "cacheHitTokens": "int",
+    "reasoningTokens": "int",
+    "creditsCost": "money",
+    "creditType": "text",
+    "tokensUsed": "int",
+    "statusCode": "int",
+    "latencyMs": "int",
+    "ttftMs": "int",
+    "isSuccess": "bool",
+    "createdAt": "date",
+    "host": "text",
+    "upstream": "text",
+    "path": "text",
+    "stream": "bool",
+    "usageSource": "text",
+}
+HOLDS = "holds"
+
+# The log indexes lead with the SPEC's keys and carry the columns the stats reports sum,
+# so that a report over a window reads the index alone.
+INDEXES = (
+    f"CREATE INDEX IF NOT EXISTS {USERS}_apiKey ON {USERS}(apiKey)",
+    f"CREATE INDEX IF NOT EXISTS {LOGS}_createdAt ON {LOGS}(createdAt DESC, creditType,"
+    " creditsCost, inputTokens, outputTokens, isSuccess, latencyMs, userId)",
+    f"CREATE INDEX IF NOT EXISTS {LOGS}_creditType_createdAt"
+    f" ON {LOGS}(creditType, createdAt DESC, creditsCost)",
+    f"CREATE INDEX IF NOT EXISTS {LOGS}_userId_createdAt ON {LOGS}(userId, createdAt DESC)",
+    f"CREATE INDEX IF NOT EXISTS {HOLDS}_createdAt ON {HOLDS}(createdAt)",
+)
+PURGE_CHUNK = 10_000
+
+
+def _cell(kind: Kind, value: Any) -> Any:
+    """The column value for a field, or None when the value does not fit the column."""
+    match kind:
+        case "money" if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+            return to_nanos(value)
+        case "int" if isinstance(value, int) and not isinstance(value, bool):
+            return int(value)
+        case "date" if isinstance(value, datetime):
+            return extjson.to_ms(value)
+        case "bool" if isinstance(value, bool):
+            return int(value)
+        case "text" if isinstance(value, str):
+            return value
+    return None
+
+
+def _value(kind: Kind, cell: Any) -> Any:
+    match kind:
+        case "money":
+            return from_nanos(cell)
+        case "date":
+            return extjson.from_ms(cell)
+        case "bool":
+            return bool(cell)
+    return cell
+
+
+def _row(doc: Document, columns: Columns) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    extra: Document = {}
+    for name, value in doc.items():
+        if name == "_id":
+            row["_id"] = value if isinstance(value, str) else str(value)
+            if not isinstance(value, str):
+                extra["_id"] = value  # an imported ObjectId: comes back as one
+            continue
+        cell = _cell(columns[name], value) if name in columns else None
+        if cell is None:
+            extra[name] = value
+        else:
+            row[name] = cell
+    row["extra"] = extjson.dumps(extra) if extra else None
+    return row
+
+
+def _document(row: sqlite3.Row, columns: Columns) -> Document:
+    doc: Document = {"_id": row["_id"]}
+    for name, kind in columns.items():
+        if row[name] is not None:
+            doc[name] = _value(kind, row[name])
+    if row["extra"]:
+        doc.update(extjson.loads(row["extra"]))
+    return doc
+
+
+def _dump_parts(parts: Mapping[str, Decimal]) -> str:
+    return json.dumps({name: to_nanos(part) for name, part in parts.items()})
+
+
+def _load_parts(text: str) -> dict[str, Decimal]:
+    return {name: from_nanos(nanos) for name, nanos in json.loads(text).items()}
+
+
+def _names(columns: Iterable[str]) -> str:
+    return ", ".join(f'"{name}"' for name in columns)
+
+
+class SqliteStore(Store):
+    def __init__(self, path: str | os.PathLike[str], pools: Mapping[str, Pool]) -> None:
+        super().__init__(pools)
+        self.path = os.fspath(path)
+        pool_columns: dict[str, Kind] = {}
+        for pool in self.pools.values():
+            pool_columns |= dict.fromkeys([*pool.balance, pool.used], "money")
+            if pool.tokens:
+                pool_columns[pool.tokens] = "int"
+            if pool.expires:
+                pool_columns[pool.expires] = "date"
+        self.user_columns: dict[str, Kind] = pool_columns | USER_COLUMNS
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+
+    # -- connections --------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(
+                    self.path, timeout=10, isolation_level=None, check_same_thread=False
+                )
+                conn.row_factory = sqlite3.Row
+                conn.execute("PRAGMA busy_timeout=10000")
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+            except sqlite3.Error as e:
+                raise StoreError(f"{self.path}: {e}") from e
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _read(
+        self, sql: str, params: Iterable[Any] = (), conn: sqlite3.Connection | None = None
+    ) -> list[sqlite3.Row]:
+        try:
+            return (conn or self._conn()).execute(sql, tuple(params)).fetchall()
+        except sqlite3.OperationalError as e:
+            raise StoreError(f"{self.path}: {e}") from e
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            raise StoreError(f"{self.path}: {e}") from e
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    # -- set-up -------------------------------------------------------------------------
+    def ensure_schema(self, log_ttl_days: int) -> None:
+        """Also applies the TTL once (``purge_logs``); the proxy repeats that periodically."""
+        with self._write() as conn:
+            for table, columns in (
+                (USERS, USER_COLUMNS),
+                (KEYS, KEY_COLUMNS),
+                (LOGS, LOG_COLUMNS),
+            ):
+                defs = ", ".join(
+                    f'"{name}" {"TEXT" if kind == "text" else "INTEGER"}'
+                    for name, kind in columns.items()
+                )
+                conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {table}(_id TEXT PRIMARY KEY, {defs}, extra TEXT)"
+                )
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {HOLDS}(_id TEXT PRIMARY KEY, userId TEXT,"
+                " pool TEXT, parts TEXT, createdAt INTEGER)"
+            )
+            existing = {row["name"] for row in conn.execute(f"PRAGMA table_info({USERS})")}
+            for name in self.user_columns:
+                if name not in existing:
+                    conn.execute(f'ALTER TABLE {USERS} ADD COLUMN "{name}" INTEGER')
+            for sql in INDEXES:
+                conn.execute(sql)
+        if log_ttl_days:
+            self.purge_logs(utcnow() - timedelta(days=log_ttl_days))
+
+    # -- documents ----------------------------------------------------------------------
+    def _find(
+        self,
+        table: str,
+        columns: Columns,
+        where: str = "",
+        params: Iterable[Any] = (),
+        tail: str = "",
+    ) -> list[Document]:
+        sql = f"SELECT _id, {_names(columns)}, extra FROM {table} {where} {tail}"
+        return [_document(row, columns) for row in self._read(sql, params)]
+
+    def _one(self, table: str, columns: Columns, column: str, value: str) -> Document | None:
+        docs = self._find(table, columns, f'WHERE "{column}" = ?', (value,), "LIMIT 1")
+        return docs[0] if docs else None
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, table: str, row: Mapping[str, Any]) -> bool:
+        marks = ", ".join("?" * len(row))
+        sql = f"INSERT OR IGNORE INTO {table} ({_names(row)}) VALUES ({marks})"
+        return conn.execute(sql, tuple(row.values())).rowcount == 1
+
+    @staticmethod
+    def _add(conn: sqlite3.Connection, user_id: str, amounts: Mapping[str, Any]) -> None:
+        """Increment user fields (NULL counts as 0): Decimals in USD, ints as they are."""
+        if not amounts:
+            return
+        sets = ", ".join(f'"{name}" = COALESCE("{name}", 0) + ?' for name in amounts)
+        values = [to_nanos(v) if isinstance(v, Decimal) else v for v in amounts.values()]
+        conn.execute(f"UPDATE {USERS} SET {sets} WHERE _id = ?", (*values, user_id))
+
+    def _balances(
+        self, user_id: str, pool: Pool, conn: sqlite3.Connection | None = None
+    ) -> dict[str, Decimal] | None:
+        """The pool's balance fields in spending order; None for an unknown user."""
+        rows = self._read(
+            f"SELECT {_names(pool.balance)} FROM {USERS} WHERE _id = ?", (user_id,), conn
+        )
+        return {name: from_nanos(rows[0][name]) for name in pool.balance} if rows else None
+
+    # -- keys and users -----------------------------------------------------------------
+    def find_key(self, key: str) -> KeyOwner | None:
+        return rules.find_key(
+            key,
+            key_doc=lambda key_id: self._one(KEYS, KEY_COLUMNS, "_id", key_id),
+            user=self.user,
+            user_by_api_key=lambda k: self._one(USERS, self.user_columns, "apiKey", k),
+        )
+
+    def user(self, user_id: str) -> Document | None:
+        return self._one(USERS, self.user_columns, "_id", user_id)
+
+    def users(self) -> list[Document]:
+        return self._find(USERS, self.user_columns, tail="ORDER BY _id")
+
+    def balance(self, user_id: str, pool: Pool) -> Decimal:
+        return sum((self._balances(user_id, pool) or {}).values(), ZERO)
+
+    def create_user(self, user_id: str, key_doc_id: str, balances: Mapping[str, Decimal]) -> None:
+        user, key = rules.new_user_documents(
+            user_id, key_doc_id, balances, self.pools.values(), utcnow()
+        )
+        with self._write() as conn:
+            if not self._insert(conn, USERS, _row(user, self.user_columns)):
+                raise ValueError(f"user {user_id!r} exists")
+            if not self._insert(conn, KEYS, _row(key, KEY_COLUMNS)):
+                raise ValueError(f"key {key_doc_id!r} exists")
+
+    def topup(self, user_id: str, field_name: str, amount: Decimal) -> Decimal:
+        if self.user_columns.get(field_name) != "money":
+            raise ValueError(f"{field_name!r} is not a money field")
+        with self._write() as conn:
+            row = conn.execute(
+                f'UPDATE {USERS} SET "{field_name}" = COALESCE("{field_name}", 0) + ?'
+                f' WHERE _id = ? RETURNING "{field_name}"',
+                (to_nanos(amount), user_id),
+            ).fetchone()
+        if row is None:
+            raise KeyError(user_id)
+        return from_nanos(row[0])
+
+    def set_fields(self, user_id: str, values: Mapping[str, Any]) -> None:
+        with self._write() as conn:
+            rows = conn.execute(
+                f"SELECT _id, {_names(self.user_columns)}, extra FROM {USERS} WHERE _id = ?",
+                (user_id,),
+            ).fetchall()
+            if not rows:
+                raise KeyError(user_id)
+            row = _row({**_document(rows[0], self.user_columns), **values}, self.user_columns)
+            names = [*self.user_columns, "extra"]
+            sets = ", ".join(f'"{name}" = ?' for name in names)
+            conn.execute(
+                f"UPDATE {USERS} SET {sets} WHERE _id = ?",
+                (*(row.get(name) for name in names), user_id),
+            )
+
+    # -- metering -----------------------------------------------------------------------
+    def hold(
+        self, request_id: str, user_id: str, pool: Pool, amount: Decimal, minimum: Decimal
+    ) -> Hold | Refusal:
+        now = extjson.utc(utcnow())
+        with self._write() as conn:
+            balances = self._balances(user_id, pool, conn)
+            if balances is None:
+                return Refusal(ZERO)
+            parts = rules.split_hold(balances, amount, minimum)
+            if parts is None:
+                return Refusal(sum(balances.values(), ZERO))
+            self._add(conn, user_id, {name: -part for name, part in parts.items()})
+            conn.execute(
+                f"INSERT INTO {HOLDS} VALUES (?, ?, ?, ?, ?)",
+                (
+                    request_id,
+                    user_id,
+                    pool.name,
+                    _dump_parts(parts),
+                    extjson.to_ms(now),
+                ),
+            )
+        return Hold(request_id, user_id, pool.name, parts, now)
+
+    def settle(self, settlements: Iterable[Settlement]) -> list[bool]:
+        now = utcnow()
+        with self._write() as conn:
+            return [self._settle(conn, s, now) for s in settlements]
+
+    def _settle(self, conn: sqlite3.Connection, s: Settlement, now: datetime) -> bool:
+        if conn.execute(f"SELECT 1 FROM {LOGS} WHERE _id = ?", (s.request_id,)).fetchone():
+            return False
+        row = conn.execute(
+            f"DELETE FROM {HOLDS} WHERE _id = ? RETURNING parts", (s.request_id,)
+        ).fetchone()
+        held = _load_parts(row[0]) if row else {}
+        pool = self.pools[s.pool]
+        balances = self._balances(s.user_id, pool, conn)
+        if balances is not None:
+            deltas = rules.settle_deltas(balances, held, s.cost)
+            self._add(conn, s.user_id, {**deltas, **rules.settlement_counters(pool, s)})
+        self._insert(conn, LOGS, _row({**s.log, "_id": s.request_id}, LOG_COLUMNS))
+        if s.key_doc_id is not None:
+            conn.execute(
+                f"UPDATE {KEYS} SET tokensUsed = COALESCE(tokensUsed, 0) + ?,"
+                " requestsCount = COALESCE(requestsCount, 0) + 1, lastUsedAt = ? WHERE _id = ?",
+                (s.input_tokens + s.output_tokens, extjson.to_ms(now), s.key_doc_id),
+            )
+        return True
+
+    def open_holds(self, older_than: datetime) -> list[Hold]:
+        rows = self._read(
+            f"SELECT * FROM {HOLDS} WHERE createdAt < ? ORDER BY createdAt",
+            (extjson.to_ms(older_than),),
+        )
+        return [
+            Hold(
+                request_id=row["_id"],
+                user_id=row["userId"],
+                pool=row["pool"],
+                parts=_load_parts(row["parts"]),
+                created_at=extjson.from_ms(row["createdAt"]),
+            )
+            for row in rows
+        ]
+
+    def release(self, hold: Hold) -> bool:
+        with self._write() as conn:
+            row = conn.execute(
+                f"DELETE FROM {HOLDS} WHERE _id = ? RETURNING userId, parts", (hold.request_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            self._add(conn, row["userId"], _load_parts(row["parts"]))
+        return True
+
+    # -- request logs -------------------------------------------------------------------
+    def log(self, request_id: str) -> Document | None:
+        return self._one(LOGS, LOG_COLUMNS, "_id", request_id)
+
+    def logs(self, limit: int, user_id: str | None = None) -> list[Document]:
+        where, params = ("WHERE userId = ?", [user_id]) if user_id is not None else ("", [])
+        tail = "ORDER BY createdAt DESC, _id DESC LIMIT ?"
+        return self._find(LOGS, LOG_COLUMNS, where, [*params, limit], tail)
+
+    def purge_logs(self, before: datetime) -> int:
+        """Deletes in chunks, so that the proxy's writes wait for one chunk at most."""
+        deleted = 0
+        while True:
+            with self._write() as conn:
+                count = conn.execute(
+                    f"DELETE FROM {LOGS} WHERE rowid IN (SELECT rowid FROM {LOGS}"
+                    " WHERE createdAt < ? LIMIT ?)",
+                    (extjson.to_ms(before), PURGE_CHUNK),
+                ).rowcount
+            deleted += count
+            if count < PURGE_CHUNK:
+                return deleted
+
+    # -- import -------------------------------------------------------------------------
+    def _import(self, table: str, columns: Columns, doc: Document) -> ImportOutcome:
+        doc = extjson.python(doc)
+        if "_id" not in doc:
+            raise ValueError("document without _id")
+        with self._write() as conn:
+            return "added" if self._insert(conn, table, _row(doc, columns)) else "skipped"
+
+    def import_user(self, doc: Document) -> ImportOutcome:
+        return self._import(USERS, self.user_columns, doc)
+
+    def import_log(self, doc: Document) -> ImportOutcome:
+        return self._import(LOGS, LOG_COLUMNS, doc)

@@ -1,0 +1,164 @@
+"""The one writer thread: applies journaled settlements to the store, in order, once.
+
+The event loop calls ``submit`` (a journal append, then a wake-up) and never waits on the
+store. The thread reads a batch past the journal's checkpoint, settles it (idempotent by
+request id), then advances the checkpoint. When the store fails, the records stay in the
+journal and the batch is retried with back-off: a crash or an outage at any point can
+make a batch be applied again, never lost, and the store charges it once.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC
+from datetime import datetime
+from datetime import timedelta
+
+from burnmeter.journal import Journal
+from burnmeter.store.base import Settlement
+from burnmeter.store.base import Store
+from burnmeter.store.base import StoreError
+
+logger = logging.getLogger(__name__)
+
+OnApplied = Callable[[Settlement, bool], None]
+
+
+class SettlementWriter:
+    """``store_factory`` runs in the writer thread (SQLite connections are per thread).
+
+    ``on_applied(settlement, applied)`` also runs in the writer thread, after the
+    checkpoint moved; ``applied`` is False for a record the store already had.
+
+    ``backlog`` and ``healthy`` are for admission decisions and the status line. Every
+    ``sweep_interval`` seconds, holds older than ``sweep_age`` whose request has neither a
+    log nor a journaled record are released (the process died mid-request): ``sweep_age``
+    must exceed the longest request.
+    """
+
+    def __init__(
+        self,
+        store_factory: Callable[[], Store],
+        journal: Journal,
+        *,
+        batch_size: int = 200,
+        on_applied: OnApplied | None = None,
+        backoff: tuple[float, float] = (0.2, 5.0),
+        sweep_interval: float = 60.0,
+        sweep_age: timedelta = timedelta(hours=1),
+    ) -> None:
+        self.journal = journal
+        self.healthy = True  # the last store call succeeded
+        self._store_factory = store_factory
+        self._batch_size = batch_size
+        self._on_applied = on_applied
+        self._backoff_min, self._backoff_max = backoff
+        self._sweep_interval = sweep_interval
+        self._sweep_age = sweep_age
+        self._wake = threading.Event()
+        self._stopping = False
+        self._kick = threading.Event()  # cuts a back-off short on stop; submits do not
+        self._deadline = float("inf")
+        self._thread: threading.Thread | None = None
+
+    @property
+    def backlog(self) -> int:
+        """Settlements submitted (or left by an earlier run) and not yet applied."""
+        return self.journal.backlog
+
+    def start(self) -> None:
+        """Start the thread; it first applies what an earlier run left in the journal."""
+        if self.journal.backlog:
+            logger.info("%s: replaying %d settlements", self.journal.path, self.journal.backlog)
+        self._thread = threading.Thread(target=self._run, name="burnmeter-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, settlement: Settlement) -> None:
+        """Journal one settlement (raises ``JournalFull``); cheap, safe on the event loop."""
+        self.journal.append(settlement)
+        self._wake.set()
+
+    def stop(self, timeout: float) -> int:
+        """Apply what can be applied within ``timeout`` seconds; returns what is left.
+
+        What is left stays in the journal for the next ``start``."""
+        self._deadline = time.monotonic() + timeout
+        self._stopping = True
+        self._kick.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        left = self.journal.backlog
+        if left:
+            logger.warning("%s: %d settlements left for the next start", self.journal.path, left)
+        return left
+
+    # -- the thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        store: Store | None = None
+        delay = self._backoff_min
+        next_sweep = time.monotonic() + self._sweep_interval
+        while not (self._stopping and (not self.journal.backlog or self._past_deadline())):
+            self._wake.clear()
+            try:
+                if store is None:
+                    store = self._store_factory()
+                batch = self.journal.pending(self._batch_size)
+                if batch:
+                    applied = store.settle([s for _, s in batch])
+                    self.journal.advance(batch[-1][0])
+                elif time.monotonic() >= next_sweep and not self._stopping:
+                    self._sweep(store)
+                    next_sweep = time.monotonic() + self._sweep_interval
+            except Exception as e:
+                if self.healthy:
+                    logger.warning(
+                        "cannot apply settlements, they wait in the journal: %s",
+                        e,
+                        exc_info=not isinstance(e, StoreError),
+                    )
+                self.healthy = False
+                self._kick.wait(min(delay, self._remaining()))
+                self._kick.clear()
+                delay = min(delay * 2, self._backoff_max)
+                continue
+            if not self.healthy:
+                logger.info("store available again: %d settlements pending", self.backlog)
+            self.healthy = True
+            delay = self._backoff_min
+            if not batch:
+                self._wake.wait(min(max(0.0, next_sweep - time.monotonic()), self._remaining()))
+                continue
+            if self._on_applied is not None:
+                for (_, settlement), was_applied in zip(batch, applied, strict=True):
+                    try:
+                        self._on_applied(settlement, was_applied)
+                    except Exception:
+                        logger.exception("on_applied failed for %s", settlement.request_id)
+        if store is not None:
+            store.close()
+
+    def _past_deadline(self) -> bool:
+        return time.monotonic() >= self._deadline
+
+    def _remaining(self) -> float:
+        return (
+            max(0.0, self._deadline - time.monotonic()) if self._stopping else threading.TIMEOUT_MAX
+        )
+
+    def _sweep(self, store: Store) -> None:
+        """Release holds of requests that never settled (the process died mid-request)."""
+        holds = store.open_holds(older_than=datetime.now(UTC) - self._sweep_age)
+        if not holds:
+            return
+        pending = {s.request_id for _, s in self.journal.pending(sys.maxsize)}
+        released = 0
+        for hold in holds:
+            if hold.request_id not in pending and store.log(hold.request_id) is None:
+                released += store.release(hold)
+        if released:
+            logger.info("released %d abandoned holds older than %s", released, self._sweep_age)

@@ -1,0 +1,531 @@
+"""A fake LLM upstream for tests: OpenAI- and Anthropic-compatible JSON and SSE on 127.0.0.1.
+
+Run:    python scripts/fake_upstream.py --port 0      (prints "listening on 127.0.0.1:PORT")
+Import: ``FakeUpstream`` (start/stop on a running loop) or ``serve_in_thread()``.
+
+Endpoints: POST /v1/chat/completions, /v1/responses, /v1/embeddings, /v1/messages;
+GET /v1/models; GET /__stats (counts), POST /__reset.
+
+Usage is deterministic from the request, so tests can compute the expected cost:
+- prompt tokens = ``prompt_tokens(x)`` = len(json.dumps(x)) // 4, where x is ``messages``
+  (chat, Anthropic) or ``input`` (responses, embeddings);
+- completion tokens = the number of content events (``x_chunks``), one token each;
+- OpenAI prompt counts include ``x_cache_read`` (as ``cached_tokens``); Anthropic reports
+  ``input_tokens`` without the cache fields, as the real APIs do.
+
+Knobs, in the JSON body (``x_chunks``) or as headers (``x-fake-chunks``); the body wins:
+  x_chunks       content events / completion tokens (default 3)
+  x_delay_ms     pause between events (default 0)
+  x_ttft_ms      pause before the first event, or before a JSON answer (default 0)
+  x_status       answer with this HTTP status and an API-shaped error body
+  x_cache_read   cache-read tokens to report (default 0)
+  x_cache_write  cache-write tokens to report (Anthropic only; default 0)
+  x_split        write SSE output in pieces of this many bytes, each its own TCP write
+  x_abort_after  close the connection after this many content events (no usage sent after)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import struct
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+
+from aiohttp import web
+
+KNOBS = (
+    "x_chunks",
+    "x_delay_ms",
+    "x_ttft_ms",
+    "x_status",
+    "x_cache_read",
+    "x_cache_write",
+    "x_split",
+    "x_abort_after",
+)
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "insufficient_quota",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+MODELS = ("fake-gpt", "fake-gpt-mini", "fake-claude", "fake-embed")
+RECENT_LIMIT = 100
+
+
+def prompt_tokens(value: object) -> int:
+    """The fake's tokenizer: one token per four characters of the JSON text."""
+    return len(json.dumps(value)) // 4
+
+
+@dataclass(slots=True)
+class Knobs:
+    chunks: int = 3
+    delay_ms: int = 0
+    ttft_ms: int = 0
+    status: int | None = None
+    cache_read: int = 0
+    cache_write: int = 0
+    split: int = 0
+    abort_after: int | None = None
+
+    @classmethod
+    def read(cls, request: web.Request, body: dict[str, Any]) -> Knobs:
+        values: dict[str, int] = {}
+        for name in KNOBS:
+            raw = body.get(name, request.headers.get("x-fake-" + name[2:].replace("_", "-")))
+            if raw is not None:
+                values[name[2:]] = int(raw)
+        return cls(**values)
+
+
+@dataclass(slots=True)
+class Stats:
+    requests: Counter[str] = field(default_factory=Counter)
+    connections: int = 0
+    aborted: int = 0  # streams the client (the proxy) closed before the end
+    cut: int = 0  # streams cut by x_abort_after
+    recent: list[dict[str, Any]] = field(default_factory=list)  # newest last
+
+    def record(self, request: web.Request, body: dict[str, Any]) -> None:
+        self.requests[request.path] += 1
+        self.recent.append(
+            {
+                "path": request.path,
+                "host": request.headers.get("Host"),
+                "authorization": request.headers.get("Authorization"),
+                "x_api_key": request.headers.get("x-api-key"),
+                "accept_encoding": request.headers.get("Accept-Encoding"),
+                "model": body.get("model"),
+                "stream": bool(body.get("stream")),
+                "stream_options": body.get("stream_options"),
+            }
+        )
+        del self.recent[:-RECENT_LIMIT]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "requests": dict(self.requests),
+            "total": sum(self.requests.values()),
+            "connections": self.connections,
+            "aborted": self.aborted,
+            "cut": self.cut,
+            "recent": self.recent,
+        }
+
+
+class _Cut(Exception):
+    """x_abort_after reached: the connection was closed on purpose."""
+
+
+class SSEWriter:
+    """Writes events to a prepared stream, honouring x_split and x_abort_after."""
+
+    def __init__(self, request: web.Request, response: web.StreamResponse, knobs: Knobs) -> None:
+        self.request = request
+        self.response = response
+        self.knobs = knobs
+        self.content_events = 0
+
+    async def send(self, data: object, event: str | None = None) -> None:
+        text = data if isinstance(data, str) else json.dumps(data)
+        frame = (f"event: {event}\n" if event else "") + f"data: {text}\n\n"
+        raw = frame.encode()
+        if self.knobs.split <= 0:
+            await self.response.write(raw)
+            return
+        for start in range(0, len(raw), self.knobs.split):
+            await self.response.write(raw[start : start + self.knobs.split])
+            await asyncio.sleep(0)  # let the loop flush: one TCP write per piece
+
+    async def content(self, data: object, event: str | None = None) -> None:
+        """One content event (one completion token), paced by the delay knobs."""
+        pause = self.knobs.ttft_ms if self.content_events == 0 else self.knobs.delay_ms
+        if pause:
+            await asyncio.sleep(pause / 1000)
+        await self.send(data, event)
+        self.content_events += 1
+        if self.knobs.abort_after is not None and self.content_events >= self.knobs.abort_after:
+            transport = self.request.transport
+            if transport is not None:
+                transport.abort()
+            raise _Cut
+
+
+def openai_error(status: int) -> dict[str, Any]:
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": f"fake upstream error {status}", "type": kind, "code": kind}}
+
+
+def anthropic_error(status: int) -> dict[str, Any]:
+    kind = ERROR_TYPES.get(status, "api_error")
+    return {"type": "error", "error": {"type": kind, "message": f"fake upstream error {status}"}}
+
+
+def _id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex[:24]
+
+
+def openai_chat_usage(body: dict[str, Any], knobs: Knobs, completion: int) -> dict[str, Any]:
+    prompt = prompt_tokens(body.get("messages", [])) + knobs.cache_read
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": knobs.cache_read, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+    }
+
+
+def responses_usage(body: dict[str, Any], knobs: Knobs, completion: int) -> dict[str, Any]:
+    prompt = prompt_tokens(body.get("input", "")) + knobs.cache_read
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": knobs.cache_read},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt + completion,
+    }
+
+
+def anthropic_usage(body: dict[str, Any], knobs: Knobs, output: int) -> dict[str, Any]:
+    return {
+        "input_tokens": prompt_tokens(body.get("messages", [])),
+        "cache_creation_input_tokens": knobs.cache_write,
+        "cache_read_input_tokens": knobs.cache_read,
+        "output_tokens": output,
+    }
+
+
+def _text(chunks: int) -> str:
+    return "".join(f"tok{i} " for i in range(chunks))
+
+
+class FakeUpstream:
+    """The server: ``await start(port)`` on a running loop returns the bound port."""
+
+    def __init__(self) -> None:
+        self.stats = Stats()
+        self.app = web.Application()
+        self.app.router.add_post("/v1/chat/completions", self.chat)
+        self.app.router.add_post("/v1/responses", self.responses)
+        self.app.router.add_post("/v1/embeddings", self.embeddings)
+        self.app.router.add_post("/v1/messages", self.messages)
+        self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_get("/__stats", self.get_stats)
+        self.app.router.add_post("/__reset", self.reset)
+        self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+
+    async def start(self, port: int = 0) -> int:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        handler = self._runner.server
+        assert handler is not None
+
+        def protocol() -> asyncio.BaseProtocol:
+            self.stats.connections += 1
+            return handler()
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(protocol, "127.0.0.1", port)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- helpers -------------------------------------------------------------------------
+    async def _begin(self, request: web.Request) -> tuple[dict[str, Any], Knobs]:
+        body: dict[str, Any] = {}
+        if request.can_read_body:
+            body = await request.json()
+        self.stats.record(request, body)
+        return body, Knobs.read(request, body)
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        return response
+
+    async def _run_stream(
+        self, request: web.Request, knobs: Knobs, produce: Any
+    ) -> web.StreamResponse:
+        response = await self._stream(request)
+        writer = SSEWriter(request, response, knobs)
+        try:
+            await produce(writer)
+            await response.write_eof()
+        except _Cut:
+            self.stats.cut += 1
+        except ConnectionResetError:  # the client (the proxy) went away mid-stream
+            self.stats.aborted += 1
+        return response
+
+    # -- OpenAI ------------------------------------------------------------------------
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body, knobs = await self._begin(request)
+        if knobs.status:
+            return web.json_response(openai_error(knobs.status), status=knobs.status)
+        model = body.get("model", "fake-gpt")
+        created = int(time.time())
+        completion_id = _id("chatcmpl-")
+        if not body.get("stream"):
+            await asyncio.sleep(knobs.ttft_ms / 1000)
+            return web.json_response(
+                {
+                    "id": completion_id,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": _text(knobs.chunks)},
+                            "finish_reason": "stop",
+                            "logprobs": None,
+                        }
+                    ],
+                    "usage": openai_chat_usage(body, knobs, knobs.chunks),
+                }
+            )
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            data: dict[str, Any] = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                ],
+            }
+            if include_usage:
+                data["usage"] = None
+            return data
+
+        async def produce(out: SSEWriter) -> None:
+            await out.send(chunk({"role": "assistant", "content": ""}))
+            for i in range(knobs.chunks):
+                await out.content(chunk({"content": f"tok{i} "}))
+            await out.send(chunk({}, "stop"))
+            if include_usage:
+                await out.send(
+                    {
+                        "id": completion_id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": openai_chat_usage(body, knobs, knobs.chunks),
+                    }
+                )
+            await out.send("[DONE]")
+
+        return await self._run_stream(request, knobs, produce)
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body, knobs = await self._begin(request)
+        if knobs.status:
+            return web.json_response(openai_error(knobs.status), status=knobs.status)
+        model = body.get("model", "fake-gpt")
+        response_id = _id("resp_")
+        message_id = _id("msg_")
+
+        def resource(status: str, text: str, usage: dict[str, Any] | None) -> dict[str, Any]:
+            output = []
+            if status == "completed":
+                output = [
+                    {
+                        "type": "message",
+                        "id": message_id,
+                        "status": "completed",
+                        "role": "assistant",
+                        "content": [{"type": "output_text", "text": text, "annotations": []}],
+                    }
+                ]
+            return {
+                "id": response_id,
+                "object": "response",
+                "created_at": int(time.time()),
+                "status": status,
+                "model": model,
+                "output": output,
+                "parallel_tool_calls": True,
+                "tool_choice": "auto",
+                "tools": [],
+                "usage": usage,
+            }
+
+        if not body.get("stream"):
+            await asyncio.sleep(knobs.ttft_ms / 1000)
+            usage = responses_usage(body, knobs, knobs.chunks)
+            return web.json_response(resource("completed", _text(knobs.chunks), usage))
+
+        async def produce(out: SSEWriter) -> None:
+            seq = 0
+
+            async def emit(kind: str, payload: dict[str, Any], content: bool = False) -> None:
+                nonlocal seq
+                data = {"type": kind, "sequence_number": seq, **payload}
+                seq += 1
+                await (out.content(data, kind) if content else out.send(data, kind))
+
+            await emit("response.created", {"response": resource("in_progress", "", None)})
+            for i in range(knobs.chunks):
+                delta = {"item_id": message_id, "output_index": 0, "content_index": 0}
+                await emit("response.output_text.delta", {**delta, "delta": f"tok{i} "}, True)
+            usage = responses_usage(body, knobs, knobs.chunks)
+            completed = resource("completed", _text(knobs.chunks), usage)
+            await emit("response.completed", {"response": completed})
+
+        return await self._run_stream(request, knobs, produce)
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body, knobs = await self._begin(request)
+        if knobs.status:
+            return web.json_response(openai_error(knobs.status), status=knobs.status)
+        inputs = body.get("input", "")
+        items = inputs if isinstance(inputs, list) else [inputs]
+        vector = [0.5, -0.25, 0.125]
+        encoded: object = vector
+        if body.get("encoding_format") == "base64":
+            encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        prompt = prompt_tokens(inputs)
+        return web.json_response(
+            {
+                "object": "list",
+                "model": body.get("model", "fake-embed"),
+                "data": [
+                    {"object": "embedding", "index": i, "embedding": encoded}
+                    for i in range(len(items))
+                ],
+                "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+            }
+        )
+
+    async def models(self, request: web.Request) -> web.Response:
+        await self._begin(request)
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in MODELS]
+        return web.json_response({"object": "list", "data": data})
+
+    # -- Anthropic -----------------------------------------------------------------------
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        body, knobs = await self._begin(request)
+        if knobs.status:
+            return web.json_response(anthropic_error(knobs.status), status=knobs.status)
+        model = body.get("model", "fake-claude")
+        message_id = _id("msg_")
+
+        def message(content: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
+            stop = "end_turn" if content else None
+            return {
+                "id": message_id,
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": content,
+                "stop_reason": stop,
+                "stop_sequence": None,
+                "usage": usage,
+            }
+
+        if not body.get("stream"):
+            await asyncio.sleep(knobs.ttft_ms / 1000)
+            usage = anthropic_usage(body, knobs, knobs.chunks)
+            return web.json_response(
+                message([{"type": "text", "text": _text(knobs.chunks)}], usage)
+            )
+
+        async def produce(out: SSEWriter) -> None:
+            start = message([], anthropic_usage(body, knobs, 1))
+            await out.send({"type": "message_start", "message": start}, "message_start")
+            block = {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            }
+            await out.send(block, "content_block_start")
+            for i in range(knobs.chunks):
+                delta = {"type": "text_delta", "text": f"tok{i} "}
+                await out.content(
+                    {"type": "content_block_delta", "index": 0, "delta": delta},
+                    "content_block_delta",
+                )
+            await out.send({"type": "content_block_stop", "index": 0}, "content_block_stop")
+            final = {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": knobs.chunks},
+            }
+            await out.send(final, "message_delta")
+            await out.send({"type": "message_stop"}, "message_stop")
+
+        return await self._run_stream(request, knobs, produce)
+
+    # -- test control ----------------------------------------------------------------------
+    async def get_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats.as_json())
+
+    async def reset(self, request: web.Request) -> web.Response:
+        self.stats = Stats()
+        return web.json_response({"ok": True})
+
+
+@contextmanager
+def serve_in_thread(port: int = 0) -> Iterator[int]:
+    """Run a FakeUpstream on its own loop in a daemon thread; yields the port."""
+    loop = asyncio.new_event_loop()
+    upstream = FakeUpstream()
+    thread = threading.Thread(target=loop.run_forever, name="fake-upstream", daemon=True)
+    thread.start()
+    bound = asyncio.run_coroutine_threadsafe(upstream.start(port), loop).result(timeout=10)
+    try:
+        yield bound
+    finally:
+        asyncio.run_coroutine_threadsafe(upstream.stop(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+async def _main(port: int) -> None:
+    upstream = FakeUpstream()
+    bound = await upstream.start(port)
+    print(f"listening on 127.0.0.1:{bound}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await upstream.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    args = parser.parse_args()
+    try:
+        asyncio.run(_main(args.port))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Loader for the recorded-exchange corpus in ``<repo>/../shared/corpus`` (see its README)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CORPUS_DIR = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+SKIP_REASON = f"usage corpus not found at {CORPUS_DIR}"
+
+
+def load_cases() -> dict[str, dict[str, Any]]:
+    """Every case, keyed by ``<provider>/<case>``; empty if the corpus is absent."""
+    if not CORPUS_DIR.is_dir():
+        return {}
+    return {
+        path.relative_to(CORPUS_DIR).with_suffix("").as_posix(): json.loads(path.read_text())
+        for path in sorted(CORPUS_DIR.glob("*/*.json"))
+    }
+
+
+def case_params() -> list[Any]:
+    """``pytest.param(name, case)`` per case, or one skipped placeholder if there is no corpus."""
+    cases = load_cases()
+    if not cases:
+        skip = pytest.mark.skip(reason=SKIP_REASON)
+        return [pytest.param(None, None, marks=skip, id="no-corpus")]
+    return [pytest.param(name, case, id=name) for name, case in cases.items()]
+
+
+def is_stream(case: dict[str, Any]) -> bool:
+    """Whether the proxy would read this response with StreamUsage rather than as JSON."""
+    content_type = case["response"]["content_type"] or ""
+    return content_type.startswith("text/event-stream") or (
+        case["stream"] and case["api"] == "gemini.generate"
+    )

@@ -1,0 +1,89 @@
+"""Fixtures for the end-to-end tests: a fake upstream and a real mitmdump with the addon.
+
+One fake upstream and one proxy serve the whole session; each test makes its own users.
+Everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for scripts/ and tests/
+
+from burnmeter.config import Config  # noqa: E402
+from burnmeter.config import load_config  # noqa: E402
+from burnmeter.store import open_store  # noqa: E402
+from burnmeter.store.base import Store  # noqa: E402
+from tests.e2e.harness import CONFIG_TOML  # noqa: E402
+from tests.e2e.harness import ROOT  # noqa: E402
+from tests.e2e.harness import Accounts  # noqa: E402
+from tests.e2e.harness import Proxy  # noqa: E402
+from tests.e2e.harness import Upstream  # noqa: E402
+from tests.e2e.harness import stop_process  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[Upstream]:
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "fake_upstream.py"), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()  # printed once the socket is bound
+        if not line.startswith("listening on 127.0.0.1:"):
+            raise RuntimeError(f"fake upstream did not start: {line!r}")
+        port = int(line.rsplit(":", 1)[1])
+        yield Upstream(f"http://127.0.0.1:{port}", port)
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def e2e_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="session")
+def config_path(e2e_dir: Path) -> Path:
+    path = e2e_dir / "burnmeter.toml"
+    path.write_text(CONFIG_TOML)
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="session")
+def config(config_path: Path) -> Config:
+    return load_config(config_path)
+
+
+@pytest.fixture(scope="session")
+def proxy(upstream: Upstream, config_path: Path, e2e_dir: Path) -> Iterator[Proxy]:
+    handle = Proxy(upstream, config_path, e2e_dir / "burnmeter.db", e2e_dir)
+    handle.start()
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.fixture(scope="session")
+def store(proxy: Proxy, config: Config) -> Iterator[Store]:
+    """The proxy's SQLite file, opened by the test process as a second client."""
+    opened = open_store(proxy.db_url, config.pools)
+    opened.ensure_schema(config.log_ttl_days)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+@pytest.fixture(scope="session")
+def accounts(store: Store) -> Accounts:
+    return Accounts(store)

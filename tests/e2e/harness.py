@@ -1,0 +1,246 @@
+"""Helpers for the end-to-end tests: the processes under test, accounts, log polling."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from burnmeter.documents import hash_key
+from burnmeter.documents import new_key
+from burnmeter.store.base import Document
+from burnmeter.store.base import Store
+
+ROOT = Path(__file__).resolve().parents[2]
+
+MITMDUMP = Path(sys.executable).parent / "mitmdump"
+START_TIMEOUT = 20.0
+STARTUP_GRACE = 0.3
+LOG_TIMEOUT = 10.0
+
+OPENHANDS_HOST = "openhands.test"
+OHMYGPT_HOST = "ohmygpt.test"
+OHMYGPT_UPSTREAM_KEY = "sk-upstream-" + "5eb1a7e0c2d94f31"  # what the proxy sends upstream
+
+CONFIG_TOML = """\
+unknown_model = "reject"
+log_ttl_days = 0
+
+[pools.openhands]
+balance = ["creditsNew"]
+used = "creditsNewUsed"
+tokens = "tokensUserNew"
+expires = "expiresAtNew"
+
+[pools.ohmygpt]
+balance = ["credits", "refCredits"]
+used = "creditsUsed"
+expires = "expiresAt"
+
+[[routes]]
+host = "openhands.test"
+pool = "openhands"
+multiplier = 1.02
+
+[[routes]]
+host = "ohmygpt.test"
+pool = "ohmygpt"
+multiplier = 1.15
+upstream_key_env = "E2E_OHMYGPT_UPSTREAM_KEY"
+
+[models."fake-gpt"]
+input = 2.0
+output = 8.0
+cache_read = 0.5
+
+[models."fake-claude"]
+aliases = ["fake-claude-latest"]
+input = 3.0
+output = 15.0
+cache_write = 3.75
+cache_read = 0.3
+
+[models."fake-embed"]
+input = 0.1
+output = 0.0
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], describe: Callable[[], str]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode}:\n{describe()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        raise RuntimeError(f"port {port} not accepting after {START_TIMEOUT}s:\n{describe()}")
+    # mitmdump binds before it checks for script errors, then exits: give it that moment
+    time.sleep(STARTUP_GRACE)
+    if proc.poll() is not None:
+        raise RuntimeError(f"exited with {proc.returncode}:\n{describe()}")
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return int(proc.returncode)
+
+
+@dataclass
+class Upstream:
+    base_url: str
+    port: int
+
+    def stats(self) -> dict[str, Any]:
+        """The fake's counters, not counting this call's own connection."""
+        stats = dict(httpx.get(self.base_url + "/__stats", timeout=5).json())
+        stats["connections"] -= 1
+        return stats
+
+    def reset(self) -> None:
+        httpx.post(self.base_url + "/__reset", timeout=5).raise_for_status()
+
+
+@dataclass
+class Proxy:
+    """A running ``mitmdump -s addons/metering.py`` in reverse mode."""
+
+    upstream: Upstream
+    config_path: Path
+    db_path: Path
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def db_url(self) -> str:
+        return f"sqlite:///{self.db_path}"
+
+    @property
+    def stdout_path(self) -> Path:
+        return self.workdir / "mitmdump.out"
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.workdir / "mitmdump.err"
+
+    def output(self) -> str:
+        return self.stdout_path.read_text(errors="replace") + self.stderr_path.read_text(
+            errors="replace"
+        )
+
+    def start(self) -> None:
+        args = [
+            str(MITMDUMP),
+            "--listen-host",
+            "127.0.0.1",
+            "-s",
+            str(ROOT / "addons" / "metering.py"),
+            "--mode",
+            f"reverse:{self.upstream.base_url}@{self.port}",
+            "--set",
+            f"metering_config={self.config_path}",
+            "--set",
+            f"metering_db={self.db_url}",
+            "--set",
+            "connection_strategy=lazy",
+            # quiet about flows (-q), but keep the addon's info lines for the key-leak test
+            "--set",
+            "flow_detail=0",
+            "--set",
+            "termlog_verbosity=info",
+        ]
+        with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
+            self.proc = subprocess.Popen(
+                args,
+                cwd=ROOT,
+                stdout=out,
+                stderr=err,
+                env={
+                    **os.environ,
+                    "PYTHONUNBUFFERED": "1",
+                    "E2E_OHMYGPT_UPSTREAM_KEY": OHMYGPT_UPSTREAM_KEY,
+                },
+            )
+        wait_for_port(self.port, self.proc, self.output)
+
+    def stop(self) -> int:
+        """SIGTERM: mitmdump runs ``done()``, which drains the settlement writer."""
+        assert self.proc is not None
+        return stop_process(self.proc)
+
+
+@dataclass(frozen=True)
+class Account:
+    user_id: str
+    key: str
+
+
+class Accounts:
+    """Fresh users for each test; remembers every key used so the leak test can look for it."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.keys: list[str] = []
+        self._count = 0
+
+    def new(self, **balances: str | Decimal) -> Account:
+        self._count += 1
+        account = Account(f"e2e-user-{self._count}-{os.getpid()}", new_key())
+        amounts = {name: Decimal(value) for name, value in balances.items()}
+        self.store.create_user(account.user_id, hash_key(account.key), amounts)
+        self.keys.append(account.key)
+        return account
+
+    def unknown_key(self) -> str:
+        key = new_key()
+        self.keys.append(key)
+        return key
+
+
+def wait_logs(
+    store: Store,
+    user_id: str,
+    count: int,
+    where: Callable[[Document], bool] = lambda log: True,
+    timeout: float = LOG_TIMEOUT,
+) -> list[Document]:
+    """The user's logs once ``count`` of them match ``where`` (the proxy writes them later)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        logs = store.logs(1000, user_id)
+        if sum(1 for log in logs if where(log)) >= count:
+            return logs
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{user_id}: {len(logs)} logs after {timeout}s, wanted {count}")
+        time.sleep(0.05)

@@ -1,0 +1,475 @@
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy import flow
+from mitmproxy import http
+from mitmproxy.addons import proxyserver
+from mitmproxy.test import taddons
+
+from addons.metering import Metering
+from burnmeter.config import load_config
+from burnmeter.documents import hash_key
+from burnmeter.documents import utcnow
+from burnmeter.store import open_store
+from tests.addon_support import BOB_KEY
+from tests.addon_support import CONFIG
+from tests.addon_support import KEY
+from tests.addon_support import OHMYGPT_HOST
+from tests.addon_support import OPENHANDS_HOST
+from tests.addon_support import PORT_ROUTE
+from tests.addon_support import Env
+from tests.addon_support import admit
+from tests.addon_support import chat_sse
+from tests.addon_support import json_response
+from tests.addon_support import make_flow
+from tests.addon_support import settled
+from tests.addon_support import sse_response
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    """A configured ``Metering`` on a real SQLite store with alice (credit) and bob (none)."""
+    monkeypatch.delenv("BURNMETER_DB", raising=False)
+    config_path = tmp_path / "burnmeter.toml"
+    config_path.write_text(CONFIG)
+    db_url = f"sqlite:///{tmp_path / 'burnmeter.db'}"
+    config = load_config(config_path)
+    store = open_store(db_url, config.pools)
+    store.ensure_schema(0)
+    store.create_user("alice", hash_key(KEY), {"creditsNew": Decimal(5), "credits": Decimal(3)})
+    store.create_user("bob", hash_key(BOB_KEY), {"creditsNew": Decimal(0)})
+    m = Metering()
+    with taddons.context(m) as tctx:
+        tctx.configure(m, metering_config=str(config_path), metering_db=db_url)
+        yield Env(m, tctx, store, db_url, config_path)
+        m.done()
+    store.close()
+
+
+CHAT_USAGE = {"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200}
+
+
+def body_of(f: http.HTTPFlow) -> dict:
+    assert f.response is not None
+    return json.loads(f.response.content or b"")
+
+
+# -- options ---------------------------------------------------------------------------
+def test_bad_config_is_one_line_options_error(env: Env) -> None:
+    with pytest.raises(exceptions.OptionsError, match="metering_config: .*No such file"):
+        env.tctx.configure(env.metering, metering_config=str(env.config_path) + "x")
+    env.config_path.write_text('default_pool = "nope"\n')
+    with pytest.raises(exceptions.OptionsError, match="default_pool: no pool named 'nope'"):
+        env.tctx.configure(env.metering, metering_key_cache_ttl=5)
+
+
+@pytest.mark.parametrize(
+    "opts, match",
+    [
+        ({"metering_key_cache_ttl": -1}, "metering_key_cache_ttl"),
+        ({"metering_queue_size": 1}, "metering_queue_size"),
+        ({"metering_db": "postgres://x/y"}, "metering_db: .*unsupported store URL"),
+    ],
+)
+def test_bad_options(env: Env, opts: dict, match: str) -> None:
+    with pytest.raises(exceptions.OptionsError, match=match):
+        env.tctx.configure(env.metering, **opts)
+    assert env.metering.admission is not None, "a rejected change keeps the running store"
+
+
+def test_upstream_key_env_must_be_set(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = env.config_path.read_text().replace(
+        "multiplier = 2\n", 'multiplier = 2\nupstream_key_env = "BM_TEST_UPSTREAM"\n', 1
+    )
+    env.config_path.write_text(text)
+    monkeypatch.delenv("BM_TEST_UPSTREAM", raising=False)
+    with pytest.raises(exceptions.OptionsError, match=r"\$BM_TEST_UPSTREAM is not set"):
+        env.tctx.configure(env.metering, metering_key_cache_ttl=1)
+
+
+async def test_upstream_key_replaces_the_client_key(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = env.config_path.read_text().replace(
+        "multiplier = 2\n", 'multiplier = 2\nupstream_key_env = "BM_TEST_UPSTREAM"\n', 1
+    )
+    env.config_path.write_text(text)
+    monkeypatch.setenv("BM_TEST_UPSTREAM", "sk-upstream")
+    env.tctx.configure(env.metering, metering_key_cache_ttl=1)
+    f = make_flow()
+    await admit(env, f)
+    assert f.response is None
+    assert f.request.headers["authorization"] == "Bearer sk-upstream"
+    other = make_flow(host=OHMYGPT_HOST)
+    await admit(env, other)
+    assert "authorization" not in other.request.headers, "a client key is never forwarded"
+
+
+def test_running_warns_about_unknown_options_and_sets_proxy_options(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = Metering()
+    with taddons.context(proxyserver.Proxyserver(), m) as tctx:
+        tctx.configure(m, metering_config=str(env.config_path), metering_db=env.db_url)
+        tctx.options.set("metering_kyes=1", defer=True)  # a typo: never applied
+        with caplog.at_level(logging.WARNING):
+            m.running()
+        assert "unknown option(s) ignored: metering_kyes" in caplog.text
+        assert tctx.options.connection_strategy == "lazy"
+        assert tctx.options.keep_host_header is True
+        m.done()
+
+
+def test_default_store_comes_from_env(env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("BURNMETER_DB", f"sqlite:///{tmp_path / 'other.db'}")
+    m = Metering()
+    with taddons.context(m) as tctx:
+        tctx.configure(m, metering_config=str(env.config_path))
+        assert m.settings is not None and m.settings.db_url.endswith("other.db")
+        assert m.settings.key_cache_ttl == 30
+        m.done()
+
+
+# -- authentication --------------------------------------------------------------------
+async def test_missing_and_unknown_keys_are_401_in_openai_shape(env: Env) -> None:
+    for key in (None, "sk-nobody-000000000000"):
+        f = make_flow(key=key)
+        await admit(env, f)
+        assert f.response is not None and f.response.status_code == 401
+        error = body_of(f)["error"]
+        assert {"message", "type", "code"} <= set(error)
+        assert f.metadata["metering"]["outcome"] == "rejected"
+        assert f.marked == ":no_entry:"
+
+
+async def test_anthropic_path_uses_anthropic_shape_and_x_api_key(env: Env) -> None:
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": []}
+    f = make_flow("/v1/messages", body, key="sk-wrong-00000000000000", key_header="x-api-key")
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 401
+    assert body_of(f) == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": "Invalid API key"},
+    }
+    ok = make_flow("/v1/messages", body, key_header="x-api-key")
+    await admit(env, ok)
+    assert ok.response is None
+    assert "x-api-key" not in ok.request.headers
+
+
+async def test_gemini_key_in_query_and_gemini_error_shape(env: Env) -> None:
+    path = "/v1beta/models/gemini-2.5-flash:generateContent"
+    body = {"contents": [{"parts": [{"text": "hi"}]}]}
+    f = make_flow(f"{path}?key={KEY}", body, key=None)
+    await admit(env, f)
+    assert f.response is None
+    assert "key" not in f.request.query
+    assert f.metadata == {} and env.metering.tickets[f].model == "gemini-2.5-flash"
+    bad = make_flow(path, body, key=None)
+    await admit(env, bad)
+    assert body_of(bad)["error"]["status"] == "UNAUTHENTICATED"
+
+
+async def test_revoked_key_stops_within_the_cache_ttl(env: Env) -> None:
+    await admit(env, make_flow())
+    env.store.set_fields("alice", {"isActive": False})
+    cached = make_flow()
+    await admit(env, cached)
+    assert cached.response is None, "still cached"
+    assert env.metering.admission is not None
+    env.metering.admission.cache.clear()  # the TTL has passed
+    f = make_flow()
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 401
+    assert body_of(f)["error"]["message"] == "API key has been revoked"
+
+
+async def test_store_down_fails_closed_with_503(env: Env, monkeypatch) -> None:
+    from burnmeter.store.base import StoreError
+
+    assert env.metering.store is not None
+
+    def down(key: str) -> None:
+        raise StoreError("connection refused")
+
+    monkeypatch.setattr(env.metering.store, "find_key", down)
+    f = make_flow()
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 503
+    assert body_of(f)["error"]["code"] == "metering_unavailable"
+
+
+# -- admission -------------------------------------------------------------------------
+async def test_insufficient_credits_is_402_with_balance(env: Env) -> None:
+    f = make_flow(key=BOB_KEY)
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 402
+    error = body_of(f)["error"]
+    assert error["code"] == "insufficient_credits" and error["balance"] == 0
+    assert "Current balance: $0.00" in error["message"]
+    assert f.comment == "bob · rejected: insufficient_credits"
+
+    anthropic = make_flow(
+        "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []}, key=BOB_KEY
+    )
+    await admit(env, anthropic)
+    assert body_of(anthropic)["error"]["type"] == "insufficient_credits"
+
+
+async def test_expired_pool_is_402_credits_expired(env: Env) -> None:
+    env.store.set_fields("alice", {"expiresAtNew": utcnow() - timedelta(days=1)})
+    f = make_flow()
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 402
+    assert body_of(f)["error"]["code"] == "credits_expired"
+    other_pool = make_flow(host=OHMYGPT_HOST)
+    await admit(env, other_pool)
+    assert other_pool.response is None, "only the expired pool is refused"
+
+
+async def test_oversized_body_is_413(env: Env) -> None:
+    big = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 5000}]}
+    f = make_flow(body=big)
+    await env.metering.requestheaders(f)
+    assert f.response is not None and f.response.status_code == 413
+    chunked = make_flow(body=big)
+    del chunked.request.headers["content-length"]
+    await admit(env, chunked)
+    assert chunked.response is not None and chunked.response.status_code == 413
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        ({"model": "gpt-4o", "messages": "hi"}, "'messages' must be an array"),
+        ({"messages": []}, "'model' is required"),
+        ({"model": "gpt-4o", "messages": [], "stream": True, "stream_options": 1}, "stream_opt"),
+    ],
+)
+async def test_bad_bodies_are_400(env: Env, body, message: str) -> None:
+    f = make_flow(body=body)
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 400
+    assert message in body_of(f)["error"]["message"]
+    assert env.store.balance("alice", env.store.pools["openhands"]) == 5, "nothing held"
+
+
+async def test_unknown_model_is_400_under_reject_policy(env: Env) -> None:
+    f = make_flow(body={"model": "gpt-9", "messages": []})
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 400
+    assert body_of(f)["error"]["code"] == "model_not_found"
+
+
+async def test_non_llm_path_passes_through_with_auth_and_no_charge(env: Env) -> None:
+    f = make_flow("/v1/models", b"")
+    await admit(env, f)
+    assert f.response is None
+    assert f.metadata["metering"]["outcome"] == "passthrough"
+    assert "authorization" not in f.request.headers
+    assert f not in env.metering.tickets
+
+
+# -- routing ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, body_model, pool",
+    [
+        ({"host": OPENHANDS_HOST}, "gpt-4o", "openhands"),
+        ({"host": f"{OPENHANDS_HOST}:8443"}, "gpt-4o", "openhands"),
+        ({"host": OHMYGPT_HOST}, "gpt-4o", "ohmygpt"),  # no route: the default pool
+        ({"host": "other.test", "listen_port": PORT_ROUTE}, "gpt-4o", "openhands"),
+        ({"host": OPENHANDS_HOST}, "special", "ohmygpt"),  # the model's pool wins
+        (
+            {"host": OPENHANDS_HOST, "mode": "reverse:http://upstream.test:80"},
+            "gpt-4o",
+            "openhands",
+        ),
+    ],
+)
+async def test_pool_by_host_port_and_model(env: Env, kwargs, body_model: str, pool: str) -> None:
+    f = make_flow(body={"model": body_model, "messages": []}, **kwargs)
+    await admit(env, f)
+    ticket = env.metering.tickets[f]
+    assert ticket.pool == pool and ticket.hold is not None and ticket.hold.pool == pool
+
+
+async def test_reverse_mode_captures_client_host_then_sets_upstream_host(env: Env) -> None:
+    f = make_flow(host=OPENHANDS_HOST, mode="reverse:http://upstream.test:80")
+    await admit(env, f)
+    assert env.metering.tickets[f].host == OPENHANDS_HOST
+    assert f.request.host_header == "upstream.test"
+    regular = make_flow(host=OPENHANDS_HOST)
+    await admit(env, regular)
+    assert regular.request.host_header == OPENHANDS_HOST
+
+
+# -- streams ---------------------------------------------------------------------------
+async def test_stream_request_gets_include_usage_and_identity_encoding(env: Env) -> None:
+    body = {"model": "gpt-4o", "messages": [], "stream": True}
+    f = make_flow(body=body, extra_headers=(("accept-encoding", "gzip, br"),))
+    await admit(env, f)
+    sent = json.loads(f.request.content or b"")
+    assert sent["stream_options"] == {"include_usage": True}
+    assert f.request.headers["content-length"] == str(len(f.request.raw_content or b""))
+    assert f.request.headers["accept-encoding"] == "identity"
+
+
+async def test_include_usage_already_set_leaves_the_body_alone(env: Env) -> None:
+    raw = b'{"model":"gpt-4o","messages":[],"stream":true,"stream_options":{"include_usage":true}}'
+    f = make_flow(body=raw)
+    await admit(env, f)
+    assert f.request.raw_content == raw
+
+
+async def test_streamed_response_is_tapped_and_charged(env: Env) -> None:
+    f = make_flow(body={"model": "gpt-4o", "messages": [], "stream": True})
+    await admit(env, f)
+    f.response = sse_response()
+    env.metering.responseheaders(f)
+    tap = env.metering.tickets[f].tap
+    assert tap is not None and f.response.stream is tap
+    body = chat_sse(["Hel", "lo"], CHAT_USAGE)
+    out = b"".join(tap(body[i : i + 7]) for i in range(0, len(body), 7)) + tap(b"")
+    assert out == body
+    env.metering.response(f)
+    record = f.metadata["metering"]
+    assert (record["input_tokens"], record["output_tokens"]) == (1000, 200)
+    # (1000 * 2.5 + 200 * 10) / 1e6 * multiplier 2
+    assert record["cost"] == "0.009000000"
+    assert record["usage_source"] == "reported" and record["stream"] is True
+    log = settled(env, f.id)
+    assert log is not None
+    assert log["ttftMs"] is not None and log["stream"] is True
+
+
+async def test_json_response_is_charged_and_annotated(env: Env) -> None:
+    f = make_flow()
+    await admit(env, f)
+    f.response = json_response({"model": "gpt-4o", "choices": [], "usage": CHAT_USAGE})
+    env.metering.responseheaders(f)
+    assert not f.response.stream
+    env.metering.response(f)
+    record = f.metadata["metering"]
+    assert f.comment == "alice · gpt-4o · 1,200 tok · $0.0090 · openhands"
+    assert record["key"] != KEY and KEY not in json.dumps(record) and KEY not in f.comment
+    assert record["billing_tokens"] == 2400
+    assert not f.marked
+    log = settled(env, f.id)
+    assert log is not None
+    assert log["creditType"] == "openhands" and log["creditsCost"] == Decimal("0.009")
+    assert log["userKeyId"] == record["key"] and KEY not in json.dumps(log, default=str)
+    assert log["host"] == OPENHANDS_HOST and log["path"] == "/v1/chat/completions"
+    assert log["usageSource"] == "reported" and log["isSuccess"] is True
+    assert env.store.balance("alice", env.store.pools["openhands"]) == Decimal("4.991")
+
+
+async def test_upstream_error_without_usage_releases_the_hold(env: Env) -> None:
+    f = make_flow()
+    await admit(env, f)
+    assert env.store.balance("alice", env.store.pools["openhands"]) < 5, "held"
+    f.response = json_response({"error": {"message": "boom"}}, status=500)
+    env.metering.responseheaders(f)
+    env.metering.response(f)
+    assert f.marked == ":x:"
+    assert f.metadata["metering"]["outcome"] == "failed"
+    log = settled(env, f.id)
+    assert log is not None and log["creditsCost"] == 0 and log["isSuccess"] is False
+    assert log["statusCode"] == 500 and log["usageSource"] == "none"
+    assert env.store.balance("alice", env.store.pools["openhands"]) == 5
+
+
+async def test_upstream_unreachable_releases_the_hold(env: Env) -> None:
+    f = make_flow()
+    await admit(env, f)
+    f.error = flow.Error("[Errno 111] Connect call failed")
+    env.metering.error(f)
+    log = settled(env, f.id)
+    assert log is not None and log["creditsCost"] == 0 and log["statusCode"] == 502
+    assert env.store.balance("alice", env.store.pools["openhands"]) == 5
+
+
+async def test_client_gone_mid_stream_is_charged_an_estimate(env: Env) -> None:
+    f = make_flow(body={"model": "gpt-4o", "messages": [], "stream": True})
+    await admit(env, f)
+    f.response = sse_response()
+    env.metering.responseheaders(f)
+    assert callable(f.response.stream)
+    f.response.stream(chat_sse(["x" * 400], None))  # 100 tokens of text, no usage yet
+    f.error = flow.Error("Client disconnected.")
+    env.metering.error(f)
+    record = f.metadata["metering"]
+    assert record["usage_source"] == "estimated" and record["output_tokens"] == 100
+    assert f.marked == ":warning:"
+    log = settled(env, f.id)
+    assert log is not None
+    assert log["statusCode"] == 499 and log["isSuccess"] is False
+    assert log["usageSource"] == "estimated" and log["creditsCost"] > 0
+
+
+async def test_stream_cut_after_partial_usage_raises_output_to_the_text(env: Env) -> None:
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 500, "messages": [], "stream": True}
+    f = make_flow("/v1/messages", body, key_header="x-api-key")
+    await admit(env, f)
+    f.response = sse_response()
+    env.metering.responseheaders(f)
+    tap = f.response.stream
+    assert callable(tap)
+    start = {"type": "message_start", "message": {"model": "claude-sonnet-4-5",
+             "usage": {"input_tokens": 50, "output_tokens": 1}}}  # fmt: skip
+    delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta",
+             "text": "y" * 80}}  # fmt: skip
+    for event in (start, delta):
+        tap(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+    f.error = flow.Error("Client disconnected.")
+    env.metering.error(f)
+    record = f.metadata["metering"]
+    assert (record["input_tokens"], record["output_tokens"]) == (50, 20)
+    assert record["usage_source"] == "estimated"
+
+
+async def test_locally_answered_flows_are_skipped_later(env: Env) -> None:
+    f = make_flow(key=None)
+    await env.tctx.cycle(env.metering, f)
+    assert f.response is not None and f.response.status_code == 401
+    assert f.metadata["metering"]["outcome"] == "rejected"
+    assert settled(env, f.id) is None
+
+
+async def test_backlogged_writer_refuses_new_requests(env: Env, monkeypatch) -> None:
+    assert env.metering.writer is not None
+    monkeypatch.setattr(type(env.metering.writer), "backlogged", property(lambda self: True))
+    f = make_flow()
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 503
+
+
+# -- commands --------------------------------------------------------------------------
+def test_balance_command(env: Env) -> None:
+    out = env.tctx.command(env.metering.balance, "alice")
+    assert out == "openhands: $5.0000 · ohmygpt: $3.0000"
+    with pytest.raises(exceptions.CommandError, match="no user"):
+        env.tctx.command(env.metering.balance, "nobody")
+
+
+async def test_usage_command(env: Env) -> None:
+    flows = []
+    for _ in range(2):
+        f = make_flow()
+        await admit(env, f)
+        f.response = json_response({"choices": [], "usage": CHAT_USAGE})
+        env.metering.response(f)
+        flows.append(f)
+    rejected = make_flow(key=None)
+    await admit(env, rejected)
+    out = env.metering.usage([*flows, rejected])
+    assert out == "2 flows · 2,000/400 tokens · $0.0180"

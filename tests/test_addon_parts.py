@@ -1,0 +1,240 @@
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from decimal import Decimal
+
+import pytest
+from mitmproxy import contentviews
+from mitmproxy import http
+from mitmproxy.test import tflow
+from mitmproxy.test import tutils
+
+from addons import errors
+from addons.inspection import LLMStreamContentview
+from addons.keys import KeyCache
+from addons.keys import client_key
+from addons.settlement import SettlementWriter
+from addons.streamtap import StreamTap
+from burnmeter.store.base import Settlement
+from burnmeter.store.base import StoreError
+from tests.addon_support import chat_sse
+
+
+# -- errors ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "api, path, style",
+    [
+        ("openai.chat", "/v1/chat/completions", "openai"),
+        ("anthropic.messages", "/v1/messages", "anthropic"),
+        (None, "/v1/messages/count_tokens", "anthropic"),
+        ("gemini.generate", "/v1beta/models/g:generateContent", "gemini"),
+        (None, "/v1/models", "openai"),
+    ],
+)
+def test_style_for(api: str | None, path: str, style: str) -> None:
+    assert errors.style_for(api, path) == style
+
+
+def test_error_shapes() -> None:
+    problem = errors.INSUFFICIENT_CREDITS
+    openai = errors.error_response("openai", problem, "no money", balance=0.5)
+    assert openai.status_code == 402 and openai.headers["content-type"] == "application/json"
+    assert json.loads(openai.content or b"") == {
+        "error": {
+            "message": "no money",
+            "type": "insufficient_quota",
+            "code": "insufficient_credits",
+            "balance": 0.5,
+        }
+    }
+    assert errors.error_body("anthropic", problem, "no money") == {
+        "type": "error",
+        "error": {"type": "insufficient_credits", "message": "no money"},
+    }
+    assert errors.error_body("gemini", problem, "no money") == {
+        "error": {"code": 402, "message": "no money", "status": "RESOURCE_EXHAUSTED"}
+    }
+
+
+# -- keys ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "headers, path, style, key",
+    [
+        ([("authorization", "Bearer sk-1")], "/v1/chat/completions", "openai", "sk-1"),
+        ([("authorization", "bearer  sk-1 ")], "/v1/chat/completions", "openai", "sk-1"),
+        ([("x-api-key", "sk-2")], "/v1/chat/completions", "openai", None),
+        ([("x-api-key", "sk-2")], "/v1/messages", "anthropic", "sk-2"),
+        ([("authorization", "Basic abc")], "/v1/messages", "anthropic", None),
+        ([("x-goog-api-key", "g-1")], "/v1beta/models/m:generateContent", "gemini", "g-1"),
+        ([], "/v1beta/models/m:generateContent?key=g-2", "gemini", "g-2"),
+        ([], "/v1/chat/completions?key=g-2", "openai", None),
+    ],
+)
+def test_client_key(headers, path: str, style, key: str | None) -> None:
+    request = tutils.treq(
+        path=path.encode(), headers=http.Headers([(k.encode(), v.encode()) for k, v in headers])
+    )
+    assert client_key(request, style) == key
+
+
+def test_key_cache_expires_and_is_bounded() -> None:
+    now = [0.0]
+    cache = KeyCache(ttl=10, max_entries=2, clock=lambda: now[0])
+    assert cache.get("a") == (False, None)
+    cache.put("a", None)  # unknown keys are cached too
+    assert cache.get("a") == (True, None)
+    now[0] = 10
+    assert cache.get("a") == (False, None)
+    for key in "bcd":
+        cache.put(key, None)
+    assert cache.get("b") == (False, None), "the oldest entry made room"
+    assert cache.get("d") == (True, None)
+
+
+def test_key_cache_ttl_zero_caches_nothing() -> None:
+    cache = KeyCache(ttl=0)
+    cache.put("a", None)
+    assert cache.get("a") == (False, None)
+
+
+# -- stream tap ------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [1, 7, 64, 10_000])
+def test_tap_passes_bytes_unchanged_and_finds_usage(size: int) -> None:
+    body = chat_sse(["Hello", ", world"], {"prompt_tokens": 9, "completion_tokens": 2})
+    tap = StreamTap("openai.chat")
+    out = b"".join(tap(body[i : i + size]) for i in range(0, len(body), size)) + tap(b"")
+    assert out == body
+    usage, model = tap.usage.result()
+    assert usage is not None and (usage.input_tokens, usage.output_tokens) == (9, 2)
+    assert model == "gpt-4o" and tap.usage.done and tap.usage.text_chars == 12
+    assert tap.first_byte_at is not None and tap.bytes == len(body)
+
+
+def test_tap_never_raises(caplog: pytest.LogCaptureFixture) -> None:
+    tap = StreamTap("openai.chat")
+
+    class Broken:
+        def feed(self, chunk: bytes) -> None:
+            raise RuntimeError("bug")
+
+    tap.usage = Broken()  # type: ignore[assignment]
+    with caplog.at_level(logging.ERROR):
+        assert tap(b"data: x\n\n") == b"data: x\n\n"
+        assert tap(b"more") == b"more"
+    assert caplog.text.count("stream tap failed") == 1
+
+
+# -- contentview -----------------------------------------------------------------------
+def test_contentview_reassembles_text_and_usage() -> None:
+    body = chat_sse(["Hello", ", world"], {"prompt_tokens": 9, "completion_tokens": 2})
+    f = tflow.tflow(req=tutils.treq(path=b"/v1/chat/completions"))
+    view = LLMStreamContentview()
+    meta = contentviews.Metadata(flow=f, content_type="text/event-stream")
+    assert view.render_priority(body, meta) > 1
+    out = view.prettify(body, meta)
+    assert out.startswith("Hello, world\n")
+    assert "4 events · model gpt-4o · done=True" in out
+    assert "usage: input 9 · output 2" in out
+    assert view.name == "LLM Stream"
+
+
+def test_contentview_anthropic_and_gemini_array() -> None:
+    view = LLMStreamContentview()
+    events = [
+        {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "Hi"}},
+        {"type": "message_delta", "usage": {"output_tokens": 1}},
+    ]
+    body = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events)
+    f = tflow.tflow(req=tutils.treq(path=b"/v1/messages"))
+    assert view.prettify(body, contentviews.Metadata(flow=f)).startswith("Hi\n")
+    gemini = [{"candidates": [{"content": {"parts": [{"text": "Yo"}]}, "finishReason": "STOP"}]}]
+    g = tflow.tflow(req=tutils.treq(path=b"/v1beta/models/m:streamGenerateContent"))
+    out = view.prettify(json.dumps(gemini).encode(), contentviews.Metadata(flow=g))
+    assert out.startswith("Yo\n") and "usage: none reported" in out
+
+
+def test_contentview_declines_other_bodies() -> None:
+    view = LLMStreamContentview()
+    f = tflow.tflow(req=tutils.treq(path=b"/index.html"))
+    meta = contentviews.Metadata(flow=f, content_type="text/event-stream")
+    assert view.render_priority(b"data: 1\n\n", meta) < 0
+    json_meta = contentviews.Metadata(flow=tflow.tflow(), content_type="application/json")
+    assert view.render_priority(b"{}", json_meta) < 0
+
+
+# -- settlement writer -----------------------------------------------------------------
+def settlement(i: int) -> Settlement:
+    return Settlement(f"req-{i}", "alice", "openhands", Decimal("0.01"), 1, 1, 1, "sk-raw")
+
+
+class FakeStore:
+    def __init__(self, failures: int = 0) -> None:
+        self.failures = failures
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def settle(self, batch: list[Settlement]) -> list[bool]:
+        self.gate.wait()
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("down")
+        self.batches.append([s.request_id for s in batch])
+        return [True] * len(batch)
+
+
+def test_writer_batches_and_drains_on_stop() -> None:
+    store = FakeStore()
+    store.gate.clear()
+    writer = SettlementWriter(store, maxsize=100)  # type: ignore[arg-type]
+    writer.start()
+    for i in range(5):
+        assert writer.submit(settlement(i))
+    store.gate.set()
+    writer.stop()
+    assert sum(store.batches, []) == [f"req-{i}" for i in range(5)]
+    assert len(store.batches) <= 2 and writer.written == 5
+
+
+def test_writer_retries_a_store_outage(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("addons.settlement.RETRY_SECONDS", (0.01,))
+    store = FakeStore(failures=3)
+    writer = SettlementWriter(store, maxsize=10)  # type: ignore[arg-type]
+    writer.start()
+    writer.submit(settlement(1))
+    for _ in range(500):
+        if store.batches:
+            break
+        time.sleep(0.01)
+    writer.stop()
+    assert store.batches == [["req-1"]] and writer.spilled == 0
+
+
+def test_full_queue_spills_without_blocking_and_hides_the_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = FakeStore()
+    writer = SettlementWriter(store, maxsize=4)  # type: ignore[arg-type]
+    assert writer.submit(settlement(1)) and not writer.backlogged
+    assert writer.submit(settlement(2)) and writer.backlogged, "half full: admission stops"
+    assert writer.submit(settlement(3)) and writer.submit(settlement(4))
+    with caplog.at_level(logging.ERROR):
+        assert writer.submit(settlement(5)) is False
+    assert "settlement spilled (queue full)" in caplog.text and "req-5" in caplog.text
+    assert "sk-raw" not in caplog.text
+    writer.start()
+    writer.stop()
+    assert sum(store.batches, []) == [f"req-{i}" for i in range(1, 5)] and writer.spilled == 1
+
+
+def test_store_still_down_at_shutdown_spills(caplog: pytest.LogCaptureFixture) -> None:
+    store = FakeStore(failures=1_000)
+    writer = SettlementWriter(store, maxsize=10)  # type: ignore[arg-type]
+    writer.submit(settlement(1))
+    writer.start()
+    with caplog.at_level(logging.ERROR):
+        writer.stop()
+    assert writer.spilled == 1 and "settlement spilled (not written)" in caplog.text

@@ -1,0 +1,252 @@
+import json
+import re
+import statistics
+from decimal import Decimal
+
+import pytest
+from corpus import SKIP_REASON
+from corpus import load_cases
+
+from burnmeter.config import parse_config
+from burnmeter.estimate import ANTHROPIC_TOOL_PROMPT_TOKENS
+from burnmeter.estimate import AUDIO_TOKENS
+from burnmeter.estimate import FILE_TOKENS
+from burnmeter.estimate import RequestEstimate
+from burnmeter.estimate import estimate_output_tokens
+from burnmeter.estimate import estimate_request
+from burnmeter.estimate import hold_amounts
+from burnmeter.pricing import resolve_price
+
+CONFIG = parse_config(
+    {
+        "default_max_output_tokens": 1000,
+        "models": {
+            "claude-sonnet-4-5-20250929": {
+                "input": 3,
+                "output": 14,
+                "cache_write": 3.75,
+                "cache_read": 0.3,
+            }
+        },
+    }
+)
+
+
+def estimate(api: str, body: object, path: str = "") -> RequestEstimate:
+    return estimate_request(api, body, CONFIG, path)
+
+
+def tokens(api: str, body: object) -> int:
+    return estimate(api, body).input_tokens
+
+
+def user(content: object) -> dict[str, object]:
+    return {"role": "user", "content": content}
+
+
+def test_openai_chat_text() -> None:
+    # "user" + 40 chars = 44 chars = 11 tokens, plus 4 for the message.
+    assert tokens("openai.chat", {"messages": [user("x" * 40)]}) == 15
+    two = {"messages": [{"role": "system", "content": "abcd"}, user("x" * 40)]}
+    assert tokens("openai.chat", two) == 14 + 8  # 10 + 44 chars, then 4 per message
+
+
+def test_tool_calls_and_tools_count() -> None:
+    call = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"function": {"name": "f", "arguments": "y" * 400}}],
+    }
+    assert tokens("openai.chat", {"messages": [call]}) > 100
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"d": "z" * 400}}}]
+    with_tools = tokens("openai.chat", {"messages": [user("hi")], "tools": tools})
+    assert with_tools - tokens("openai.chat", {"messages": [user("hi")]}) > 100
+
+
+def test_anthropic_system_messages_and_tool_prompt() -> None:
+    body = {"system": "s" * 8, "messages": [user([{"type": "text", "text": "t" * 40}])]}
+    # 8 + "user" + "text" + 40 = 56 chars = 14 tokens, plus 4.
+    assert tokens("anthropic.messages", body) == 18
+    tools = [{"name": "f", "input_schema": {"type": "object"}}]
+    tool_chars = len(json.dumps(tools, separators=(",", ":")))
+    with_tools = tokens("anthropic.messages", {**body, "tools": tools})
+    assert with_tools == -(-(56 + tool_chars) // 4) + 4 + ANTHROPIC_TOOL_PROMPT_TOKENS
+
+
+def test_responses_input_and_instructions() -> None:
+    assert tokens("openai.responses", {"input": "x" * 40, "instructions": "y" * 4}) == 11 + 4
+    items = [user([{"type": "input_text", "text": "x" * 36}]), {"type": "function_call_output"}]
+    # "user" + "input_text" + 36 + "function_call_output" = 70 chars.
+    assert tokens("openai.responses", {"input": items}) == 18 + 8
+
+
+def test_embeddings() -> None:
+    assert tokens("openai.embeddings", {"input": "x" * 40}) == 10
+    assert tokens("openai.embeddings", {"input": ["x" * 40, "y" * 40]}) == 20
+    assert tokens("openai.embeddings", {"input": [1, 2, 3]}) == 3
+    assert tokens("openai.embeddings", {"input": [[1, 2], [3]]}) == 3
+    gemini = {"requests": [{"content": {"parts": [{"text": "x" * 40}]}}]}
+    assert tokens("gemini.embed", gemini) == 10
+    assert tokens("gemini.embed", {"content": {"parts": [{"text": "x" * 40}]}}) == 10
+    assert estimate("openai.embeddings", {"input": "x"}).max_output_tokens == 0
+    assert estimate("gemini.embed", gemini).max_output_tokens == 0
+
+
+def test_gemini_contents_and_system_instruction() -> None:
+    body = {
+        "systemInstruction": {"parts": [{"text": "s" * 8}]},
+        "contents": [{"role": "user", "parts": [{"text": "x" * 36}]}],
+    }
+    assert tokens("gemini.generate", body) == 12 + 4  # 8 + "user" + 36 = 48 chars
+    snake = {"system_instruction": body["systemInstruction"], "contents": body["contents"]}
+    assert tokens("gemini.generate", snake) == 16
+
+
+def test_images_count_flat_whatever_their_size() -> None:
+    big = "data:image/png;base64," + "A" * 1_000_000
+    openai_image = {"type": "image_url", "image_url": {"url": big}}
+    assert tokens("openai.chat", {"messages": [user([openai_image])]}) == 1 + 765 + 4
+    low = {"type": "image_url", "image_url": {"url": big, "detail": "low"}}
+    assert tokens("openai.chat", {"messages": [user([low])]}) == 1 + 85 + 4
+    responses_image = {"type": "input_image", "image_url": big}
+    assert tokens("openai.responses", {"input": [user([responses_image])]}) == 1 + 765 + 4
+    anthropic_image = {"type": "image", "source": {"type": "base64", "data": "A" * 10**6}}
+    assert tokens("anthropic.messages", {"messages": [user([anthropic_image])]}) == 1 + 1600 + 4
+    gemini_image = {"inlineData": {"mimeType": "image/png", "data": "A" * 10**6}}
+    gemini = {"contents": [{"role": "user", "parts": [gemini_image]}]}
+    assert tokens("gemini.generate", gemini) == 1 + 258 + 4
+
+
+def test_audio_files_and_text_documents() -> None:
+    audio = {"type": "input_audio", "input_audio": {"data": "A" * 10**6, "format": "wav"}}
+    assert tokens("openai.chat", {"messages": [user([audio])]}) == 1 + AUDIO_TOKENS + 4
+    pdf = {"type": "document", "source": {"type": "base64", "data": "A" * 10**6}}
+    assert tokens("anthropic.messages", {"messages": [user([pdf])]}) == 1 + FILE_TOKENS + 4
+    text = {"type": "document", "source": {"type": "text", "data": "x" * 400}}
+    assert 100 < tokens("anthropic.messages", {"messages": [user([text])]}) < 120
+    # Gemini inline text/plain is base64 text: 400 chars encode 300 bytes = 75 tokens.
+    inline = {"inlineData": {"mimeType": "text/plain", "data": "A" * 400}}
+    video = {"fileData": {"mimeType": "video/mp4", "fileUri": "gs://x"}}
+    gemini = {"contents": [{"role": "user", "parts": [inline, video]}]}
+    assert tokens("gemini.generate", gemini) == 1 + 75 + FILE_TOKENS + 4
+
+
+def test_max_output_tokens() -> None:
+    assert estimate("openai.chat", {"max_tokens": 50}).max_output_tokens == 50
+    both = {"max_tokens": 50, "max_completion_tokens": 70, "n": 3}
+    assert estimate("openai.chat", both).max_output_tokens == 210
+    assert estimate("anthropic.messages", {"max_tokens": 8192}).max_output_tokens == 8192
+    assert estimate("openai.responses", {"max_output_tokens": 99}).max_output_tokens == 99
+    gen = {"generationConfig": {"maxOutputTokens": 40, "candidateCount": 2}}
+    assert estimate("gemini.generate", gen).max_output_tokens == 80
+    assert estimate("openai.chat", {"max_tokens": None}).max_output_tokens == 1000
+    assert estimate("gemini.generate", {}).max_output_tokens == 1000
+
+
+def test_stream_flag() -> None:
+    assert estimate("openai.chat", {"stream": True}).stream
+    assert not estimate("openai.chat", {"stream": False}).stream
+    assert not estimate("anthropic.messages", {"stream": None}).stream
+    assert not estimate("openai.responses", {}).stream
+    stream_path = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+    assert estimate("gemini.generate", {}, stream_path).stream
+    assert not estimate("gemini.generate", {}, "/v1beta/models/x:generateContent").stream
+
+
+@pytest.mark.parametrize(
+    ("api", "body", "message"),
+    [
+        ("openai.chat", {"max_tokens": -1}, "'max_tokens' must be a positive integer, not -1"),
+        ("openai.chat", {"max_tokens": 0}, "'max_tokens' must be a positive integer"),
+        ("openai.chat", {"max_tokens": 1.5}, "'max_tokens' must be a positive integer"),
+        ("openai.chat", {"max_tokens": "100"}, "'max_tokens' must be a positive integer"),
+        ("anthropic.messages", {"max_tokens": True}, "'max_tokens' must be a positive integer"),
+        ("openai.chat", {"n": 0}, "'n' must be a positive integer"),
+        ("openai.chat", {"stream": "yes"}, "'stream' must be true or false, not \"yes\""),
+        ("openai.chat", {"stream": 1}, "'stream' must be true or false"),
+        ("openai.chat", {"messages": "hi"}, "'messages' must be an array"),
+        ("openai.chat", {"messages": ["hi"]}, "each of 'messages' must be an object"),
+        ("anthropic.messages", {"system": 5}, "'system' must be a string or an array"),
+        ("openai.chat", {"tools": {}}, "'tools' must be an array"),
+        ("openai.responses", {"input": {}}, "'input' must be a string or an array"),
+        ("gemini.generate", {"contents": {}}, "'contents' must be an array"),
+        ("gemini.generate", {"generationConfig": []}, "'generationConfig' must be an object"),
+        (
+            "gemini.generate",
+            {"generationConfig": {"maxOutputTokens": -5}},
+            "'maxOutputTokens' must be a positive integer",
+        ),
+        ("openai.chat", [], "request body must be a JSON object"),
+        ("openai.completions", {}, "unknown api 'openai.completions'"),
+    ],
+)
+def test_bad_requests(api: str, body: object, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        estimate(api, body)
+
+
+def test_cache_markers() -> None:
+    plain = {"system": [{"type": "text", "text": "s"}], "messages": [user("hi")]}
+    assert estimate("anthropic.messages", plain).cache_ttl is None
+    marked = {"type": "text", "text": "s", "cache_control": {"type": "ephemeral"}}
+    five = {"system": [marked], "messages": [user("hi")]}
+    assert estimate("anthropic.messages", five).cache_ttl == "5m"
+    # The marker itself is not prompt text.
+    assert tokens("anthropic.messages", five) == tokens("anthropic.messages", plain)
+    hour = {**marked, "cache_control": {"type": "ephemeral", "ttl": "1h"}}
+    mixed = {"system": [marked], "messages": [user([hour])]}
+    assert estimate("anthropic.messages", mixed).cache_ttl == "1h"
+    tool = {"name": "f", "input_schema": {}, "cache_control": {"type": "ephemeral"}}
+    tools = {"messages": [user("hi")], "tools": [tool]}
+    assert estimate("anthropic.messages", tools).cache_ttl == "5m"
+    top = {"messages": [user("hi")], "cache_control": {"type": "ephemeral"}}
+    assert estimate("anthropic.messages", top).cache_ttl == "5m"
+
+
+def test_estimate_output_tokens() -> None:
+    assert [estimate_output_tokens(n) for n in (0, 1, 4, 5, 400)] == [0, 1, 1, 2, 100]
+
+
+def test_hold_amounts() -> None:
+    q = resolve_price(CONFIG, "claude-sonnet-4-5-20250929", Decimal("1.02"))
+    maximum, minimum = hold_amounts(RequestEstimate(1_000, 500, False), q)
+    assert maximum == Decimal("0.0102")  # (1000·3 + 500·14) / 1e6 × 1.02
+    assert minimum == Decimal("0.00306")
+    cached, cached_input = hold_amounts(RequestEstimate(1_000, 500, False, "5m"), q)
+    assert (cached, cached_input) == (Decimal("0.010965"), Decimal("0.003825"))
+    hour, hour_input = hold_amounts(RequestEstimate(1_000, 500, False, "1h"), q)
+    assert (hour, hour_input) == (Decimal("0.01326"), Decimal("0.00612"))  # 1h at 2x input
+    assert hold_amounts(RequestEstimate(0, 0, False), q) == (0, 0)
+
+
+def reported_prompt_tokens(case: dict[str, object]) -> int | None:
+    usage = case["expected_usage"]
+    if not isinstance(usage, dict) or usage["input_tokens"] is None:
+        return None
+    prompt: int = usage["input_tokens"]
+    if case["api"] == "anthropic.messages":
+        prompt += (usage["cache_read_tokens"] or 0) + (usage["cache_write_tokens"] or 0)
+    return prompt
+
+
+def test_estimator_accuracy_on_corpus() -> None:
+    cases = load_cases()
+    if not cases:
+        pytest.skip(SKIP_REASON)
+    ratios = []
+    for case in cases.values():
+        reported = reported_prompt_tokens(case)
+        if reported is None or case["request"]["body"] is None:
+            continue
+        request = case["request"]
+        estimated = estimate_request(case["api"], request["body"], CONFIG, request["path"])
+        ratios.append(estimated.input_tokens / reported)
+    median_error = statistics.median(abs(r - 1) for r in ratios)
+    deciles = statistics.quantiles(ratios, n=10)
+    print(
+        f"{len(ratios)} cases: median |error| {median_error:.3f}, "
+        f"median ratio {statistics.median(ratios):.3f}, p10 {deciles[0]:.3f}, p90 {deciles[-1]:.3f}"
+    )
+    assert len(ratios) >= 40
+    assert median_error < 0.25
+    assert deciles[-1] < 1.5

@@ -1,0 +1,228 @@
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from datetime import UTC
+from datetime import datetime
+from datetime import timedelta
+from datetime import timezone
+from decimal import Decimal
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import pytest
+
+from burnmeter.journal import Journal
+from burnmeter.journal import JournalFull
+from burnmeter.journal import JournalLocked
+from burnmeter.journal import from_json
+from burnmeter.journal import to_json
+from burnmeter.store.base import Settlement
+
+
+def settlement(i: int, cost: str = "0.000123456") -> Settlement:
+    return Settlement(
+        request_id=f"req-{i}",
+        user_id="alice",
+        pool="openhands",
+        cost=Decimal(cost),
+        billing_tokens=10 + i,
+        input_tokens=7,
+        output_tokens=3 + i,
+        key_doc_id=None,
+        log={
+            "_id": f"req-{i}",
+            "userKeyId": "sk-burn…ab12",
+            "creditsCost": Decimal(cost),
+            "createdAt": datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC),
+            "ttftMs": None,
+            "stream": True,
+            "model": "claude-sonnet-4-5 ✓",
+        },
+    )
+
+
+def ids(records: list[tuple[int, Settlement]]) -> list[str]:
+    return [s.request_id for _, s in records]
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> str:
+    return str(tmp_path / "settlements.journal")
+
+
+def test_round_trip_is_exact() -> None:
+    local = timezone(timedelta(hours=7))
+    s = Settlement(
+        request_id="r1",
+        user_id="bob",
+        pool="ohmygpt",
+        cost=Decimal("0.1000000001"),
+        billing_tokens=0,
+        input_tokens=0,
+        output_tokens=0,
+        key_doc_id="sha256:abc",
+        log={
+            "creditsCost": Decimal("1E-9"),
+            "createdAt": datetime(2025, 6, 1, 23, 59, 59, 999999, tzinfo=local),
+            "nested": {"at": datetime(2025, 6, 1, tzinfo=UTC), "xs": [Decimal("2.50")]},
+            "ttftMs": None,
+        },
+    )
+    line = to_json(s)
+    assert "\n" not in line
+    back = from_json(line)
+    assert back == s
+    assert str(back.cost) == "0.1000000001"
+    assert str(back.log["nested"]["xs"][0]) == "2.50"
+    assert back.log["createdAt"].utcoffset() == timedelta(hours=7)
+    assert from_json(to_json(settlement(1))) == settlement(1)
+
+
+def test_pending_advance_and_compaction(path: str) -> None:
+    with Journal(path) as j:
+        for i in range(3):
+            j.append(settlement(i))
+        assert j.backlog == 3
+        first = j.pending(2)
+        assert ids(first) == ["req-0", "req-1"]
+        assert j.pending(2) == first  # nothing moves until advance
+        j.advance(first[-1][0])
+        assert j.backlog == 1
+        assert Path(path + ".checkpoint").read_text() == str(first[-1][0])
+        rest = j.pending(10)
+        assert ids(rest) == ["req-2"]
+        assert rest[0][0] == os.path.getsize(path)
+        j.advance(rest[0][0])
+        assert os.path.getsize(path) == 0  # caught up: the file is emptied
+        assert Path(path + ".checkpoint").read_text() == "0"
+        assert j.backlog == 0 and j.pending(10) == []
+        j.append(settlement(3))
+        assert ids(j.pending(10)) == ["req-3"]
+
+
+def test_checkpoint_survives_reopen(path: str) -> None:
+    with Journal(path) as j:
+        for i in range(3):
+            j.append(settlement(i))
+        j.advance(j.pending(1)[0][0])
+    with Journal(path) as j:
+        assert j.backlog == 2
+        assert ids(j.pending(10)) == ["req-1", "req-2"]
+
+
+def test_torn_tail_is_cut_off(path: str) -> None:
+    with Journal(path) as j:
+        j.append(settlement(0))
+        j.append(settlement(1))
+    whole = os.path.getsize(path)
+    with open(path, "ab") as f:
+        f.write(to_json(settlement(2)).encode()[:40])  # died inside the write
+    with Journal(path) as j:
+        assert os.path.getsize(path) == whole
+        assert j.backlog == 2
+        j.append(settlement(3))
+        assert ids(j.pending(10)) == ["req-0", "req-1", "req-3"]
+
+
+def test_undecodable_record_is_set_aside(path: str) -> None:
+    with Journal(path) as j:
+        j.append(settlement(0))
+    with open(path, "ab") as f:
+        f.write(b"\x00\x00garbage\n")
+    with Journal(path) as j:
+        j.append(settlement(1))
+        assert ids(j.pending(10)) == ["req-0"]  # what precedes the bad line comes first
+        j.advance(j.pending(10)[-1][0])
+        assert ids(j.pending(10)) == ["req-1"]
+        assert j.backlog == 1
+    assert Path(path + ".rejected").read_bytes() == b"\x00\x00garbage\n"
+
+
+@pytest.mark.parametrize("content", ["garbage", "5"])  # unreadable; not at a line start
+def test_doubtful_checkpoint_replays_everything(path: str, content: str) -> None:
+    with Journal(path) as j:
+        j.append(settlement(0))
+        j.append(settlement(1))
+    Path(path + ".checkpoint").write_text(content)
+    with Journal(path) as j:
+        assert ids(j.pending(10)) == ["req-0", "req-1"]
+
+
+def test_full_journal_refuses_until_drained(path: str) -> None:
+    line = len(to_json(settlement(0)).encode()) + 1
+    with Journal(path, max_bytes=2 * line) as j:
+        j.append(settlement(0))
+        j.append(settlement(1))
+        with pytest.raises(JournalFull, match="full"):
+            j.append(settlement(2))
+        assert j.backlog == 2
+        j.advance(j.pending(10)[-1][0])
+        j.append(settlement(2))
+        assert ids(j.pending(10)) == ["req-2"]
+
+
+def test_one_journal_per_path_in_process(path: str) -> None:
+    with Journal(path):
+        with pytest.raises(JournalLocked, match="settlements.journal"):
+            Journal(path)
+    Journal(path).close()  # closing released the lock
+
+
+def _hold_journal(path: str, ready: Connection, release: Connection) -> None:
+    with Journal(path):
+        ready.send(True)
+        release.recv()
+
+
+def test_second_process_gets_journal_locked(path: str) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    ready_r, ready_w = ctx.Pipe(duplex=False)
+    release_r, release_w = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_hold_journal, args=(path, ready_w, release_r))
+    child.start()
+    try:
+        assert ready_r.poll(20), "child did not open the journal"
+        with pytest.raises(JournalLocked) as e:
+            Journal(path)
+        assert path in str(e.value)
+    finally:
+        release_w.send(True)
+        child.join(10)
+    assert child.exitcode == 0
+    Journal(path).close()
+
+
+def test_concurrent_appends_while_draining(path: str) -> None:
+    """Appends from several threads while a consumer drains: each record once, in order."""
+    per_thread, threads = 300, 4
+    seen: list[str] = []
+    done = threading.Event()
+    with Journal(path) as j:
+
+        def produce(t: int) -> None:
+            for i in range(per_thread):
+                j.append(settlement(t * per_thread + i))
+
+        def consume() -> None:
+            while not (done.is_set() and j.backlog == 0):
+                batch = j.pending(50)
+                if batch:
+                    seen.extend(ids(batch))
+                    j.advance(batch[-1][0])
+
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        producers = [threading.Thread(target=produce, args=(t,)) for t in range(threads)]
+        for p in producers:
+            p.start()
+        for p in producers:
+            p.join()
+        done.set()
+        consumer.join(10)
+    assert sorted(seen) == sorted(f"req-{i}" for i in range(per_thread * threads))
+    for t in range(threads):  # each producer's records stay in its order
+        mine = [s for s in seen if int(s[4:]) // per_thread == t]
+        assert mine == [f"req-{t * per_thread + i}" for i in range(per_thread)]
+    assert os.path.getsize(path) == 0

@@ -1,0 +1,116 @@
+"""MongoDB only (mongomock): indexes, the TTL, and field types as the original writes them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from decimal import Decimal as D
+from typing import Any
+
+import mongomock
+import pytest
+from stores import POOLS
+
+from burnmeter.store.base import Hold
+from burnmeter.store.base import Settlement
+from burnmeter.store.mongo import MongoStore
+
+
+@pytest.fixture
+def store() -> MongoStore:
+    return MongoStore(mongomock.MongoClient(tz_aware=True)["fproxy"], POOLS)
+
+
+def keys(store: MongoStore, collection: str) -> Mapping[str, dict[str, Any]]:
+    return store.db[collection].index_information()
+
+
+def test_indexes_and_ttl(store: MongoStore) -> None:
+    store.db["usersNew"].create_index("apiKey", unique=True, sparse=True)  # mongoose's
+    store.ensure_schema(30)
+    store.ensure_schema(30)
+    logs = keys(store, "request_logs")
+    assert logs["creditType_1_createdAt_-1"]["key"] == [("creditType", 1), ("createdAt", -1)]
+    assert logs["userId_1_createdAt_-1"]["key"] == [("userId", 1), ("createdAt", -1)]
+    assert "expireAfterSeconds" not in logs["createdAt_-1"]
+    assert logs["createdAt_1"]["expireAfterSeconds"] == 30 * 86400
+    assert keys(store, "usersNew")["apiKey_1"]["unique"] is True
+
+    store.ensure_schema(0)
+    assert "createdAt_1" not in keys(store, "request_logs")
+
+
+def test_changed_ttl_uses_collmod(store: MongoStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.ensure_schema(30)
+    commands: list[dict[str, Any]] = []
+    monkeypatch.setattr(store.db, "command", commands.append)
+    store.ensure_schema(7)
+    assert commands == [
+        {"collMod": "request_logs", "index": {"name": "createdAt_1", "expireAfterSeconds": 604800}}
+    ]
+
+
+def test_from_url_names_the_database() -> None:
+    store = MongoStore.from_url("mongodb://127.0.0.1:1/billing", POOLS)
+    assert store.db.name == "billing"
+    store.close()
+    assert MongoStore.from_url("mongodb://127.0.0.1:1", POOLS).db.name == "fproxy"
+
+
+def test_field_types_as_the_original_writes_them(store: MongoStore) -> None:
+    store.create_user("alice", "sk-alice", {"creditsNew": D(10)})
+    hold = store.hold("r1", "alice", POOLS["openhands"], D(3), D(1))
+    assert isinstance(hold, Hold)
+    raw = store.db["usersNew"].find_one({"_id": "alice"})
+    assert raw is not None
+    assert raw["burnmeterHolds"]["r1"]["parts"] == {"creditsNew": 3.0}
+    assert "burnmeterHolds" not in (store.user("alice") or {})
+
+    log = {"creditsCost": D("0.02091"), "inputTokens": 100, "createdAt": hold.created_at}
+    store.settle(
+        [Settlement("r1", "alice", "openhands", D("0.02091"), 5, 100, 20, "sk-alice", log)]
+    )
+    raw = store.db["usersNew"].find_one({"_id": "alice"})
+    assert raw is not None
+    assert type(raw["creditsNew"]) is float and raw["creditsNew"] == 10 - 0.02091
+    assert type(raw["creditsNewUsed"]) is float
+    assert type(raw["tokensUserNew"]) is int and type(raw["createdAt"]) is datetime
+    assert raw["burnmeterHolds"] == {} and raw.get("burnmeterSettled") == {}
+    raw_log = store.db["request_logs"].find_one({"_id": "r1"})
+    assert raw_log is not None
+    assert type(raw_log["creditsCost"]) is float and type(raw_log["inputTokens"]) is int
+    raw_key = store.db["user_keys"].find_one({"_id": "sk-alice"})
+    assert raw_key is not None and (raw_key["tokensUsed"], raw_key["requestsCount"]) == (120, 1)
+
+
+def test_retry_after_charge_before_log_charges_once(store: MongoStore) -> None:
+    store.create_user("alice", "sk-alice", {"creditsNew": D(10)})
+    store.hold("r1", "alice", POOLS["openhands"], D(3), D(1))
+    s = Settlement("r1", "alice", "openhands", D(2), 0, 0, 0, None, {"creditsCost": D(2)})
+    assert store._charge(s) is True  # then the process failed before the log insert
+    assert store.settle([s]) == [True]
+    assert store.balance("alice", POOLS["openhands"]) == D(8)
+    raw = store.db["usersNew"].find_one({"_id": "alice"})
+    assert raw is not None and raw["burnmeterSettled"] == {}
+
+
+def test_hold_filter_rechecks_the_balance(
+    store: MongoStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A balance spent between the read and the update makes the update miss, then re-read."""
+    store.create_user("alice", "sk-alice", {"creditsNew": D(3)})
+    users = store.db["usersNew"]
+    real_update = users.update_one
+    calls: list[dict[str, Any]] = []
+
+    def racing_update(query: dict[str, Any], update: dict[str, Any]) -> Any:
+        if not calls:
+            real_update({"_id": "alice"}, {"$inc": {"creditsNew": -2.5}})  # a rival request
+        calls.append(query)
+        return real_update(query, update)
+
+    monkeypatch.setattr(users, "update_one", racing_update)  # mongomock caches collections
+    result = store.hold("r1", "alice", POOLS["openhands"], D(3), D("0.1"))
+    assert isinstance(result, Hold) and result.amount == D("0.5")
+    assert len(calls) == 2
+    assert store.balance("alice", POOLS["openhands"]) == 0

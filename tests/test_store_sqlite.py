@@ -1,0 +1,128 @@
+"""SQLite only: the schema other code writes SQL against, and several processes at once."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+from decimal import Decimal as D
+from pathlib import Path
+
+import pytest
+from stores import POOLS
+
+from burnmeter.config import Pool
+from burnmeter.store.base import Hold
+from burnmeter.store.base import Settlement
+from burnmeter.store.sqlite import SqliteStore
+
+OPENHANDS = POOLS["openhands"]
+
+
+def open_store(path: Path) -> SqliteStore:
+    store = SqliteStore(path, POOLS)
+    store.ensure_schema(0)
+    return store
+
+
+def test_columns_and_encodings(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "b.db")
+    store.import_user({"_id": "u", "creditsNew": 1.5, "createdAt": {"$date": 1700000000123}})
+    store.import_log({"_id": {"$oid": "65a1b2c3d4e5f60718293a4b"}, "creditsCost": 0.25})
+    db = sqlite3.connect(tmp_path / "b.db")
+    columns = [row[1] for row in db.execute("PRAGMA table_info(usersNew)")]
+    assert columns[:16] == [
+        "_id", "isActive", "role", "apiKey", "credits", "refCredits", "creditsUsed",
+        "creditsNew", "creditsNewUsed", "tokensUserNew", "totalInputTokens",
+        "totalOutputTokens", "expiresAt", "expiresAtNew", "createdAt", "extra",
+    ]  # fmt: skip
+    assert db.execute("SELECT creditsNew, createdAt, credits FROM usersNew").fetchone() == (
+        1_500_000_000,
+        1700000000123,
+        None,
+    )
+    assert db.execute("SELECT _id, creditsCost FROM request_logs").fetchone() == (
+        "65a1b2c3d4e5f60718293a4b",
+        250_000_000,
+    )
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    store.close()
+
+
+def test_pool_fields_become_columns(tmp_path: Path) -> None:
+    pools = {
+        **POOLS,
+        "gold": Pool(name="gold", balance=["gold"], used="goldUsed", tokens="goldTokens"),
+    }
+    store = SqliteStore(tmp_path / "b.db", pools)
+    store.ensure_schema(0)
+    store.ensure_schema(0)
+    store.create_user("u", "k", {"gold": D(2)})
+    store.settle([Settlement("r", "u", "gold", D("0.5"), 7, 1, 2, "k")])
+    user = store.user("u")
+    assert user is not None
+    assert (user["gold"], user["goldUsed"], user["goldTokens"]) == (D("1.5"), D("0.5"), 7)
+    row = sqlite3.connect(tmp_path / "b.db").execute("SELECT gold FROM usersNew").fetchone()
+    assert row == (1_500_000_000,)
+
+
+def _writer(path: str, worker: int, barrier: multiprocessing.synchronize.Barrier) -> int:
+    store = SqliteStore(path, POOLS)
+    barrier.wait()
+    charged = 0
+    for i in range(500):
+        request_id = f"w{worker}-{i}"
+        hold = store.hold(request_id, "alice", OPENHANDS, D(1), D(1))
+        cost = D(1) if isinstance(hold, Hold) else D(0)
+        charged += int(cost)
+        log = {"userId": "alice", "creditsCost": cost, "creditType": "openhands"}
+        store.settle([Settlement(request_id, "alice", "openhands", cost, 1, 1, 0, None, log)])
+    store.close()
+    return charged
+
+
+@pytest.mark.slow
+def test_two_writer_processes(tmp_path: Path) -> None:
+    path = str(tmp_path / "b.db")
+    store = open_store(Path(path))
+    store.create_user("alice", "k", {"creditsNew": D(600)})
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, ctx.Pool(2) as pool:
+        barrier = manager.Barrier(2)
+        results = pool.starmap(_writer, [(path, 0, barrier), (path, 1, barrier)])
+    assert sum(results) == 600
+    user = store.user("alice")
+    assert user is not None
+    assert (user["creditsNew"], user["creditsNewUsed"]) == (0, D(600))
+    assert len(store.logs(2000)) == 1000
+    assert store.open_holds(user["createdAt"].replace(year=3000)) == []
+    store.close()
+
+
+def _reader(path: str, stop: multiprocessing.synchronize.Event) -> int:
+    store = SqliteStore(path, POOLS)
+    seen = [0]
+    while not stop.is_set() or len(seen) == 1:
+        seen.append(len(store.logs(10_000)))
+        assert seen[-1] >= seen[-2]  # the writer's commits show up, none goes missing
+    store.close()
+    return len(seen) - 1
+
+
+@pytest.mark.slow
+def test_reader_while_writer_writes(tmp_path: Path) -> None:
+    path = str(tmp_path / "b.db")
+    store = open_store(Path(path))
+    store.create_user("alice", "k", {"creditsNew": D(10_000)})
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, ctx.Pool(1) as pool:
+        stop = manager.Event()
+        reads = pool.apply_async(_reader, (path, stop))
+        for i in range(300):
+            s = Settlement(
+                f"r{i}", "alice", "openhands", D(1), 1, 1, 0, None, {"creditsCost": D(1)}
+            )
+            store.settle([s])
+        stop.set()
+        assert reads.get(timeout=60) >= 1
+    assert store.balance("alice", OPENHANDS) == D(9700)
+    store.close()
