@@ -3,16 +3,30 @@
 ``authenticate`` runs in ``requestheaders`` (key, route); ``admit`` runs in ``request``
 once the body is there (size, JSON, estimate, price, expiry, hold). Both raise
 ``Rejection`` for anything that must be answered locally. Store calls run on a small
-dedicated thread pool, never on the event loop.
+dedicated thread pool, never on the event loop, and are given up after ``STORE_TIMEOUT``.
+
+Store outage: a failed or slow store call marks the store down for ``STORE_RETRY``
+seconds, and so does a writer whose settlements are not getting through; meanwhile
+admission does not wait for the store. Keys that were in the key cache are
+still served, admitted without a hold if their cached balance covers it (the settlement
+then charges the balance directly, once, by request id, when the writer reaches the
+store); other keys get 503, even if a look-up could still read them. New
+metered requests also get 503 once the journal could not take one settlement more for
+each request in flight: the journal never has to refuse a finished request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import logging
 import re
+import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -26,9 +40,10 @@ from addons.errors import Problem
 from addons.errors import Style
 from addons.keys import KeyCache
 from addons.keys import client_key
-from addons.settlement import SettlementWriter
+from addons.ratelimit import RateLimiter
 from addons.streamtap import StreamTap
 from burnmeter.config import Config
+from burnmeter.config import Pool
 from burnmeter.config import Route
 from burnmeter.documents import mask_key
 from burnmeter.documents import utcnow
@@ -43,18 +58,36 @@ from burnmeter.store.base import KeyOwner
 from burnmeter.store.base import Refusal
 from burnmeter.store.base import Store
 from burnmeter.store.base import StoreError
+from burnmeter.store.rules import split_hold
 from burnmeter.usage import api_for
+from burnmeter.writer import SettlementWriter
+
+logger = logging.getLogger(__name__)
 
 GEMINI_MODEL = re.compile(r"/(?:tunedModels|models)/([^/:]+):")
+STORE_TIMEOUT = 1.0
+"""Seconds admission waits for one store call (key look-up, hold)."""
+STORE_RETRY = 2.0
+"""Seconds a failed store call marks the store down for admission."""
+RECORD_RESERVE = 4096
+"""Journal bytes kept free for each request in flight (a record is about 1 KiB)."""
 
 
 class Rejection(Exception):
     """A request answered locally with ``problem``; ``extra`` joins OpenAI's error object."""
 
-    def __init__(self, problem: Problem, message: str, **extra: Any) -> None:
+    def __init__(
+        self,
+        problem: Problem,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(message)
         self.problem = problem
         self.message = message
+        self.headers = headers or {}
         self.extra = extra
 
 
@@ -76,7 +109,11 @@ class Ticket:
     model: str | None = None
     quote: PriceQuote | None = None
     estimate: RequestEstimate | None = None
+    key_cached: bool = False
+    """The key was in the key cache: it may be admitted without a hold in an outage."""
     hold: Hold | None = None
+    admitted: bool = False
+    """Forwarded and metered; with ``hold`` None the store was down (a hold-less admission)."""
     tap: StreamTap | None = None
 
     @property
@@ -134,15 +171,69 @@ class Admission:
         cache: KeyCache,
         writer: SettlementWriter,
         executor: ThreadPoolExecutor,
+        limiter: RateLimiter | None = None,
+        in_flight: Callable[[], int] = lambda: 0,
     ) -> None:
         self.config = config
         self.store = store
         self.cache = cache
         self.writer = writer
         self.executor = executor
+        self.limiter = limiter or RateLimiter()
+        self.in_flight = in_flight
+        """Requests between authentication and settlement (each needs a journal record)."""
+        self._down_until = 0.0
+        self._calls: set[Future[Any]] = set()
+
+    @property
+    def store_down(self) -> bool:
+        return time.monotonic() < self._down_until or self.writer.stalled(STORE_TIMEOUT)
+
+    def _mark_down(self, error: Exception) -> None:
+        if not self.store_down:
+            logger.warning("metering: store unavailable for admission: %s", error)
+        self._down_until = time.monotonic() + STORE_RETRY
 
     async def _in_thread[T](self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        """``fn(*args)`` on the store threads; ``StoreError`` if it fails or is too slow."""
+        if self.store_down:
+            raise StoreError("store marked down after a failed call")
+        future = self.executor.submit(fn, *args)
+        self._calls.add(future)
+        future.add_done_callback(self._calls.discard)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), STORE_TIMEOUT)
+        except TimeoutError:
+            error = StoreError(f"no answer within {STORE_TIMEOUT}s")
+            future.add_done_callback(self._release_late_hold)
+        except StoreError as e:
+            error = e
+        self._mark_down(error)
+        raise error
+
+    def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the store calls under way (shutdown)."""
+        wait(list(self._calls), timeout)
+
+    def _release_late_hold(self, future: Future[Any]) -> None:
+        """A hold made after admission stopped waiting: nothing will settle it, give it back.
+
+        Settling and releasing are both idempotent per request id, so the release is right
+        whether it runs before or after the request's (hold-less) settlement."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        hold = future.result()
+        if isinstance(hold, Hold):
+            try:
+                self.executor.submit(self._release, hold)
+            except RuntimeError:  # shutting down: the hold sweep releases it
+                pass
+
+    def _release(self, hold: Hold) -> None:
+        try:
+            self.store.release(hold)
+        except StoreError as e:
+            logger.warning("metering: late hold %s left to the sweep: %s", hold.request_id, e)
 
     async def authenticate(self, flow: http.HTTPFlow) -> Ticket:
         request = flow.request
@@ -160,6 +251,7 @@ class Admission:
         owner = check_owner(owner, utcnow())
         host, port = client_host(request)
         route = self.config.route(host, port, flow.client_conn.sockname[1])
+        self.check_rate(key, route)
         return Ticket(
             api=api,
             style=style,
@@ -170,7 +262,28 @@ class Admission:
             key_mask=mask_key(key),
             route=route,
             pool=route.pool if route else self.config.default_pool,
+            key_cached=found,
         )
+
+    def check_rate(self, key: str, route: Route | None) -> None:
+        """429 past the key's requests per minute: the route's own limit, else the global one.
+
+        A route with its own limit has its own budget; the others share one per key."""
+        if route is not None and route.rate_limit_rpm is not None:
+            limit, scope = route.rate_limit_rpm, f"{route.host or route.listen_port}"
+        elif self.config.rate_limit_rpm is not None:
+            limit, scope = self.config.rate_limit_rpm, ""
+        else:
+            return
+        budget = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()  # no raw key kept
+        delay = self.limiter.check(budget, limit)
+        if delay is not None:
+            after = RateLimiter.retry_after(delay)
+            raise Rejection(
+                errors.RATE_LIMITED,
+                f"Rate limit of {limit} requests per minute reached; retry after {after}s",
+                headers={"Retry-After": after},
+            )
 
     def check_size(self, size: int) -> None:
         if size > self.config.max_request_bytes:
@@ -207,15 +320,19 @@ class Admission:
             raise Rejection(
                 errors.CREDITS_EXPIRED, "Credits have expired. Please purchase new credits."
             )
-        if self.writer.backlogged:
-            raise Rejection(errors.UNAVAILABLE, "Metering is backlogged, retry later")
+        if not self.journal_has_room():
+            raise Rejection(
+                errors.UNAVAILABLE, "Metering store unreachable and journal full, retry later"
+            )
         maximum, minimum = hold_amounts(ticket.estimate, ticket.quote)
         try:
-            hold = await self._in_thread(
+            hold: Hold | Refusal | None = await self._in_thread(
                 self.store.hold, flow.id, ticket.user_id, pool, maximum, minimum
             )
         except StoreError as e:
-            raise Rejection(errors.UNAVAILABLE, "Metering store unavailable") from e
+            if not ticket.key_cached:
+                raise Rejection(errors.UNAVAILABLE, "Metering store unavailable") from e
+            hold = holdless(ticket.owner, pool, maximum, minimum)
         if isinstance(hold, Refusal):
             raise Rejection(
                 errors.INSUFFICIENT_CREDITS,
@@ -223,6 +340,13 @@ class Admission:
                 balance=float(hold.balance),
             )
         ticket.hold = hold
+        ticket.admitted = True
+
+    def journal_has_room(self) -> bool:
+        """Room for one more record per request in flight, this one included."""
+        journal = self.writer.journal
+        reserve = (self.in_flight() + 1) * RECORD_RESERVE
+        return journal.size + reserve <= journal.max_bytes
 
     @staticmethod
     def _json_body(request: http.Request) -> dict[str, Any]:
@@ -233,6 +357,23 @@ class Admission:
         if not isinstance(body, dict):
             raise Rejection(errors.BAD_REQUEST, "Request body must be a JSON object")
         return body
+
+
+def holdless(owner: KeyOwner, pool: Pool, maximum: Decimal, minimum: Decimal) -> Refusal | None:
+    """Admission while the store is down: the cached balance (as of the key look-up) must
+    cover what a hold would have; None admits without a hold."""
+    balances = {name: _decimal(owner.user.get(name)) for name in pool.balance}
+    if split_hold(balances, maximum, minimum) is None:
+        return Refusal(sum(balances.values(), Decimal(0)))
+    return None
+
+
+def _decimal(value: object) -> Decimal:
+    if isinstance(value, Decimal):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return Decimal(str(value))
+    return Decimal(0)
 
 
 def prepare_stream(request: http.Request, api: str, body: dict[str, Any]) -> None:

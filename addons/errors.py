@@ -53,6 +53,9 @@ TOO_LARGE = Problem(
     413, "request_too_large", "invalid_request_error", "request_too_large", "INVALID_ARGUMENT"
 )
 UNAVAILABLE = Problem(503, "metering_unavailable", "server_error", "api_error", "UNAVAILABLE")
+RATE_LIMITED = Problem(
+    429, "rate_limit_exceeded", "requests", "rate_limit_error", "RESOURCE_EXHAUSTED"
+)
 
 
 def style_for(api: str | None, path: str) -> Style:

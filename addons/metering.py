@@ -16,16 +16,26 @@ lets the addon answer) and ``keep_host_header=true`` (in reverse mode mitmproxy 
 otherwise replace the client's Host header, which picks the pool, before any hook runs;
 the addon reads it and then sets the upstream's Host itself).
 
+Charges are never lost or doubled: each settlement is appended to a local write-ahead
+journal (``metering_journal``) before the response ends, and one writer thread applies
+the journal to the store (idempotent by request id), replaying what is left after a
+crash, a store outage or a shutdown. While the store is down, clients whose keys are
+cached are served without a hold and their settlements wait in the journal; other keys,
+and every new metered request once the journal is near ``metering_journal_max_kb``, get
+503. ``rate_limit_rpm`` (config, global or per route) answers 429 with ``Retry-After``.
+
 Read streamed bodies in mitmweb with ``--set store_streamed_bodies=true`` (the "LLM
 Stream" view); commands: ``metering.balance USER`` and ``metering.usage @all``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 from mitmproxy import command
 from mitmproxy import contentviews
@@ -52,18 +62,29 @@ from addons.inspection import format_balances
 from addons.inspection import usage_summary
 from addons.keys import KeyCache
 from addons.keys import set_upstream_key
-from addons.settlement import SettlementWriter
+from addons.ratelimit import RateLimiter
 from addons.streamtap import StreamTap
+from burnmeter.journal import Journal
+from burnmeter.journal import JournalError
+from burnmeter.journal import JournalLocked
+from burnmeter.journal import to_json
 from burnmeter.records import UsageRecord
 from burnmeter.store import StoreURLError
 from burnmeter.store import open_store
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
 from burnmeter.store.base import StoreError
+from burnmeter.writer import SettlementWriter
 
 logger = logging.getLogger(__name__)
 
 STORE_THREADS = 8
+STOP_TIMEOUT = 10.0
+"""Seconds ``done()`` lets the writer apply the journal; what is left waits for the next start."""
+PURGE_INTERVAL = 3600.0
+SHUTDOWN_STATUS = 503
+DRAIN_TIMEOUT = 2.0
+"""Logged for requests still open when the proxy stops."""
 REQUIRED_OPTIONS = {"connection_strategy": "lazy", "keep_host_header": True}
 
 
@@ -72,6 +93,32 @@ def declared_size(request: http.Request) -> int:
         return int(request.headers.get("content-length", "0"))
     except ValueError:
         return 0
+
+
+def spill(settlement: Settlement, why: str) -> None:
+    """Log a settlement the journal refused, as one JSON line an operator can replay."""
+    # key_doc_id may be the raw key (legacy user_keys documents): left out
+    record = to_json(dataclasses.replace(settlement, key_doc_id=None))
+    logger.error("metering: settlement not journaled (%s): %s", why, record)
+
+
+def open_journal(settings: options.Settings) -> Journal:
+    try:
+        return Journal(settings.journal_path, settings.journal_max_bytes)
+    except JournalLocked:
+        raise exceptions.OptionsError(
+            f"metering_journal: {settings.journal_path} is in use by another burnmeter process"
+            " (give each process its own journal)"
+        ) from None
+    except OSError as e:
+        raise exceptions.OptionsError(
+            f"metering_journal: {settings.journal_path}: {e.strerror}"
+        ) from None
+
+
+def sweep_interval(age: timedelta) -> float:
+    """How often the writer looks for abandoned holds: a minute, or half a shorter age."""
+    return min(60.0, max(0.5, age.total_seconds() / 2))
 
 
 def open_checked_store(settings: options.Settings) -> Store:
@@ -88,8 +135,11 @@ class Metering:
         self.settings: options.Settings | None = None
         self.store: Store | None = None
         self.writer: SettlementWriter | None = None
+        self.journal: Journal | None = None
         self.executor: ThreadPoolExecutor | None = None
         self.admission: Admission | None = None
+        self.unjournaled = 0
+        """Settlements the journal refused (logged at ERROR for an operator to replay)."""
         self.tickets: weakref.WeakKeyDictionary[http.HTTPFlow, Ticket] = weakref.WeakKeyDictionary()
 
     def load(self, loader) -> None:
@@ -102,8 +152,21 @@ class Metering:
         if settings == self.settings:
             return
         store = open_checked_store(settings)
+        journal = None
+        if self.journal is None or self.journal.path != settings.journal_path:
+            try:
+                journal = open_journal(settings)  # before closing the running one
+            except exceptions.OptionsError:
+                store.close()
+                raise
         self._close()
-        self._start(settings, store)
+        if journal is None:
+            try:
+                journal = open_journal(settings)
+            except exceptions.OptionsError:
+                store.close()
+                raise
+        self._start(settings, store, journal)
 
     def running(self) -> None:
         unknown = sorted(k for k in ctx.options.deferred if k.startswith("metering"))
@@ -115,27 +178,70 @@ class Metering:
             ctx.options.update(**changes)
 
     def done(self) -> None:
+        self._settle_in_flight()
         self._close()
 
-    def _start(self, settings: options.Settings, store: Store) -> None:
+    def _settle_in_flight(self) -> None:
+        """Shutdown does not wait for open requests: settle each one as cut off, charged
+        for what already reached the client (as ``error`` would), so no hold outlives us.
+
+        A request still waiting for its hold is settled at 0 once the hold call is done
+        (which releases the hold, if it was made)."""
+        if self.writer is None or self.admission is None:
+            return
+        self.admission.drain(DRAIN_TIMEOUT)
+        for f, ticket in list(self.tickets.items()):
+            if ticket.quote is None:  # no hold asked for yet
+                continue
+            del self.tickets[f]
+            usage = billing.error_usage(ticket, f.response) if ticket.admitted else None
+            outcome: Outcome = "charged" if usage else "failed"
+            self._settle(f, ticket, usage, SHUTDOWN_STATUS, outcome, "proxy shut down")
+
+    def _start(self, settings: options.Settings, store: Store, journal: Journal) -> None:
+        config = settings.config
+        ttl = config.log_ttl_days
         self.settings = settings
         self.store = store
-        self.writer = SettlementWriter(store, settings.queue_size)
+        self.journal = journal
+        self.writer = SettlementWriter(
+            lambda: open_store(settings.db_url, config.pools),  # its own connection
+            journal,
+            sweep_interval=sweep_interval(settings.sweep_age),
+            sweep_age=settings.sweep_age,
+            # MongoDB has a TTL index; SQLite's logs are purged by the writer
+            log_ttl=timedelta(days=ttl) if ttl and settings.db_url.startswith("sqlite:") else None,
+            purge_interval=PURGE_INTERVAL,
+        )
         self.writer.start()
         self.executor = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="metering-store")
         self.admission = Admission(
-            settings.config, store, KeyCache(settings.key_cache_ttl), self.writer, self.executor
+            config,
+            store,
+            KeyCache(settings.key_cache_ttl),
+            self.writer,
+            self.executor,
+            RateLimiter(),
+            in_flight=lambda: len(self.tickets),
         )
-        logger.info("metering: store %s", settings.db_url.partition("@")[2] or settings.db_url)
+        logger.info(
+            "metering: store %s, journal %s",
+            settings.db_url.partition("@")[2] or settings.db_url,
+            settings.journal_path,
+        )
 
     def _close(self) -> None:
         if self.writer is not None:
-            self.writer.stop()
+            self.writer.stop(STOP_TIMEOUT)
         if self.executor is not None:
-            self.executor.shutdown(wait=True)
+            # a store call stuck on a lock must not hold up shutdown
+            self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.journal is not None:
+            self.journal.close()
         if self.store is not None:
             self.store.close()
         self.settings = self.store = self.writer = self.executor = self.admission = None
+        self.journal = None
 
     async def requestheaders(self, f: http.HTTPFlow) -> None:
         if f.response or f.error:
@@ -170,7 +276,7 @@ class Metering:
 
     def responseheaders(self, f: http.HTTPFlow) -> None:
         ticket = self.tickets.get(f)
-        if ticket is None or ticket.hold is None or f.response is None:
+        if ticket is None or not ticket.admitted or f.response is None:
             return
         assert ticket.api is not None
         status = f.response.status_code
@@ -181,7 +287,7 @@ class Metering:
 
     def response(self, f: http.HTTPFlow) -> None:
         ticket = self.tickets.pop(f, None)
-        if ticket is None or ticket.hold is None or f.response is None:
+        if ticket is None or not ticket.admitted or f.response is None:
             return
         usage = billing.response_usage(ticket, f.response)
         status = f.response.status_code
@@ -190,7 +296,7 @@ class Metering:
 
     def error(self, f: http.HTTPFlow) -> None:
         ticket = self.tickets.pop(f, None)
-        if ticket is None or ticket.hold is None or f.error is None:
+        if ticket is None or not ticket.admitted or f.error is None:
             return
         usage = billing.error_usage(ticket, f.response)
         status = billing.error_status(f)
@@ -208,6 +314,7 @@ class Metering:
         _, _, style = request_api(f.request)
         problem = rejection.problem
         f.response = error_response(style, problem, rejection.message, **rejection.extra)
+        f.response.headers.update(rejection.headers)
         self.tickets.pop(f, None)
         annotate(f, describe(ticket, "rejected", status=problem.status, reason=problem.code))
 
@@ -225,12 +332,23 @@ class Metering:
         record = describe(
             ticket, outcome, status=status, reason=reason, usage=usage, settlement=settlement
         )
+        if ticket.hold is None:
+            record["holdless"] = True  # admitted while the store was down
         annotate(f, record)
 
     def _record(self, settlement: Settlement) -> None:
-        """The one hand-off of a settlement towards the store (a journal goes here)."""
+        """The one hand-off of a settlement towards the store: journal it, wake the writer.
+
+        Admission keeps room in the journal for every request in flight, so a refusal
+        here means a disk error or a record far above the reserve: the settlement is then
+        logged at ERROR as one JSON line (no key) for an operator to replay, never dropped
+        silently; its hold, if any, is released by the sweep."""
         assert self.writer is not None
-        self.writer.submit(settlement)
+        try:
+            self.writer.submit(settlement)
+        except JournalError as e:
+            self.unjournaled += 1
+            spill(settlement, str(e))
 
     @command.command("metering.balance")
     def balance(self, user: str) -> str:

@@ -35,9 +35,11 @@ class SettlementWriter:
     checkpoint moved; ``applied`` is False for a record the store already had.
 
     ``backlog`` and ``healthy`` are for admission decisions and the status line. Every
-    ``sweep_interval`` seconds, holds older than ``sweep_age`` whose request has neither a
-    log nor a journaled record are released (the process died mid-request): ``sweep_age``
-    must exceed the longest request.
+    ``sweep_interval`` seconds, holds older than ``sweep_age`` whose request has no journaled
+    record are released: the process died mid-request, or a hold that admission gave up
+    waiting for was made after its request settled without it. ``sweep_age`` must exceed
+    the longest request. With ``log_ttl`` (stores without a TTL index), logs older than
+    that are purged every ``purge_interval`` seconds.
     """
 
     def __init__(
@@ -50,6 +52,8 @@ class SettlementWriter:
         backoff: tuple[float, float] = (0.2, 5.0),
         sweep_interval: float = 60.0,
         sweep_age: timedelta = timedelta(hours=1),
+        log_ttl: timedelta | None = None,
+        purge_interval: float = 3600.0,
     ) -> None:
         self.journal = journal
         self.healthy = True  # the last store call succeeded
@@ -59,16 +63,25 @@ class SettlementWriter:
         self._backoff_min, self._backoff_max = backoff
         self._sweep_interval = sweep_interval
         self._sweep_age = sweep_age
+        self._log_ttl = log_ttl
+        self._purge_interval = purge_interval
         self._wake = threading.Event()
         self._stopping = False
         self._kick = threading.Event()  # cuts a back-off short on stop; submits do not
         self._deadline = float("inf")
         self._thread: threading.Thread | None = None
+        self._settling_since: float | None = None  # monotonic, while store.settle runs
 
     @property
     def backlog(self) -> int:
         """Settlements submitted (or left by an earlier run) and not yet applied."""
         return self.journal.backlog
+
+    def stalled(self, after: float) -> bool:
+        """Settlements are not getting through: the last attempt failed, or one has been
+        waiting on the store for more than ``after`` seconds (a lock, a hung server)."""
+        since = self._settling_since
+        return not self.healthy or (since is not None and time.monotonic() - since > after)
 
     def start(self) -> None:
         """Start the thread; it first applies what an earlier run left in the journal."""
@@ -102,6 +115,7 @@ class SettlementWriter:
         store: Store | None = None
         delay = self._backoff_min
         next_sweep = time.monotonic() + self._sweep_interval
+        next_purge = time.monotonic() if self._log_ttl else float("inf")
         while not (self._stopping and (not self.journal.backlog or self._past_deadline())):
             self._wake.clear()
             try:
@@ -109,11 +123,18 @@ class SettlementWriter:
                     store = self._store_factory()
                 batch = self.journal.pending(self._batch_size)
                 if batch:
-                    applied = store.settle([s for _, s in batch])
+                    self._settling_since = time.monotonic()
+                    try:
+                        applied = store.settle([s for _, s in batch])
+                    finally:
+                        self._settling_since = None
                     self.journal.advance(batch[-1][0])
                 elif time.monotonic() >= next_sweep and not self._stopping:
                     self._sweep(store)
                     next_sweep = time.monotonic() + self._sweep_interval
+                elif time.monotonic() >= next_purge and not self._stopping:
+                    self._purge(store)
+                    next_purge = time.monotonic() + self._purge_interval
             except Exception as e:
                 if self.healthy:
                     logger.warning(
@@ -131,7 +152,8 @@ class SettlementWriter:
             self.healthy = True
             delay = self._backoff_min
             if not batch:
-                self._wake.wait(min(max(0.0, next_sweep - time.monotonic()), self._remaining()))
+                due = min(next_sweep, next_purge) - time.monotonic()
+                self._wake.wait(min(max(0.0, due), self._remaining()))
                 continue
             if self._on_applied is not None:
                 for (_, settlement), was_applied in zip(batch, applied, strict=True):
@@ -151,14 +173,25 @@ class SettlementWriter:
         )
 
     def _sweep(self, store: Store) -> None:
-        """Release holds of requests that never settled (the process died mid-request)."""
+        """Release holds that no settlement will close.
+
+        Settling removes a request's hold, so an old hold is either pending in the journal
+        or abandoned: its process died mid-request, or it was made after its request had
+        settled without one (admission stopped waiting for a slow store). A logged request
+        with a hold is that second case: the settlement charged the balance directly.
+        """
         holds = store.open_holds(older_than=datetime.now(UTC) - self._sweep_age)
         if not holds:
             return
         pending = {s.request_id for _, s in self.journal.pending(sys.maxsize)}
         released = 0
         for hold in holds:
-            if hold.request_id not in pending and store.log(hold.request_id) is None:
+            if hold.request_id not in pending:
                 released += store.release(hold)
         if released:
             logger.info("released %d abandoned holds older than %s", released, self._sweep_age)
+
+    def _purge(self, store: Store) -> None:
+        assert self._log_ttl is not None
+        if purged := store.purge_logs(datetime.now(UTC) - self._log_ttl):
+            logger.info("purged %d request logs older than %s", purged, self._log_ttl)

@@ -3,8 +3,9 @@
 Run:    python scripts/fake_upstream.py --port 0      (prints "listening on 127.0.0.1:PORT")
 Import: ``FakeUpstream`` (start/stop on a running loop) or ``serve_in_thread()``.
 
-Endpoints: POST /v1/chat/completions, /v1/responses, /v1/embeddings, /v1/messages;
-GET /v1/models; GET /__stats (counts), POST /__reset.
+Endpoints: POST /v1/chat/completions, /v1/responses, /v1/embeddings, /v1/messages,
+/v1beta/models/MODEL:generateContent (JSON only); GET /v1/models; GET /__stats (counts and
+the credentials of recent requests), POST /__reset.
 
 Usage is deterministic from the request, so tests can compute the expected cost:
 - prompt tokens = ``prompt_tokens(x)`` = len(json.dumps(x)) // 4, where x is ``messages``
@@ -22,6 +23,17 @@ Knobs, in the JSON body (``x_chunks``) or as headers (``x-fake-chunks``); the bo
   x_cache_write  cache-write tokens to report (Anthropic only; default 0)
   x_split        write SSE output in pieces of this many bytes, each its own TCP write
   x_abort_after  close the connection after this many content events (no usage sent after)
+
+Misbehaviour knobs, on /v1/chat/completions and /v1/messages (x_usage and x_gzip also on
+Gemini); x_raw and x_usage in the body only:
+  x_raw          answer with a canned broken body instead (``RAW_BODIES``: truncated-json,
+                 html-502, empty-json, text-200)
+  x_usage        object merged over the usage reported (e.g. {"prompt_tokens": -5}), JSON
+                 and SSE alike
+  x_error_usage  with x_status: the error body also carries the usage (1 = yes)
+  x_gzip         gzip the answer (JSON or SSE) whatever Accept-Encoding says (1 = yes)
+  x_event_bytes  pad the first content event's JSON to this many bytes (SSE)
+  x_no_final_blank  end the SSE body without the last event's blank line (1 = yes)
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ import struct
 import threading
 import time
 import uuid
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,7 +65,17 @@ KNOBS = (
     "x_cache_write",
     "x_split",
     "x_abort_after",
+    "x_error_usage",
+    "x_gzip",
+    "x_event_bytes",
+    "x_no_final_blank",
 )
+RAW_BODIES: dict[str, tuple[int, str, bytes]] = {  # name: (status, content type, body)
+    "truncated-json": (200, "application/json", b'{"id": "x", "usage": {"prompt_tokens": 1'),
+    "html-502": (502, "text/html", b"<html><body><h1>502 Bad Gateway</h1></body></html>"),
+    "empty-json": (200, "application/json", b""),
+    "text-200": (200, "text/plain", b"all good, no JSON here"),
+}
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -81,15 +104,29 @@ class Knobs:
     cache_write: int = 0
     split: int = 0
     abort_after: int | None = None
+    error_usage: int = 0
+    gzip: int = 0
+    event_bytes: int = 0
+    no_final_blank: int = 0
+    raw: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def read(cls, request: web.Request, body: dict[str, Any]) -> Knobs:
-        values: dict[str, int] = {}
+        values: dict[str, Any] = {}
         for name in KNOBS:
             raw = body.get(name, request.headers.get("x-fake-" + name[2:].replace("_", "-")))
             if raw is not None:
                 values[name[2:]] = int(raw)
+        if isinstance(body.get("x_raw"), str):
+            values["raw"] = body["x_raw"]
+        if isinstance(body.get("x_usage"), dict):
+            values["usage"] = body["x_usage"]
         return cls(**values)
+
+    def patch(self, usage: dict[str, Any]) -> dict[str, Any]:
+        """The usage to report: the honest one with ``x_usage`` merged over it."""
+        return {**usage, **self.usage}
 
 
 @dataclass(slots=True)
@@ -108,6 +145,8 @@ class Stats:
                 "host": request.headers.get("Host"),
                 "authorization": request.headers.get("Authorization"),
                 "x_api_key": request.headers.get("x-api-key"),
+                "x_goog_api_key": request.headers.get("x-goog-api-key"),
+                "query": request.query_string,
                 "accept_encoding": request.headers.get("Accept-Encoding"),
                 "model": body.get("model"),
                 "stream": bool(body.get("stream")),
@@ -139,11 +178,32 @@ class SSEWriter:
         self.response = response
         self.knobs = knobs
         self.content_events = 0
+        self.zip = zlib.compressobj(wbits=31) if knobs.gzip else None  # 31: gzip framing
+        self.held: bytes | None = None  # x_no_final_blank: the last frame, not yet written
 
     async def send(self, data: object, event: str | None = None) -> None:
         text = data if isinstance(data, str) else json.dumps(data)
+        if self.knobs.event_bytes and self.content_events == 0 and isinstance(data, dict):
+            text = text[:-1] + ', "x_pad": "' + "x" * (self.knobs.event_bytes - len(text)) + '"}'
         frame = (f"event: {event}\n" if event else "") + f"data: {text}\n\n"
-        raw = frame.encode()
+        if self.knobs.no_final_blank:
+            held, self.held = self.held, frame.encode()
+            if held is not None:
+                await self.write(held)
+            return
+        await self.write(frame.encode())
+
+    async def finish(self) -> None:
+        """End the body: the held last frame without its blank line, the gzip trailer."""
+        if self.held is not None:
+            await self.write(self.held[:-1])
+        if self.zip is not None:
+            await self.response.write(self.zip.flush())
+        await self.response.write_eof()
+
+    async def write(self, raw: bytes) -> None:
+        if self.zip is not None:
+            raw = self.zip.compress(raw) + self.zip.flush(zlib.Z_SYNC_FLUSH)
         if self.knobs.split <= 0:
             await self.response.write(raw)
             return
@@ -210,6 +270,11 @@ def anthropic_usage(body: dict[str, Any], knobs: Knobs, output: int) -> dict[str
     }
 
 
+def gzip_bytes(data: bytes) -> bytes:
+    z = zlib.compressobj(wbits=31)
+    return z.compress(data) + z.flush()
+
+
 def _text(chunks: int) -> str:
     return "".join(f"tok{i} " for i in range(chunks))
 
@@ -224,6 +289,7 @@ class FakeUpstream:
         self.app.router.add_post("/v1/responses", self.responses)
         self.app.router.add_post("/v1/embeddings", self.embeddings)
         self.app.router.add_post("/v1/messages", self.messages)
+        self.app.router.add_post("/v1beta/models/{name}", self.gemini)
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_get("/__stats", self.get_stats)
         self.app.router.add_post("/__reset", self.reset)
@@ -253,43 +319,69 @@ class FakeUpstream:
     # -- helpers -------------------------------------------------------------------------
     async def _begin(self, request: web.Request) -> tuple[dict[str, Any], Knobs]:
         body: dict[str, Any] = {}
-        if request.can_read_body:
-            body = await request.json()
+        if request.can_read_body:  # JSON whatever the Content-Type, as the real APIs read it
+            parsed = json.loads(await request.read())
+            body = parsed if isinstance(parsed, dict) else {}
         self.stats.record(request, body)
         return body, Knobs.read(request, body)
 
-    async def _stream(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
+    async def _stream(self, request: web.Request, knobs: Knobs) -> web.StreamResponse:
+        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        if knobs.gzip:
+            headers["Content-Encoding"] = "gzip"
+        response = web.StreamResponse(headers=headers)
         await response.prepare(request)
         return response
 
     async def _run_stream(
         self, request: web.Request, knobs: Knobs, produce: Any
     ) -> web.StreamResponse:
-        response = await self._stream(request)
+        response = await self._stream(request, knobs)
         writer = SSEWriter(request, response, knobs)
         try:
             await produce(writer)
-            await response.write_eof()
+            await writer.finish()
         except _Cut:
             self.stats.cut += 1
         except ConnectionResetError:  # the client (the proxy) went away mid-stream
             self.stats.aborted += 1
         return response
 
+    @staticmethod
+    def _json(data: object, knobs: Knobs, status: int = 200) -> web.Response:
+        if not knobs.gzip:
+            return web.json_response(data, status=status)
+        return web.Response(
+            body=gzip_bytes(json.dumps(data).encode()),
+            status=status,
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        )
+
+    def _misbehave(
+        self, knobs: Knobs, error: dict[str, Any], usage: dict[str, Any]
+    ) -> web.Response | None:
+        """The answer x_raw or x_status ask for, if any."""
+        if knobs.raw is not None:
+            status, content_type, raw = RAW_BODIES[knobs.raw]
+            return web.Response(body=raw, status=status, headers={"Content-Type": content_type})
+        if knobs.status:
+            if knobs.error_usage:
+                error = {**error, "usage": knobs.patch(usage)}
+            return self._json(error, knobs, knobs.status)
+        return None
+
     # -- OpenAI ------------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body, knobs = await self._begin(request)
-        if knobs.status:
-            return web.json_response(openai_error(knobs.status), status=knobs.status)
+        usage = openai_chat_usage(body, knobs, knobs.chunks)
+        if answer := self._misbehave(knobs, openai_error(knobs.status or 500), usage):
+            return answer
         model = body.get("model", "fake-gpt")
         created = int(time.time())
         completion_id = _id("chatcmpl-")
         if not body.get("stream"):
             await asyncio.sleep(knobs.ttft_ms / 1000)
-            return web.json_response(
+            return self._json(
                 {
                     "id": completion_id,
                     "object": "chat.completion",
@@ -303,8 +395,9 @@ class FakeUpstream:
                             "logprobs": None,
                         }
                     ],
-                    "usage": openai_chat_usage(body, knobs, knobs.chunks),
-                }
+                    "usage": knobs.patch(usage),
+                },
+                knobs,
             )
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
@@ -335,7 +428,7 @@ class FakeUpstream:
                         "created": created,
                         "model": model,
                         "choices": [],
-                        "usage": openai_chat_usage(body, knobs, knobs.chunks),
+                        "usage": knobs.patch(usage),
                     }
                 )
             await out.send("[DONE]")
@@ -430,8 +523,9 @@ class FakeUpstream:
     # -- Anthropic -----------------------------------------------------------------------
     async def messages(self, request: web.Request) -> web.StreamResponse:
         body, knobs = await self._begin(request)
-        if knobs.status:
-            return web.json_response(anthropic_error(knobs.status), status=knobs.status)
+        usage = anthropic_usage(body, knobs, knobs.chunks)
+        if answer := self._misbehave(knobs, anthropic_error(knobs.status or 500), usage):
+            return answer
         model = body.get("model", "fake-claude")
         message_id = _id("msg_")
 
@@ -450,9 +544,8 @@ class FakeUpstream:
 
         if not body.get("stream"):
             await asyncio.sleep(knobs.ttft_ms / 1000)
-            usage = anthropic_usage(body, knobs, knobs.chunks)
-            return web.json_response(
-                message([{"type": "text", "text": _text(knobs.chunks)}], usage)
+            return self._json(
+                message([{"type": "text", "text": _text(knobs.chunks)}], knobs.patch(usage)), knobs
             )
 
         async def produce(out: SSEWriter) -> None:
@@ -474,12 +567,29 @@ class FakeUpstream:
             final = {
                 "type": "message_delta",
                 "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                "usage": {"output_tokens": knobs.chunks},
+                "usage": knobs.patch({"output_tokens": knobs.chunks}),
             }
             await out.send(final, "message_delta")
             await out.send({"type": "message_stop"}, "message_stop")
 
         return await self._run_stream(request, knobs, produce)
+
+    # -- Gemini (JSON generateContent only) ------------------------------------------------
+    async def gemini(self, request: web.Request) -> web.Response:
+        body, knobs = await self._begin(request)
+        model, _, action = request.match_info["name"].partition(":")
+        if action != "generateContent":
+            return web.json_response({"error": {"code": 404, "status": "NOT_FOUND"}}, status=404)
+        prompt = prompt_tokens(body.get("contents", []))
+        usage = {
+            "promptTokenCount": prompt,
+            "candidatesTokenCount": knobs.chunks,
+            "totalTokenCount": prompt + knobs.chunks,
+        }
+        part = {"text": _text(knobs.chunks)}
+        candidate = {"content": {"role": "model", "parts": [part]}, "finishReason": "STOP"}
+        answer = {"candidates": [candidate], "usageMetadata": knobs.patch(usage)}
+        return self._json(answer | {"modelVersion": model}, knobs)
 
     # -- test control ----------------------------------------------------------------------
     async def get_stats(self, request: web.Request) -> web.Response:

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
@@ -18,7 +20,9 @@ from addons.metering import Metering
 from burnmeter.config import load_config
 from burnmeter.documents import hash_key
 from burnmeter.documents import utcnow
+from burnmeter.journal import JournalFull
 from burnmeter.store import open_store
+from burnmeter.store.base import StoreError
 from tests.addon_support import BOB_KEY
 from tests.addon_support import CONFIG
 from tests.addon_support import KEY
@@ -75,7 +79,9 @@ def test_bad_config_is_one_line_options_error(env: Env) -> None:
     "opts, match",
     [
         ({"metering_key_cache_ttl": -1}, "metering_key_cache_ttl"),
-        ({"metering_queue_size": 1}, "metering_queue_size"),
+        ({"metering_journal_max_kb": 1}, "metering_journal_max_kb: must be at least"),
+        ({"metering_sweep_seconds": 0}, "metering_sweep_seconds"),
+        ({"metering_journal": "/nonexistent/dir/j"}, "metering_journal: .*No such file"),
         ({"metering_db": "postgres://x/y"}, "metering_db: .*unsupported store URL"),
     ],
 )
@@ -118,7 +124,12 @@ def test_running_warns_about_unknown_options_and_sets_proxy_options(
 ) -> None:
     m = Metering()
     with taddons.context(proxyserver.Proxyserver(), m) as tctx:
-        tctx.configure(m, metering_config=str(env.config_path), metering_db=env.db_url)
+        tctx.configure(
+            m,
+            metering_config=str(env.config_path),
+            metering_db=env.db_url,
+            metering_journal=str(env.config_path.with_name("second.journal")),
+        )
         tctx.options.set("metering_kyes=1", defer=True)  # a typo: never applied
         with caplog.at_level(logging.WARNING):
             m.running()
@@ -193,8 +204,6 @@ async def test_revoked_key_stops_within_the_cache_ttl(env: Env) -> None:
 
 
 async def test_store_down_fails_closed_with_503(env: Env, monkeypatch) -> None:
-    from burnmeter.store.base import StoreError
-
     assert env.metering.store is not None
 
     def down(key: str) -> None:
@@ -445,12 +454,214 @@ async def test_locally_answered_flows_are_skipped_later(env: Env) -> None:
     assert settled(env, f.id) is None
 
 
-async def test_backlogged_writer_refuses_new_requests(env: Env, monkeypatch) -> None:
-    assert env.metering.writer is not None
-    monkeypatch.setattr(type(env.metering.writer), "backlogged", property(lambda self: True))
+# -- store outage, journal limit, rate limit --------------------------------------------
+def store_down(monkeypatch: pytest.MonkeyPatch, env: Env, *methods: str) -> None:
+    assert env.metering.store is not None
+
+    def down(*args: object) -> None:
+        raise StoreError("connection refused")
+
+    for name in methods:
+        monkeypatch.setattr(env.metering.store, name, down)
+
+
+def openhands_balance(env: Env, user: str = "alice") -> Decimal:
+    return env.store.balance(user, env.store.pools["openhands"])
+
+
+async def test_cached_key_is_served_without_a_hold_while_the_store_is_down(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await admit(env, make_flow())  # alice's key is now cached
+    store_down(monkeypatch, env, "hold", "find_key")
+    f = make_flow()
+    await admit(env, f)
+    assert f.response is None, "served"
+    ticket = env.metering.tickets[f]
+    assert ticket.admitted and ticket.hold is None
+    f.response = json_response({"model": "gpt-4o", "choices": [], "usage": CHAT_USAGE})
+    env.metering.responseheaders(f)
+    env.metering.response(f)
+    assert f.metadata["metering"]["holdless"] is True
+    log = settled(env, f.id)  # the writer has its own store: it is up
+    assert log is not None and log["creditsCost"] == Decimal("0.009")
+    assert openhands_balance(env) < Decimal("4.991"), "the first request still holds"
+
+
+async def test_unknown_key_is_503_while_the_store_is_down(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await admit(env, make_flow())
+    store_down(monkeypatch, env, "hold")
+    await admit(env, make_flow())  # the failed hold marks the store down
+    assert env.metering.admission is not None and env.metering.admission.store_down
+    looked_up: list[str] = []
+    monkeypatch.setattr(env.metering.store, "find_key", looked_up.append)
+    f = make_flow(key=BOB_KEY)
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 503
+    assert body_of(f)["error"]["code"] == "metering_unavailable"
+    assert looked_up == [], "no store call while it is marked down"
+
+
+async def test_a_key_looked_up_during_the_outage_is_not_admitted_without_a_hold(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store_down(monkeypatch, env, "hold")  # reads work, writes fail (a locked SQLite file)
     f = make_flow()
     await admit(env, f)
     assert f.response is not None and f.response.status_code == 503
+
+
+async def test_cached_balance_must_cover_a_holdless_admission(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await admit(env, make_flow(key=BOB_KEY))  # 402, and bob's key is cached
+    store_down(monkeypatch, env, "hold")
+    f = make_flow(key=BOB_KEY)
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 402
+
+
+async def test_a_slow_store_is_not_waited_for_and_a_late_hold_is_released(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert env.metering.store is not None
+    monkeypatch.setattr("addons.admission.STORE_TIMEOUT", 0.05)
+    hold = env.metering.store.hold
+    made = threading.Event()
+
+    def slow_hold(*args: object) -> object:
+        time.sleep(0.3)
+        result = hold(*args)  # type: ignore[arg-type]
+        made.set()
+        return result
+
+    await admit(env, make_flow())
+    monkeypatch.setattr(env.metering.store, "hold", slow_hold)
+    f = make_flow()
+    started = time.monotonic()
+    await admit(env, f)
+    assert time.monotonic() - started < 0.25
+    assert f.response is None and env.metering.tickets[f].hold is None
+    assert made.wait(5)
+    for _ in range(200):  # the late hold goes back to the pool
+        holds = env.store.open_holds(utcnow() + timedelta(days=1))
+        if len(holds) == 1:
+            break
+        time.sleep(0.01)
+    assert [h.request_id for h in holds] != [f.id] and len(holds) == 1
+    assert openhands_balance(env) == 5 - holds[0].amount
+
+
+async def test_journal_headroom_refuses_new_requests(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env.tctx.configure(env.metering, metering_journal_max_kb=8)
+    assert env.metering.admission is not None
+    f = make_flow()
+    await admit(env, f)
+    assert f.response is None, "8 KiB: room for two in flight"
+    monkeypatch.setattr(env.metering.admission, "in_flight", lambda: 2)
+    g = make_flow(path="/v1/messages", body={"model": "claude-sonnet-4-5", "messages": []})
+    await admit(env, g)
+    assert g.response is not None and g.response.status_code == 503
+    assert body_of(g)["type"] == "error" and body_of(g)["error"]["type"] == "api_error"
+
+
+async def test_a_journal_refusal_is_logged_not_dropped(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    f = make_flow()
+    await admit(env, f)
+    assert env.metering.writer is not None
+
+    def full(settlement: object) -> None:
+        raise JournalFull("journal is full")
+
+    monkeypatch.setattr(env.metering.writer, "submit", full)
+    f.response = json_response({"model": "gpt-4o", "choices": [], "usage": CHAT_USAGE})
+    with caplog.at_level(logging.ERROR):
+        env.metering.response(f)
+    assert env.metering.unjournaled == 1
+    assert "settlement not journaled" in caplog.text and f.id in caplog.text
+    assert '"cost":"0.009000000"' in caplog.text and hash_key(KEY) not in caplog.text
+
+
+async def test_second_process_on_one_journal_is_one_line_options_error(env: Env) -> None:
+    m = Metering()
+    with taddons.context(m) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="^metering_journal: .*in use"):
+            tctx.configure(m, metering_config=str(env.config_path), metering_db=env.db_url)
+
+
+async def test_journal_left_by_a_crash_is_replayed_on_start(env: Env) -> None:
+    f = make_flow()
+    await admit(env, f)
+    f.response = json_response({"model": "gpt-4o", "choices": [], "usage": CHAT_USAGE})
+    assert env.metering.writer is not None and env.metering.settings is not None
+    path = env.metering.settings.journal_path
+    env.metering.writer.stop(0)  # as if killed: nothing applied...
+    env.metering.response(f)  # ...but the settlement is journaled
+    assert env.store.log(f.id) is None
+    env.metering._close()
+    m = Metering()
+    with taddons.context(m) as tctx:
+        tctx.configure(m, metering_config=str(env.config_path), metering_db=env.db_url)
+        m.done()
+    assert env.store.log(f.id) is not None
+    assert Path(path).stat().st_size == 0, "applied, then compacted"
+
+
+@pytest.mark.parametrize(
+    "path, body, shape",
+    [
+        ("/v1/chat/completions", None, "openai"),
+        ("/v1/messages", {"model": "claude-sonnet-4-5", "messages": []}, "anthropic"),
+    ],
+)
+async def test_rate_limit_is_429_with_retry_after(
+    env: Env, path: str, body: dict | None, shape: str
+) -> None:
+    env.config_path.write_text("rate_limit_rpm = 2\n" + CONFIG)
+    env.tctx.configure(env.metering, metering_key_cache_ttl=29)
+    for _ in range(2):
+        ok = make_flow(path, body)
+        await admit(env, ok)
+        assert ok.response is None
+    f = make_flow(path, body)
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 429
+    assert f.response.headers["Retry-After"] == "30"  # 2/min: one back every 30 s
+    error = body_of(f)
+    if shape == "openai":
+        assert error["error"]["type"] == "requests"
+        assert error["error"]["code"] == "rate_limit_exceeded"
+    else:
+        assert error == {
+            "type": "error",
+            "error": {"type": "rate_limit_error", "message": error["error"]["message"]},
+        }
+    other = make_flow(path, body, key=BOB_KEY)
+    await admit(env, other)
+    assert other.response is None or other.response.status_code != 429, "per key"
+
+
+async def test_a_route_overrides_the_rate_limit_with_its_own_budget(env: Env) -> None:
+    text = "rate_limit_rpm = 100\n" + CONFIG.replace(
+        "multiplier = 2\n", "multiplier = 2\nrate_limit_rpm = 1\n", 1
+    )
+    env.config_path.write_text(text)
+    env.tctx.configure(env.metering, metering_key_cache_ttl=29)
+    first, second = make_flow(), make_flow()
+    await admit(env, first)
+    await admit(env, second)
+    assert first.response is None
+    assert second.response is not None and second.response.status_code == 429
+    assert second.response.headers["Retry-After"] == "60"
+    elsewhere = make_flow(host=OHMYGPT_HOST)  # the global budget
+    await admit(env, elsewhere)
+    assert elsewhere.response is None
 
 
 # -- commands --------------------------------------------------------------------------
@@ -473,3 +684,21 @@ async def test_usage_command(env: Env) -> None:
     await admit(env, rejected)
     out = env.metering.usage([*flows, rejected])
     assert out == "2 flows · 2,000/400 tokens · $0.0180"
+
+
+async def test_shutdown_settles_requests_still_in_flight(env: Env) -> None:
+    f = make_flow(body={"model": "gpt-4o", "messages": [], "stream": True})
+    await admit(env, f)
+    f.response = sse_response()
+    env.metering.responseheaders(f)
+    tap = env.metering.tickets[f].tap
+    assert tap is not None
+    tap(chat_sse(["Hello there, this was streamed"], None))
+    waiting = make_flow()
+    await admit(env, waiting)
+    log = settled(env, f.id)  # done(): the proxy stops with both open
+    assert log is not None and log["statusCode"] == 503 and log["creditsCost"] > 0
+    assert log["usageSource"] == "estimated"
+    unanswered = env.store.log(waiting.id)
+    assert unanswered is not None and unanswered["creditsCost"] == 0
+    assert env.store.open_holds(utcnow() + timedelta(days=1)) == []

@@ -2,9 +2,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
-from decimal import Decimal
 
 import pytest
 from mitmproxy import contentviews
@@ -16,10 +13,7 @@ from addons import errors
 from addons.inspection import LLMStreamContentview
 from addons.keys import KeyCache
 from addons.keys import client_key
-from addons.settlement import SettlementWriter
 from addons.streamtap import StreamTap
-from burnmeter.store.base import Settlement
-from burnmeter.store.base import StoreError
 from tests.addon_support import chat_sse
 
 
@@ -163,78 +157,3 @@ def test_contentview_declines_other_bodies() -> None:
     assert view.render_priority(b"data: 1\n\n", meta) < 0
     json_meta = contentviews.Metadata(flow=tflow.tflow(), content_type="application/json")
     assert view.render_priority(b"{}", json_meta) < 0
-
-
-# -- settlement writer -----------------------------------------------------------------
-def settlement(i: int) -> Settlement:
-    return Settlement(f"req-{i}", "alice", "openhands", Decimal("0.01"), 1, 1, 1, "sk-raw")
-
-
-class FakeStore:
-    def __init__(self, failures: int = 0) -> None:
-        self.failures = failures
-        self.batches: list[list[str]] = []
-        self.gate = threading.Event()
-        self.gate.set()
-
-    def settle(self, batch: list[Settlement]) -> list[bool]:
-        self.gate.wait()
-        if self.failures:
-            self.failures -= 1
-            raise StoreError("down")
-        self.batches.append([s.request_id for s in batch])
-        return [True] * len(batch)
-
-
-def test_writer_batches_and_drains_on_stop() -> None:
-    store = FakeStore()
-    store.gate.clear()
-    writer = SettlementWriter(store, maxsize=100)  # type: ignore[arg-type]
-    writer.start()
-    for i in range(5):
-        assert writer.submit(settlement(i))
-    store.gate.set()
-    writer.stop()
-    assert sum(store.batches, []) == [f"req-{i}" for i in range(5)]
-    assert len(store.batches) <= 2 and writer.written == 5
-
-
-def test_writer_retries_a_store_outage(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("addons.settlement.RETRY_SECONDS", (0.01,))
-    store = FakeStore(failures=3)
-    writer = SettlementWriter(store, maxsize=10)  # type: ignore[arg-type]
-    writer.start()
-    writer.submit(settlement(1))
-    for _ in range(500):
-        if store.batches:
-            break
-        time.sleep(0.01)
-    writer.stop()
-    assert store.batches == [["req-1"]] and writer.spilled == 0
-
-
-def test_full_queue_spills_without_blocking_and_hides_the_key(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    store = FakeStore()
-    writer = SettlementWriter(store, maxsize=4)  # type: ignore[arg-type]
-    assert writer.submit(settlement(1)) and not writer.backlogged
-    assert writer.submit(settlement(2)) and writer.backlogged, "half full: admission stops"
-    assert writer.submit(settlement(3)) and writer.submit(settlement(4))
-    with caplog.at_level(logging.ERROR):
-        assert writer.submit(settlement(5)) is False
-    assert "settlement spilled (queue full)" in caplog.text and "req-5" in caplog.text
-    assert "sk-raw" not in caplog.text
-    writer.start()
-    writer.stop()
-    assert sum(store.batches, []) == [f"req-{i}" for i in range(1, 5)] and writer.spilled == 1
-
-
-def test_store_still_down_at_shutdown_spills(caplog: pytest.LogCaptureFixture) -> None:
-    store = FakeStore(failures=1_000)
-    writer = SettlementWriter(store, maxsize=10)  # type: ignore[arg-type]
-    writer.submit(settlement(1))
-    writer.start()
-    with caplog.at_level(logging.ERROR):
-        writer.stop()
-    assert writer.spilled == 1 and "settlement spilled (not written)" in caplog.text

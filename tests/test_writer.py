@@ -279,6 +279,30 @@ def test_sweep_releases_abandoned_holds_only(url: str, journal: Journal) -> None
     assert spent(url) == 1 + settlement(2).cost
 
 
+def test_sweep_releases_a_hold_made_after_its_request_settled(url: str, journal: Journal) -> None:
+    """Admission gave up waiting for a hold, the request settled without it, then it landed."""
+    store = make_store(url)
+    store.settle([replace(settlement(3), request_id="late", log={"_id": "late"})])
+    assert isinstance(store.hold("late", "alice", OPENHANDS, Decimal(2), Decimal(2)), Hold)
+    writer = SettlementWriter(lambda: store, journal, sweep_age=timedelta(seconds=-1))
+    writer._sweep(store)
+    assert store.open_holds(datetime.now(UTC) + timedelta(days=1)) == []
+    store.close()
+    assert spent(url) == settlement(3).cost
+
+
+def test_writer_purges_logs_past_the_ttl(url: str, journal: Journal) -> None:
+    store = make_store(url)
+    old = settlement(1)
+    old.log["createdAt"] = datetime.now(UTC) - timedelta(days=40)
+    store.settle([old, settlement(2)])
+    store.close()
+    writer = SettlementWriter(lambda: make_store(url), journal, log_ttl=timedelta(days=30))
+    writer.start()
+    wait_for(lambda: log_count(url) == 1)
+    writer.stop(5)
+
+
 def test_sweep_runs_from_the_thread(url: str, journal: Journal) -> None:
     store = make_store(url)
     store.hold("lost", "alice", OPENHANDS, Decimal(7), Decimal(7))

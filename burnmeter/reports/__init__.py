@@ -13,7 +13,7 @@ def reports_for(store: Store) -> Reports:
     if isinstance(store, SqliteStore):
         from burnmeter.reports.sqlite import SqliteReports
 
-        return Reports(SqliteReports(store._conn()), store.pools)
+        return Reports(SqliteReports(store.connection()), store.pools)
     from burnmeter.store.mongo import MongoStore
 
     if isinstance(store, MongoStore):

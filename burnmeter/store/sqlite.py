@@ -190,7 +190,7 @@ class SqliteStore(Store):
         self._connections: list[sqlite3.Connection] = []
 
     # -- connections --------------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
+    def connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             try:
@@ -212,13 +212,13 @@ class SqliteStore(Store):
         self, sql: str, params: Iterable[Any] = (), conn: sqlite3.Connection | None = None
     ) -> list[sqlite3.Row]:
         try:
-            return (conn or self._conn()).execute(sql, tuple(params)).fetchall()
+            return (conn or self.connection()).execute(sql, tuple(params)).fetchall()
         except sqlite3.OperationalError as e:
             raise StoreError(f"{self.path}: {e}") from e
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
+        conn = self.connection()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:

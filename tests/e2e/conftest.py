@@ -13,18 +13,16 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for scripts/ and tests/
-
-from burnmeter.config import Config  # noqa: E402
-from burnmeter.config import load_config  # noqa: E402
-from burnmeter.store import open_store  # noqa: E402
-from burnmeter.store.base import Store  # noqa: E402
-from tests.e2e.harness import CONFIG_TOML  # noqa: E402
-from tests.e2e.harness import ROOT  # noqa: E402
-from tests.e2e.harness import Accounts  # noqa: E402
-from tests.e2e.harness import Proxy  # noqa: E402
-from tests.e2e.harness import Upstream  # noqa: E402
-from tests.e2e.harness import stop_process  # noqa: E402
+from burnmeter.config import Config
+from burnmeter.config import load_config
+from burnmeter.store import open_store
+from burnmeter.store.base import Store
+from tests.e2e.harness import CONFIG_TOML
+from tests.e2e.harness import ROOT
+from tests.e2e.harness import Accounts
+from tests.e2e.harness import Proxy
+from tests.e2e.harness import Upstream
+from tests.e2e.harness import stop_process
 
 
 @pytest.fixture(scope="session")

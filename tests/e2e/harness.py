@@ -147,6 +147,11 @@ class Proxy:
         return f"sqlite:///{self.db_path}"
 
     @property
+    def journal_path(self) -> Path:
+        """One per process: the settlement journal cannot be shared."""
+        return self.workdir / "burnmeter.journal"
+
+    @property
     def stdout_path(self) -> Path:
         return self.workdir / "mitmdump.out"
 
@@ -172,6 +177,8 @@ class Proxy:
             f"metering_config={self.config_path}",
             "--set",
             f"metering_db={self.db_url}",
+            "--set",
+            f"metering_journal={self.journal_path}",
             "--set",
             "connection_strategy=lazy",
             # quiet about flows (-q), but keep the addon's info lines for the key-leak test

@@ -15,6 +15,7 @@ from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -276,6 +277,19 @@ def test_upstream_gets_its_own_host_and_key_never_the_clients(
     wait_logs(store, account.user_id, 1)
 
 
+def test_anthropic_path_accepts_bearer_too(proxy: Proxy, store: Store, accounts: Accounts) -> None:
+    account = accounts.new(creditsNew="5")
+    client = anthropic.Anthropic(
+        base_url=proxy.base_url,
+        auth_token=account.key,
+        default_headers={"Host": OPENHANDS_HOST},
+        max_retries=0,
+    )
+    client.messages.create(model="fake-claude", max_tokens=8, messages=MESSAGES)
+    (log,) = wait_logs(store, account.user_id, 1)
+    assert log["creditsCost"] > 0 and log["path"] == "/v1/messages"
+
+
 def test_upstream_error_is_logged_free_and_passed_through(
     proxy: Proxy, store: Store, accounts: Accounts, config: Config
 ) -> None:
@@ -465,9 +479,17 @@ def test_first_sse_byte_is_not_buffered(proxy: Proxy, accounts: Accounts) -> Non
     assert ttfb < 0.3, f"first byte after {ttfb:.3f}s of a {total:.3f}s stream: buffered"
 
 
+@pytest.mark.parametrize("processes", [1, 2])
 async def test_parallel_streams_cannot_overdraw(
-    proxy: Proxy, store: Store, accounts: Accounts, config: Config
+    proxy: Proxy,
+    upstream: Upstream,
+    store: Store,
+    accounts: Accounts,
+    config: Config,
+    tmp_path: Path,
+    processes: int,
 ) -> None:
+    """40 parallel streams on a balance for 5, through one proxy or two sharing the store."""
     tokens = Tokens("fake-gpt", prompt_tokens(MESSAGES), 50)
     one, _ = expected_charge(config, tokens, OPENHANDS_HOST)
     start_balance = 5 * one
@@ -482,17 +504,25 @@ async def test_parallel_streams_cannot_overdraw(
         "x_delay_ms": 10,
     }
     headers = {"Authorization": f"Bearer {account.key}", "Host": OPENHANDS_HOST}
-    limits = httpx.Limits(max_connections=50)
+    proxies = [proxy]
+    if processes == 2:
+        proxies.append(Proxy(upstream, proxy.config_path, proxy.db_path, tmp_path))
+        proxies[1].start()
 
-    async def one_stream(client: httpx.AsyncClient) -> int:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+    async def one_stream(client: httpx.AsyncClient, base_url: str) -> int:
+        async with client.stream("POST", base_url + "/v1/chat/completions", json=body) as r:
             await r.aread()
             return r.status_code
 
-    async with httpx.AsyncClient(
-        base_url=proxy.base_url, headers=headers, limits=limits, timeout=30
-    ) as client:
-        statuses = await asyncio.gather(*(one_stream(client) for _ in range(40)))
+    try:
+        limits = httpx.Limits(max_connections=50)
+        async with httpx.AsyncClient(headers=headers, limits=limits, timeout=30) as client:
+            statuses = await asyncio.gather(
+                *(one_stream(client, proxies[i % processes].base_url) for i in range(40))
+            )
+    finally:
+        if processes == 2:
+            proxies[1].stop()
 
     ok = statuses.count(200)
     assert statuses.count(402) == 40 - ok, f"statuses: {sorted(set(statuses))}"
@@ -511,6 +541,28 @@ async def test_parallel_streams_cannot_overdraw(
     assert open_holds == []
 
 
+async def test_sigterm_loses_no_settlement(
+    proxy: Proxy, upstream: Upstream, store: Store, accounts: Accounts, tmp_path: Path
+) -> None:
+    """A second proxy on the same database, stopped right after its last answer."""
+    second = Proxy(upstream, proxy.config_path, proxy.db_path, tmp_path)
+    second.start()
+    try:
+        account = accounts.new(creditsNew="5")
+        headers = {"Authorization": f"Bearer {account.key}", "Host": OPENHANDS_HOST}
+        body = {"model": "fake-gpt", "messages": MESSAGES, "x_chunks": 2}
+        async with httpx.AsyncClient(base_url=second.base_url, headers=headers) as client:
+            answers = await asyncio.gather(
+                *(client.post("/v1/chat/completions", json=body) for _ in range(20))
+            )
+        assert [a.status_code for a in answers] == [200] * 20
+    finally:
+        returncode = second.stop()
+    assert returncode == 0, second.output()
+    assert "Traceback" not in second.output()
+    assert len(store.logs(100, account.user_id)) == 20
+
+
 # -- last: neither this nor any test before it may have leaked a key ---------------------
 def test_no_raw_key_in_proxy_output_or_database(
     proxy: Proxy, store: Store, accounts: Accounts
@@ -522,8 +574,10 @@ def test_no_raw_key_in_proxy_output_or_database(
     wait_logs(store, account.user_id, 1)
     time.sleep(0.3)  # let the terminal log catch up
     haystacks = {"mitmdump output": proxy.output().encode()}
-    for path in proxy.db_path.parent.glob(proxy.db_path.name + "*"):
-        haystacks[path.name] = path.read_bytes()
+    files = [*proxy.db_path.parent.glob(proxy.db_path.name + "*"), proxy.journal_path]
+    for path in files:
+        if path.exists():
+            haystacks[path.name] = path.read_bytes()
     assert any(haystacks.values())
     for key in [*accounts.keys, OHMYGPT_UPSTREAM_KEY]:
         secret = key.split("-")[-1].encode()
