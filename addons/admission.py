@@ -301,7 +301,7 @@ class Admission:
         body = self._json_body(request)
         try:
             ticket.estimate = estimate_request(ticket.api, body, self.config, ticket.path)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise Rejection(errors.BAD_REQUEST, str(e)) from e
         ticket.model = model_of(ticket.api, ticket.path, body)
         multiplier = ticket.route.multiplier if ticket.route else Decimal(1)
@@ -352,7 +352,7 @@ class Admission:
     def _json_body(request: http.Request) -> dict[str, Any]:
         try:
             body = json.loads(request.content or b"")
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise Rejection(errors.BAD_REQUEST, f"Request body is not valid JSON: {e}") from e
         if not isinstance(body, dict):
             raise Rejection(errors.BAD_REQUEST, "Request body must be a JSON object")

@@ -30,7 +30,6 @@ Stream" view); commands: ``metering.balance USER`` and ``metering.usage @all``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import weakref
 from collections.abc import Sequence
@@ -61,6 +60,7 @@ from addons.inspection import describe
 from addons.inspection import format_balances
 from addons.inspection import usage_summary
 from addons.keys import KeyCache
+from addons.keys import drop_client_key
 from addons.keys import set_upstream_key
 from addons.ratelimit import RateLimiter
 from addons.streamtap import StreamTap
@@ -97,8 +97,7 @@ def declared_size(request: http.Request) -> int:
 
 def spill(settlement: Settlement, why: str) -> None:
     """Log a settlement the journal refused, as one JSON line an operator can replay."""
-    # key_doc_id may be the raw key (legacy user_keys documents): left out
-    record = to_json(dataclasses.replace(settlement, key_doc_id=None))
+    record = to_json(settlement)
     logger.error("metering: settlement not journaled (%s): %s", why, record)
 
 
@@ -273,6 +272,10 @@ class Metering:
             await self.admission.admit(f, ticket)
         except Rejection as r:
             self._reject(f, ticket, r)
+        except Exception:
+            # Fail closed: a request that admission could not price must not go out unmetered.
+            logger.exception("metering: admission failed")
+            self._reject(f, ticket, Rejection(errors.UNAVAILABLE, "Metering failed, retry later"))
 
     def responseheaders(self, f: http.HTTPFlow) -> None:
         ticket = self.tickets.get(f)
@@ -282,7 +285,7 @@ class Metering:
         status = f.response.status_code
         is_sse = f.response.headers.get("content-type", "").startswith("text/event-stream")
         if is_sse or (ticket.stream and 200 <= status < 300):
-            ticket.tap = StreamTap(ticket.api)
+            ticket.tap = StreamTap(ticket.api, f.response.headers.get("content-encoding"))
             f.response.stream = ticket.tap
 
     def response(self, f: http.HTTPFlow) -> None:
@@ -315,6 +318,7 @@ class Metering:
         problem = rejection.problem
         f.response = error_response(style, problem, rejection.message, **rejection.extra)
         f.response.headers.update(rejection.headers)
+        drop_client_key(f.request)  # mitmproxy prints the request line (Gemini ?key=) and headers
         self.tickets.pop(f, None)
         annotate(f, describe(ticket, "rejected", status=problem.status, reason=problem.code))
 

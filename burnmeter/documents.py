@@ -25,6 +25,14 @@ def hash_key(key: str) -> str:
     return HASHED_PREFIX + hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+def key_ref(key_doc_id: str) -> str:
+    """A user_keys._id as settlements and the journal carry it: hashed when it is a raw key.
+
+    Documents of the original system use the raw key as ``_id``; the store maps the hash
+    back to that document (``Store.settle``), so no raw key is ever written outside it."""
+    return key_doc_id if key_doc_id.startswith(HASHED_PREFIX) else hash_key(key_doc_id)
+
+
 def mask_key(key: str) -> str:
     """What logs show of a key: a short prefix and the last four characters."""
     if len(key) <= 12:

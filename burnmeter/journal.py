@@ -31,6 +31,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from burnmeter.documents import key_ref
 from burnmeter.store.base import Settlement
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ def to_json(settlement: Settlement) -> str:
             "billing_tokens": settlement.billing_tokens,
             "input_tokens": settlement.input_tokens,
             "output_tokens": settlement.output_tokens,
-            "key_doc_id": settlement.key_doc_id,
+            # never a raw key on disk: legacy user_keys ids are raw keys (the store maps back)
+            "key_doc_id": key_ref(settlement.key_doc_id) if settlement.key_doc_id else None,
             "log": settlement.log,
         },
         default=_tag,

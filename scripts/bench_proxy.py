@@ -136,7 +136,9 @@ async def one(session: aiohttp.ClientSession, url: str, body: bytes, stats: Stat
     stats.ok += 1
 
 
-async def drive(url: str, headers: dict[str, str], body: dict[str, Any], n: int, conc: int) -> Stats:
+async def drive(
+    url: str, headers: dict[str, str], body: dict[str, Any], n: int, conc: int
+) -> Stats:
     stats = Stats()
     payload = json.dumps(body).encode()
     connector = aiohttp.TCPConnector(limit=conc)
@@ -311,7 +313,13 @@ async def scale_out(load: Load, upstream_port: int, workdir: Path) -> dict[str, 
         start = time.perf_counter()
         results = await asyncio.gather(
             *(
-                drive(f"http://127.0.0.1:{p}/v1/chat/completions", headers, body, load.json_requests, 16)
+                drive(
+                    f"http://127.0.0.1:{p}/v1/chat/completions",
+                    headers,
+                    body,
+                    load.json_requests,
+                    16,
+                )
                 for p in ports
             )
         )
@@ -360,7 +368,9 @@ def table(pairs: list[tuple[RunResult, RunResult]], summary: dict[str, Any]) -> 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a run under 60 s (2 pairs, less load)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a run under 60 s (2 pairs, less load)"
+    )
     parser.add_argument("--pairs", type=int, help="interleaved baseline/metered pairs (default 5)")
     parser.add_argument("--format", choices=("table", "json"), default="table")
     parser.add_argument("--scale-out", action="store_true", help="also 2 metered processes, 1 file")
@@ -382,9 +392,7 @@ def main() -> int:
                 summary["scale_out"] = asyncio.run(scale_out(load, upstream_port, workdir))
     finally:
         stop_process(upstream)
-    complete = all(
-        m.errors == 0 and m.logs == m.requests_ok and m.cost_matches for _, m in pairs
-    )
+    complete = all(m.errors == 0 and m.logs == m.requests_ok and m.cost_matches for _, m in pairs)
     summary["load"] = asdict(load)
     summary["writes_complete"] = complete
     if args.format == "json":

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 START_TIMEOUT = 20.0
+STARTUP_GRACE = 0.3
 
 
 def free_port() -> int:
@@ -24,10 +25,15 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], describe: Callable[[
             raise RuntimeError(f"exited with {proc.returncode}:\n{describe()}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
+                break
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"port {port} not accepting after {START_TIMEOUT}s:\n{describe()}")
+    else:
+        raise RuntimeError(f"port {port} not accepting after {START_TIMEOUT}s:\n{describe()}")
+    # mitmdump binds before it checks for script errors, then exits: give it that moment
+    time.sleep(STARTUP_GRACE)
+    if proc.poll() is not None:
+        raise RuntimeError(f"exited with {proc.returncode}:\n{describe()}")
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:

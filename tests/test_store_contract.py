@@ -14,6 +14,7 @@ from stores import key_doc
 from stores import put_key
 
 from burnmeter.documents import hash_key
+from burnmeter.documents import key_ref
 from burnmeter.documents import request_log
 from burnmeter.records import UsageRecord
 from burnmeter.store.base import Hold
@@ -95,7 +96,7 @@ def test_find_key_lookup_order(store: Store) -> None:
     assert (legacy.user_id, legacy.key_doc_id, legacy.key_expires_at) == ("carol", None, None)
 
     assert store.find_key("sk-unknown") is None
-    assert store.find_key(hash_key("sk-burn-bob")) is not None  # the _id itself is a raw match
+    assert store.find_key(hash_key("sk-burn-bob")) is None  # what the store holds is no key
 
 
 def test_find_key_inactive_expired_and_orphaned(store: Store) -> None:
@@ -225,6 +226,13 @@ def test_settle_key_counters(store: Store) -> None:
     assert (keys["tokensUsed"], keys["requestsCount"]) == (240, 2)
     assert keys["lastUsedAt"].tzinfo is not None
     assert "requestsCount" not in key_doc(store, "probe")
+
+
+def test_settle_finds_a_raw_key_document_by_its_reference(store: Store) -> None:
+    """Journaled settlements name a legacy raw-key document by its hash (``key_ref``)."""
+    alice(store, creditsNew="10")
+    store.settle([settlement("r1", "1", key=key_ref("sk-alice"))])
+    assert key_doc(store, "sk-alice")["requestsCount"] == 1
 
 
 def test_settle_above_hold_overdraws_by_the_difference(store: Store) -> None:

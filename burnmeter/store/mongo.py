@@ -298,8 +298,9 @@ class MongoStore(Store):
         except DuplicateKeyError:
             applied = False
         if applied and s.key_doc_id is not None:
+            ids = [d["_id"] for d in self.db[KEYS].find({"name": s.user_id}, projection=["_id"])]
             self.db[KEYS].update_one(
-                {"_id": s.key_doc_id},
+                {"_id": rules.resolve_key_ref(s.key_doc_id, ids)},
                 {
                     "$inc": {"tokensUsed": s.input_tokens + s.output_tokens, "requestsCount": 1},
                     "$set": {"lastUsedAt": extjson.utc(utcnow())},

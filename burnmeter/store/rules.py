@@ -14,7 +14,9 @@ from datetime import datetime
 from decimal import Decimal
 
 from burnmeter.config import Pool
+from burnmeter.documents import HASHED_PREFIX
 from burnmeter.documents import hash_key
+from burnmeter.documents import key_ref
 from burnmeter.money import ZERO
 from burnmeter.store.base import Document
 from burnmeter.store.base import KeyOwner
@@ -24,7 +26,11 @@ Lookup = Callable[[str], Document | None]
 
 
 def find_key(key: str, key_doc: Lookup, user: Lookup, user_by_api_key: Lookup) -> KeyOwner | None:
-    """user_keys by the raw key as _id, then by its hash, then usersNew.apiKey."""
+    """user_keys by the raw key as _id, then by its hash, then usersNew.apiKey.
+
+    A presented ``sha256:…`` string is never a key: it is what the store holds."""
+    if key.startswith(HASHED_PREFIX):
+        return None
     for key_doc_id in (key, hash_key(key)):
         doc = key_doc(key_doc_id)
         if doc is None:
@@ -136,3 +142,11 @@ def new_user_documents(
         "createdAt": now,
     }
     return user, key
+
+
+def resolve_key_ref(ref: str, key_doc_ids: Iterable[str]) -> str | None:
+    """The user_keys._id among ``key_doc_ids`` that a settlement's ``key_doc_id`` names."""
+    for key_doc_id in key_doc_ids:
+        if key_doc_id == ref or key_ref(key_doc_id) == ref:
+            return key_doc_id
+    return None

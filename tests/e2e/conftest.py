@@ -17,12 +17,12 @@ from burnmeter.config import Config
 from burnmeter.config import load_config
 from burnmeter.store import open_store
 from burnmeter.store.base import Store
+from scripts.processes import stop_process
 from tests.e2e.harness import CONFIG_TOML
 from tests.e2e.harness import ROOT
 from tests.e2e.harness import Accounts
 from tests.e2e.harness import Proxy
 from tests.e2e.harness import Upstream
-from tests.e2e.harness import stop_process
 
 
 @pytest.fixture(scope="session")

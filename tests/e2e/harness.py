@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,12 +19,13 @@ from burnmeter.documents import hash_key
 from burnmeter.documents import new_key
 from burnmeter.store.base import Document
 from burnmeter.store.base import Store
+from scripts.processes import free_port
+from scripts.processes import stop_process
+from scripts.processes import wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
-START_TIMEOUT = 20.0
-STARTUP_GRACE = 0.3
 LOG_TIMEOUT = 10.0
 
 OPENHANDS_HOST = "openhands.test"
@@ -75,41 +74,6 @@ cache_read = 0.3
 input = 0.1
 output = 0.0
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], describe: Callable[[], str]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}:\n{describe()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        raise RuntimeError(f"port {port} not accepting after {START_TIMEOUT}s:\n{describe()}")
-    # mitmdump binds before it checks for script errors, then exits: give it that moment
-    time.sleep(STARTUP_GRACE)
-    if proc.poll() is not None:
-        raise RuntimeError(f"exited with {proc.returncode}:\n{describe()}")
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    return int(proc.returncode)
 
 
 @dataclass

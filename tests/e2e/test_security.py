@@ -25,6 +25,8 @@ from burnmeter.documents import hash_key
 from burnmeter.documents import new_key
 from burnmeter.store import open_store
 from burnmeter.store.base import Store
+from scripts.processes import free_port
+from scripts.processes import wait_for_port
 from tests.e2e.harness import CONFIG_TOML
 from tests.e2e.harness import MITMDUMP
 from tests.e2e.harness import OHMYGPT_HOST
@@ -33,8 +35,6 @@ from tests.e2e.harness import OPENHANDS_HOST
 from tests.e2e.harness import ROOT
 from tests.e2e.harness import Proxy
 from tests.e2e.harness import Upstream
-from tests.e2e.harness import free_port
-from tests.e2e.harness import wait_for_port
 from tests.e2e.harness import wait_logs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
@@ -222,12 +222,6 @@ def test_proxy_refuses_a_world_writable_config(upstream: Upstream, tmp_path: Pat
     assert f"{config_path}: world-writable config file refused" in lines[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="addons/metering.py _reject leaves the client's credentials on a rejected flow, "
-    "so mitmdump prints a Gemini ?key= in the request line (and flow_detail>=2 prints "
-    "Authorization); fix: call addons.keys.drop_client_key(f.request) in _reject",
-)
 def test_rejected_gemini_query_key_is_not_printed(run: Run) -> None:
     key = new_key()
     with httpx.Client(base_url=run.proxy.base_url, timeout=10) as client:
