@@ -202,7 +202,8 @@ class Admission:
         self._calls.add(future)
         future.add_done_callback(self._calls.discard)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), STORE_TIMEOUT)
+            async with asyncio.timeout(STORE_TIMEOUT):
+                return await asyncio.wrap_future(future)
         except TimeoutError:
             error = StoreError(f"no answer within {STORE_TIMEOUT}s")
             future.add_done_callback(self._release_late_hold)

@@ -39,7 +39,8 @@ class SettlementWriter:
     record are released: the process died mid-request, or a hold that admission gave up
     waiting for was made after its request settled without it. ``sweep_age`` must exceed
     the longest request. With ``log_ttl`` (stores without a TTL index), logs older than
-    that are purged every ``purge_interval`` seconds.
+    that are purged every ``purge_interval`` seconds. A batch gathers for up to
+    ``batch_window`` seconds, so one transaction and one checkpoint serve many requests.
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class SettlementWriter:
         journal: Journal,
         *,
         batch_size: int = 200,
+        batch_window: float = 0.02,
         on_applied: OnApplied | None = None,
         backoff: tuple[float, float] = (0.2, 5.0),
         sweep_interval: float = 60.0,
@@ -59,6 +61,7 @@ class SettlementWriter:
         self.healthy = True  # the last store call succeeded
         self._store_factory = store_factory
         self._batch_size = batch_size
+        self._batch_window = batch_window
         self._on_applied = on_applied
         self._backoff_min, self._backoff_max = backoff
         self._sweep_interval = sweep_interval
@@ -117,6 +120,9 @@ class SettlementWriter:
         next_sweep = time.monotonic() + self._sweep_interval
         next_purge = time.monotonic() if self._log_ttl else float("inf")
         while not (self._stopping and (not self.journal.backlog or self._past_deadline())):
+            if not self._stopping and 0 < self.journal.backlog < self._batch_size:
+                # group commit: one store transaction and one checkpoint for many requests
+                self._kick.wait(self._batch_window)
             self._wake.clear()
             try:
                 if store is None:

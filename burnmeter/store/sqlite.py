@@ -407,15 +407,17 @@ class SqliteStore(Store):
             self._add(conn, s.user_id, {**deltas, **rules.settlement_counters(pool, s)})
         self._insert(conn, LOGS, _row({**s.log, "_id": s.request_id}, LOG_COLUMNS))
         if s.key_doc_id is not None:
-            ids = [
-                r[0] for r in conn.execute(f"SELECT _id FROM {KEYS} WHERE name = ?", (s.user_id,))
-            ]
-            key_doc_id = rules.resolve_key_ref(s.key_doc_id, ids)
-            conn.execute(
+            counters = (
                 f"UPDATE {KEYS} SET tokensUsed = COALESCE(tokensUsed, 0) + ?,"
-                " requestsCount = COALESCE(requestsCount, 0) + 1, lastUsedAt = ? WHERE _id = ?",
-                (s.input_tokens + s.output_tokens, extjson.to_ms(now), key_doc_id),
+                " requestsCount = COALESCE(requestsCount, 0) + 1, lastUsedAt = ? WHERE _id = ?"
             )
+            tokens, at = s.input_tokens + s.output_tokens, extjson.to_ms(now)
+            if not conn.execute(counters, (tokens, at, s.key_doc_id)).rowcount:
+                ids = [
+                    r[0]
+                    for r in conn.execute(f"SELECT _id FROM {KEYS} WHERE name = ?", (s.user_id,))
+                ]
+                conn.execute(counters, (tokens, at, rules.resolve_key_ref(s.key_doc_id, ids)))
         return True
 
     def open_holds(self, older_than: datetime) -> list[Hold]:
