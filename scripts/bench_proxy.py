@@ -303,7 +303,15 @@ async def scale_out(load: Load, upstream_port: int, workdir: Path) -> dict[str, 
     db_url = f"sqlite:///{workdir / 'scale-out.db'}"
     args = metered_args(workdir, db_url)
     ports = [free_port(), free_port()]
-    procs = [start_mitmdump(args, upstream_port, port, workdir) for port in ports]
+    procs = [
+        start_mitmdump(
+            [*args, "--set", f"metering_journal={workdir / f'scale-{port}.journal'}"],
+            upstream_port,
+            port,
+            workdir,
+        )
+        for port in ports
+    ]
     for cpu, proc in enumerate(procs):
         pin(proc.pid, cpu)
     user, key = new_account(db_url, workdir)

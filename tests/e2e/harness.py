@@ -100,6 +100,8 @@ class Proxy:
     db_path: Path
     workdir: Path
     port: int = field(default_factory=free_port)
+    options: dict[str, object] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -129,40 +131,38 @@ class Proxy:
         )
 
     def start(self) -> None:
+        """Start mitmdump; ``options`` add to or replace the ``--set`` values below.
+
+        (mitmdump ignores an addon option given twice and then runs without the addon,
+        so each option appears once.)"""
+        settings: dict[str, object] = {
+            "metering_config": self.config_path,
+            "metering_db": self.db_url,
+            "metering_journal": self.journal_path,
+            "connection_strategy": "lazy",
+            # quiet about flows (-q), but keep the addon's info lines for the key-leak test
+            "flow_detail": 0,
+            "termlog_verbosity": "info",
+            **self.options,
+        }
         args = [
             str(MITMDUMP),
             "--listen-host",
             "127.0.0.1",
             "-s",
             str(ROOT / "addons" / "metering.py"),
-            "--mode",
-            f"reverse:{self.upstream.base_url}@{self.port}",
-            "--set",
-            f"metering_config={self.config_path}",
-            "--set",
-            f"metering_db={self.db_url}",
-            "--set",
-            f"metering_journal={self.journal_path}",
-            "--set",
-            "connection_strategy=lazy",
-            # quiet about flows (-q), but keep the addon's info lines for the key-leak test
-            "--set",
-            "flow_detail=0",
-            "--set",
-            "termlog_verbosity=info",
         ]
+        args += ["--mode", f"reverse:{self.upstream.base_url}@{self.port}"]
+        for name, value in settings.items():
+            args += ["--set", f"{name}={value}"]
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "E2E_OHMYGPT_UPSTREAM_KEY": OHMYGPT_UPSTREAM_KEY,
+            **self.env,
+        }
         with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
-            self.proc = subprocess.Popen(
-                args,
-                cwd=ROOT,
-                stdout=out,
-                stderr=err,
-                env={
-                    **os.environ,
-                    "PYTHONUNBUFFERED": "1",
-                    "E2E_OHMYGPT_UPSTREAM_KEY": OHMYGPT_UPSTREAM_KEY,
-                },
-            )
+            self.proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=err, env=env)
         wait_for_port(self.port, self.proc, self.output)
 
     def stop(self) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -23,7 +22,6 @@ from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import httpx
 import pytest
@@ -33,7 +31,6 @@ from burnmeter.config import load_config
 from burnmeter.documents import utcnow
 from burnmeter.store import open_store
 from burnmeter.store.base import Store
-from tests.e2e import harness
 from tests.e2e.harness import CONFIG_TOML
 from tests.e2e.harness import OPENHANDS_HOST
 from tests.e2e.harness import Account
@@ -49,29 +46,13 @@ MESSAGES = [{"role": "user", "content": "Say something."}]
 
 @dataclass
 class JournaledProxy(Proxy):
-    """The harness's proxy with its own journal and extra ``--set`` options.
-
-    mitmdump ignores an addon option given twice (and then runs without the addon), so
-    the harness's own value of an option set here is taken out of its command line."""
+    """The harness's proxy with its own journal (and extra ``--set`` options)."""
 
     journal_file: Path = Path()
-    options: dict[str, object] = field(default_factory=dict)
 
-    def start(self) -> None:
-        mine = {"metering_journal": self.journal_file, **self.options}
-        popen = subprocess.Popen
-
-        def with_options(cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-            args = list(cmd)
-            for i in reversed(range(len(args) - 1)):
-                if args[i] == "--set" and args[i + 1].partition("=")[0] in mine:
-                    del args[i : i + 2]
-            for name, value in mine.items():
-                args += ["--set", f"{name}={value}"]
-            return popen(args, **kwargs)
-
-        with mock.patch.object(harness.subprocess, "Popen", with_options):
-            super().start()
+    @property
+    def journal_path(self) -> Path:
+        return self.journal_file
 
     def kill(self) -> None:
         assert self.proc is not None

@@ -26,7 +26,6 @@ from burnmeter.documents import new_key
 from burnmeter.store import open_store
 from burnmeter.store.base import Store
 from scripts.processes import free_port
-from scripts.processes import wait_for_port
 from tests.e2e.harness import CONFIG_TOML
 from tests.e2e.harness import MITMDUMP
 from tests.e2e.harness import OHMYGPT_HOST
@@ -44,31 +43,17 @@ GEMINI = "/v1beta/models/fake-gpt:generateContent"
 GEMINI_BODY = {"contents": [{"role": "user", "parts": [{"text": "Hi."}]}]}
 
 
-class LoudProxy(Proxy):
-    """The harness's proxy with mitmdump's default flow_detail (request lines printed)."""
-
-    def start(self) -> None:
-        args = [
-            str(MITMDUMP),
-            "--listen-host",
-            "127.0.0.1",
-            "-s",
-            str(ROOT / "addons" / "metering.py"),
-            "--mode",
-            f"reverse:{self.upstream.base_url}@{self.port}",
-            "--set",
-            f"metering_config={self.config_path}",
-            "--set",
-            f"metering_db={self.db_url}",
-            "--set",
-            "termlog_verbosity=debug",
-        ]
-        # a wide "terminal": flow_detail=1 truncates URLs to its width, hiding query strings
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "500"}
-        env["E2E_OHMYGPT_UPSTREAM_KEY"] = OHMYGPT_UPSTREAM_KEY
-        with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
-            self.proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=err, env=env)
-        wait_for_port(self.port, self.proc, self.output)
+def loud_proxy(upstream: Upstream, config_path: Path, workdir: Path) -> Proxy:
+    """mitmdump's default flow_detail (request lines printed), on a wide "terminal":
+    flow_detail=1 truncates URLs to its width, hiding query strings."""
+    return Proxy(
+        upstream,
+        config_path,
+        workdir / "burnmeter.db",
+        workdir,
+        options={"flow_detail": 1, "termlog_verbosity": "debug"},
+        env={"COLUMNS": "500"},
+    )
 
 
 @dataclass
@@ -86,7 +71,7 @@ def run(
     config_path = workdir / "burnmeter.toml"
     config_path.write_text(CONFIG_TOML)
     config_path.chmod(0o600)
-    proxy = LoudProxy(upstream, config_path, workdir / "burnmeter.db", workdir)
+    proxy = loud_proxy(upstream, config_path, workdir)
     proxy.start()
     store = open_store(proxy.db_url, config.pools)
     store.ensure_schema(0)
