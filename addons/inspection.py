@@ -10,7 +10,6 @@ its usage. Streamed bodies are only kept with ``--set store_streamed_bodies=true
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from collections.abc import Sequence
 from decimal import Decimal
@@ -23,8 +22,6 @@ from mitmproxy import http
 
 from addons.admission import Ticket
 from burnmeter.records import UsageRecord
-from burnmeter.sse import JSONArrayParser
-from burnmeter.sse import SSEParser
 from burnmeter.store.base import Settlement
 from burnmeter.usage import StreamUsage
 from burnmeter.usage import api_for
@@ -120,50 +117,6 @@ def format_balances(balances: Iterable[tuple[str, Decimal]]) -> str:
     return " · ".join(f"{pool}: ${amount:.4f}" for pool, amount in balances)
 
 
-def _text_parts(api: str, obj: dict[str, Any]) -> Iterable[object]:
-    """The generated text (and tool-call arguments) one stream event carries."""
-    match api:
-        case "openai.chat":
-            for choice in obj.get("choices") or []:
-                delta = choice.get("delta") or {}
-                yield delta.get("reasoning_content")
-                yield delta.get("content")
-                for call in delta.get("tool_calls") or []:
-                    yield (call.get("function") or {}).get("arguments")
-        case "openai.responses":
-            if str(obj.get("type", "")).endswith(".delta"):
-                yield obj.get("delta")
-        case "anthropic.messages":
-            if obj.get("type") == "content_block_delta":
-                delta = obj.get("delta") or {}
-                yield from (delta.get(k) for k in ("thinking", "text", "partial_json"))
-        case "gemini.generate":
-            for candidate in obj.get("candidates") or []:
-                for part in (candidate.get("content") or {}).get("parts") or []:
-                    yield part.get("text")
-
-
-def _payloads(data: bytes) -> list[bytes]:
-    """The events of a streamed body: SSE data fields, or JSON array elements."""
-    if data.lstrip()[:1] in (b"[", b"{"):
-        return JSONArrayParser().feed(data)
-    sse = SSEParser()
-    return [event.data for event in [*sse.feed(data), *sse.close()]]
-
-
-def reassemble(api: str, data: bytes) -> tuple[str, int]:
-    """(text, number of events) of a streamed response body."""
-    payloads = _payloads(data)
-    text: list[str] = []
-    for payload in payloads:
-        try:
-            obj = json.loads(payload)
-            text += [part for part in _text_parts(api, obj) if isinstance(part, str)]
-        except (ValueError, AttributeError, TypeError):
-            continue
-    return "".join(text), len(payloads)
-
-
 class LLMStreamContentview(contentviews.Contentview):
     """A streamed LLM response as reassembled text and usage."""
 
@@ -172,12 +125,11 @@ class LLMStreamContentview(contentviews.Contentview):
         return "LLM Stream"
 
     def prettify(self, data: bytes, metadata: contentviews.Metadata) -> str:
-        api = _api(metadata) or "openai.chat"
-        text, count = reassemble(api, data)
-        stream = StreamUsage(api, collect_text=False)
+        stream = StreamUsage(_api(metadata) or "openai.chat", keep_text=True)
         stream.feed(data)
         usage, model = stream.result()
-        summary = f"--- {count} events · model {model or '?'} · done={stream.done}"
+        text = "".join(stream.text or ())
+        summary = f"--- {stream.events} events · model {model or '?'} · done={stream.done}"
         if usage is None:
             return f"{text}\n\n{summary}\nusage: none reported"
         counts = " · ".join(

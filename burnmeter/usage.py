@@ -35,6 +35,8 @@ import dataclasses
 import json
 import logging
 import re
+from collections.abc import Iterable
+from collections.abc import Iterator
 from typing import Any
 
 from burnmeter.records import UsageRecord
@@ -288,15 +290,13 @@ _STATEFUL_DATA = {
 }
 
 
-def _text_len(obj: Any, *keys: str) -> int:
-    """Total length of the string values among ``obj[key]``."""
-    chars = 0
+def _strings(obj: Any, *keys: str) -> Iterator[str]:
+    """The string values among ``obj[key]``."""
     if isinstance(obj, dict):
         for key in keys:
             value = obj.get(key)
             if isinstance(value, str):
-                chars += len(value)
-    return chars
+                yield value
 
 
 def _dicts(value: Any) -> list[dict[str, Any]]:
@@ -309,14 +309,12 @@ def _kind(event: str | None, obj: dict[str, Any]) -> str | None:
     return kind if isinstance(kind, str) else event
 
 
-def _chat_text(chunk: dict[str, Any]) -> int:
-    chars = 0
+def _chat_text(chunk: dict[str, Any]) -> Iterator[str]:
     for choice in _dicts(chunk.get("choices")):
         delta = choice.get("delta")
-        chars += _text_len(delta, "content", "reasoning_content", "reasoning")
+        yield from _strings(delta, "content", "reasoning_content", "reasoning")
         for call in _dicts(_dig(delta, "tool_calls")):
-            chars += _text_len(call.get("function"), "arguments")
-    return chars
+            yield from _strings(call.get("function"), "arguments")
 
 
 class StreamUsage:
@@ -325,12 +323,18 @@ class StreamUsage:
     Fed the raw body chunks (SSE, or a JSON array/object if the body starts with ``[`` or
     ``{``); ``feed`` never raises and keeps at most one event in memory. With
     ``collect_text`` the characters of generated text, reasoning and tool-call arguments
-    are counted in ``text_chars`` (to estimate output when no usage arrives); without it,
+    are counted in ``text_chars`` (to estimate output when no usage arrives), and with
+    ``keep_text`` also kept in ``text`` (for display); without ``collect_text``,
     events are only JSON-decoded when a bytes pre-filter says they can matter.
     """
 
     def __init__(
-        self, api: str, *, collect_text: bool = True, max_event_bytes: int = MAX_EVENT_BYTES
+        self,
+        api: str,
+        *,
+        collect_text: bool = True,
+        keep_text: bool = False,
+        max_event_bytes: int = MAX_EVENT_BYTES,
     ) -> None:
         handlers = {
             "openai.chat": self._on_chat,
@@ -343,9 +347,11 @@ class StreamUsage:
         if api not in handlers:
             raise ValueError(f"unknown api: {api!r}")
         self.api = api
-        self.collect_text = collect_text
+        self.collect_text = collect_text or keep_text
         self.max_event_bytes = max_event_bytes
         self.text_chars = 0
+        self.text: list[str] | None = [] if keep_text else None
+        self.events = 0
         self.error: dict[str, Any] | None = None
         self.done = False
         """The stream's own end marker was seen (``[DONE]``, ``message_stop``, a terminal
@@ -406,6 +412,7 @@ class StreamUsage:
             self._on_data(event.event, event.data)
 
     def _on_data(self, event: str | None, data: bytes) -> None:
+        self.events += 1
         if data == b"[DONE]":
             self.done = True
             return
@@ -428,10 +435,16 @@ class StreamUsage:
             self.error = obj
         self._on_event(event, obj)
 
+    def _take_text(self, parts: Iterable[str]) -> None:
+        for part in parts:
+            self.text_chars += len(part)
+            if self.text is not None:
+                self.text.append(part)
+
     def _on_chat(self, event: str | None, chunk: dict[str, Any]) -> None:
         self._usage = _usage_of(self.api, chunk) or self._usage
         if self.collect_text:
-            self.text_chars += _chat_text(chunk)
+            self._take_text(_chat_text(chunk))
 
     def _on_responses(self, event: str | None, obj: dict[str, Any]) -> None:
         kind = _kind(event, obj)
@@ -444,7 +457,7 @@ class StreamUsage:
             if isinstance(error, dict):
                 self.error = error
         elif self.collect_text and kind in _RESPONSES_TEXT_DELTAS:
-            self.text_chars += _text_len(obj, "delta")
+            self._take_text(_strings(obj, "delta"))
 
     def _on_anthropic(self, event: str | None, obj: dict[str, Any]) -> None:
         kind = _kind(event, obj)
@@ -461,7 +474,7 @@ class StreamUsage:
         elif kind == "message_stop":
             self.done = True
         elif kind == "content_block_delta" and self.collect_text:
-            self.text_chars += _text_len(obj.get("delta"), "text", "thinking", "partial_json")
+            self._take_text(_strings(obj.get("delta"), "text", "thinking", "partial_json"))
 
     def _on_gemini(self, event: str | None, chunk: dict[str, Any]) -> None:
         self._usage = _usage_of(self.api, chunk) or self._usage
@@ -470,4 +483,4 @@ class StreamUsage:
                 self.done = True
             if self.collect_text:
                 for part in _dicts(_dig(candidate, "content", "parts")):
-                    self.text_chars += _text_len(part, "text")
+                    self._take_text(_strings(part, "text"))
