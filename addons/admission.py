@@ -18,6 +18,7 @@ each request in flight: the journal never has to refuse a finished request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -127,11 +128,18 @@ class Ticket:
 
 def client_host(request: http.Request) -> tuple[str, int | None]:
     """Host and port the client addressed (its Host header, or :authority on HTTP/2)."""
+    host, port = _authority(request.host_header or "")
+    return host or request.host, port
+
+
+@functools.lru_cache(maxsize=1024)
+def _authority(authority: str) -> tuple[str, int | None]:
+    """(lower-case host, port) of a Host header; cached: clients name a handful of hosts."""
     try:
-        host, port = url.parse_authority(request.host_header or "", check=False)
+        host, port = url.parse_authority(authority, check=False)
     except ValueError:
-        return request.host, None
-    return host.lower() or request.host, port
+        return "", None
+    return host.lower(), port
 
 
 def request_api(request: http.Request) -> tuple[str, str | None, Style]:

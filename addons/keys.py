@@ -48,8 +48,10 @@ def _presented_key(request: http.Request, style: Style) -> str | None:
 
 def drop_client_key(request: http.Request) -> None:
     """Remove every place a client key can be (headers and Gemini's ``?key=``)."""
+    present = {name.lower() for name, _ in request.headers.fields}  # one scan, not one a name
     for name in CLIENT_KEY_HEADERS:
-        request.headers.pop(name, None)
+        if name.encode() in present:
+            del request.headers[name]
     if "key=" in request.path and "key" in request.query:  # parsing the query is not free
         request.query.pop("key")
 
