@@ -61,6 +61,13 @@ def response_usage(ticket: Ticket, response: http.Response) -> UsageRecord | Non
     return estimated(ticket, None, generated)
 
 
+def arrived_whole(ticket: Ticket, response: http.Response) -> bool:
+    """The whole response is in, whether or not its ``response`` hook has run."""
+    if ticket.tap is not None:
+        return ticket.tap.usage.done
+    return response.raw_content is not None
+
+
 def error_usage(ticket: Ticket, response: http.Response | None) -> UsageRecord | None:
     """Usage of a request that failed (``error`` hook): None if nothing reached the client."""
     if response is None:

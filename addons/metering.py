@@ -181,19 +181,28 @@ class Metering:
         self._close()
 
     def _settle_in_flight(self) -> None:
-        """Shutdown does not wait for open requests: settle each one as cut off, charged
-        for what already reached the client (as ``error`` would), so no hold outlives us.
+        """Shutdown does not wait for open requests: settle each one now, so no hold
+        outlives us and nothing goes out unmetered while the event loop winds down.
 
-        A request still waiting for its hold is settled at 0 once the hold call is done
-        (which releases the hold, if it was made)."""
+        A response that is all in is settled as if its ``response`` hook had run: the
+        client gets all of it. Every other request is killed, so its client never sees a
+        complete answer, and settled as cut off, charged for what already reached the
+        client (as ``error`` would); one still waiting for its hold is settled at 0 once
+        the hold call is done (which releases the hold, if it was made)."""
         if self.writer is None or self.admission is None:
             return
         self.admission.drain(DRAIN_TIMEOUT)
         for f, ticket in list(self.tickets.items()):
-            if ticket.quote is None:  # no hold asked for yet
-                continue
             del self.tickets[f]
-            usage = billing.error_usage(ticket, f.response) if ticket.admitted else None
+            response = f.response
+            if ticket.admitted and response and billing.arrived_whole(ticket, response):
+                self._settle_response(f, ticket, response)
+                continue
+            if f.killable:
+                f.kill()
+            if ticket.quote is None:  # no hold asked for: nothing to settle
+                continue
+            usage = billing.error_usage(ticket, response) if ticket.admitted else None
             outcome: Outcome = "charged" if usage else "failed"
             self._settle(f, ticket, usage, SHUTDOWN_STATUS, outcome, "proxy shut down")
 
@@ -292,8 +301,11 @@ class Metering:
         ticket = self.tickets.pop(f, None)
         if ticket is None or not ticket.admitted or f.response is None:
             return
-        usage = billing.response_usage(ticket, f.response)
-        status = f.response.status_code
+        self._settle_response(f, ticket, f.response)
+
+    def _settle_response(self, f: http.HTTPFlow, ticket: Ticket, response: http.Response) -> None:
+        usage = billing.response_usage(ticket, response)
+        status = response.status_code
         reason = None if 200 <= status < 300 else f"upstream answered {status}"
         self._settle(f, ticket, usage, status, "charged" if usage else "failed", reason)
 

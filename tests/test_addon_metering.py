@@ -696,9 +696,22 @@ async def test_shutdown_settles_requests_still_in_flight(env: Env) -> None:
     tap(chat_sse(["Hello there, this was streamed"], None))
     waiting = make_flow()
     await admit(env, waiting)
-    log = settled(env, f.id)  # done(): the proxy stops with both open
+    arrived = make_flow()  # all in, its response hook still to run: the client gets it
+    await admit(env, arrived)
+    arrived.response = json_response({"model": "gpt-4o", "choices": [], "usage": CHAT_USAGE})
+    unpriced = make_flow()  # past requestheaders, its body not read yet
+    await env.metering.requestheaders(unpriced)
+    log = settled(env, f.id)  # done(): the proxy stops with all of them open
     assert log is not None and log["statusCode"] == 503 and log["creditsCost"] > 0
     assert log["usageSource"] == "estimated"
     unanswered = env.store.log(waiting.id)
     assert unanswered is not None and unanswered["creditsCost"] == 0
+    # settled as cut off, so their clients must never see a complete answer
+    assert f.error is not None and f.error.msg == flow.Error.KILLED_MESSAGE
+    assert waiting.error is not None and unpriced.error is not None
+    assert env.store.log(unpriced.id) is None, "never held, never forwarded"
+    whole = env.store.log(arrived.id)
+    assert whole is not None and arrived.error is None
+    assert whole["statusCode"] == 200 and whole["usageSource"] == "reported"
+    assert whole["creditsCost"] == Decimal("0.009")
     assert env.store.open_holds(utcnow() + timedelta(days=1)) == []

@@ -136,6 +136,27 @@ def chat(
     return 200, True, json.loads(data)
 
 
+def stream_until_cut(proxy: Proxy, key: str, started: threading.Event) -> None:
+    """A stream far longer than the test: sets ``started`` at its first bytes."""
+    body = {
+        "model": "fake-gpt",
+        "messages": MESSAGES,
+        "stream": True,
+        "x_chunks": 5000,
+        "x_delay_ms": 2,
+    }
+    headers = {"Host": OPENHANDS_HOST, "Authorization": f"Bearer {key}"}
+    try:
+        with httpx.Client(timeout=10) as client:
+            with client.stream(
+                "POST", proxy.base_url + "/v1/chat/completions", json=body, headers=headers
+            ) as response:
+                for _ in response.iter_raw():
+                    started.set()
+    except httpx.HTTPError:
+        pass
+
+
 @dataclass
 class Load:
     """Requests ``i = 0, 1, ...`` (i + 1 output tokens each) from ``workers`` threads."""
@@ -252,21 +273,27 @@ def test_sigterm_under_load_exits_quickly_with_everything_applied(site: Site) ->
     proxy = site.proxy()
     load = Load(proxy, alice.key)
     took: list[float] = []
+    streaming = threading.Event()
+    long_stream = threading.Thread(target=stream_until_cut, args=(proxy, alice.key, streaming))
+    long_stream.start()
 
     def terminate() -> None:
         assert proxy.proc is not None
+        assert streaming.wait(10), "a stream is open when the signal comes"
         started = time.monotonic()
         proxy.proc.send_signal(signal.SIGTERM)
         proxy.proc.wait(15)
         took.append(time.monotonic() - started)
 
     load.run(1.0, terminate)
+    long_stream.join(10)
     assert took and took[0] < 15
     assert proxy.journal_size() == 0, "checkpointed at the end"
-    # requests still open at the signal are settled as cut off: no hold outlives the proxy
+    # requests still open at the signal are settled as cut off: no hold outlives the proxy,
+    # and what already reached the client is charged
     logs = check_books(site, alice, load.complete)
-    assert len(logs) > len(load.complete), "in-flight requests were logged"
-    assert any(log["statusCode"] == 503 for log in logs)
+    cut = [log for log in logs if log["statusCode"] == 503 and log["stream"]]
+    assert any(log["usageSource"] == "estimated" and log["creditsCost"] > 0 for log in cut)
 
 
 # -- store outage --------------------------------------------------------------------------
