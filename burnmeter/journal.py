@@ -37,6 +37,8 @@ from burnmeter.store.base import Settlement
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+MEMORY_RECORDS = 10_000
+"""Records past the checkpoint also kept in memory, so the writer does not decode them."""
 _READ_CHUNK = 64 * 1024
 
 
@@ -129,8 +131,11 @@ class Journal:
         try:
             self._size = self._cut_torn_tail(os.fstat(self._fd).st_size)
             self._checkpoint = self._read_checkpoint()
-            # End offsets of the records past the checkpoint: backlog and advance bookkeeping.
-            self._ends: collections.deque[int] = collections.deque(self._line_ends())
+            # The records past the checkpoint: end offset and, for those appended by this
+            # process, the settlement itself (the writer need not read back and decode it).
+            self._ends: collections.deque[tuple[int, Settlement | None]] = collections.deque(
+                (end, None) for end in self._line_ends()
+            )
         except BaseException:
             os.close(self._fd)
             raise
@@ -152,7 +157,9 @@ class Journal:
                 self._undo_partial_write()
                 raise JournalError(f"{self.path}: short write ({written}/{len(line)} bytes)")
             self._size += written
-            self._ends.append(self._size)
+            # past MEMORY_RECORDS (a long outage), the writer reads them back from the file
+            kept = settlement if len(self._ends) < MEMORY_RECORDS else None
+            self._ends.append((self._size, kept))
         if self.fsync:
             os.fsync(self._fd)
 
@@ -170,6 +177,13 @@ class Journal:
         """Up to ``limit`` records past the checkpoint, each with its end offset."""
         with self._lock:
             start, end = self._checkpoint, self._size
+            fresh: list[tuple[int, Settlement]] = []
+            for offset, settlement in self._ends:
+                if settlement is None or len(fresh) == limit:
+                    break
+                fresh.append((offset, settlement))
+        if fresh:
+            return fresh
         out: list[tuple[int, Settlement]] = []
         offset = start
         buf = b""
@@ -191,7 +205,7 @@ class Journal:
         with self._lock:
             if self._fd < 0:
                 raise JournalError(f"{self.path}: journal is closed")
-            while self._ends and self._ends[0] <= offset:
+            while self._ends and self._ends[0][0] <= offset:
                 self._ends.popleft()
             self._checkpoint = offset
             if offset == self._size:

@@ -226,3 +226,31 @@ def test_concurrent_appends_while_draining(path: str) -> None:
         mine = [s for s in seen if int(s[4:]) // per_thread == t]
         assert mine == [f"req-{t * per_thread + i}" for i in range(per_thread)]
     assert os.path.getsize(path) == 0
+
+
+def test_records_appended_here_are_served_from_memory_then_from_the_file(path: str) -> None:
+    with Journal(path) as journal:
+        for i in range(3):
+            journal.append(settlement(i))
+        in_memory = journal.pending(2)
+        assert [s for _, s in in_memory] == [settlement(0), settlement(1)]
+        with open(path, "ab") as f:  # what is in memory is not read back from the file
+            f.write(b"not json\n")
+        assert ids(journal.pending(10)) == ["req-0", "req-1", "req-2"]
+        journal.advance(in_memory[-1][0])
+    with Journal(path) as reopened:  # another process: the same records, from the file
+        assert ids(reopened.pending(1)) == ["req-2"]
+
+
+def test_a_long_backlog_is_read_back_from_the_file(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("burnmeter.journal.MEMORY_RECORDS", 2)
+    with Journal(path) as journal:
+        for i in range(4):
+            journal.append(settlement(i))
+        assert ids(journal.pending(10)) == ["req-0", "req-1"]
+        journal.advance(journal.pending(10)[-1][0])
+        assert ids(journal.pending(10)) == ["req-2", "req-3"]  # decoded from the file
+        journal.append(settlement(4))
+        assert ids(journal.pending(10)) == ["req-2", "req-3", "req-4"]

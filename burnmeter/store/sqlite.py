@@ -394,7 +394,8 @@ class SqliteStore(Store):
             return [self._settle(conn, s, now) for s in settlements]
 
     def _settle(self, conn: sqlite3.Connection, s: Settlement, now: datetime) -> bool:
-        if conn.execute(f"SELECT 1 FROM {LOGS} WHERE _id = ?", (s.request_id,)).fetchone():
+        # the log first: a request id that is already logged was settled (same transaction)
+        if not self._insert(conn, LOGS, _row({**s.log, "_id": s.request_id}, LOG_COLUMNS)):
             return False
         row = conn.execute(
             f"DELETE FROM {HOLDS} WHERE _id = ? RETURNING parts", (s.request_id,)
@@ -405,7 +406,6 @@ class SqliteStore(Store):
         if balances is not None:
             deltas = rules.settle_deltas(balances, held, s.cost)
             self._add(conn, s.user_id, {**deltas, **rules.settlement_counters(pool, s)})
-        self._insert(conn, LOGS, _row({**s.log, "_id": s.request_id}, LOG_COLUMNS))
         if s.key_doc_id is not None:
             counters = (
                 f"UPDATE {KEYS} SET tokensUsed = COALESCE(tokensUsed, 0) + ?,"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
 import httpx
 import pytest
 
@@ -390,13 +394,59 @@ def test_tls_client_offering_http2_is_served_and_metered(
     assert all(log["usageSource"] == "reported" and log["creditsCost"] > 0 for log in logs)
 
 
-@pytest.mark.skip(
-    reason="true HTTP/2 needs TLS+ALPN h2 end to end: mitmproxy 12 refuses h2c prior knowledge "
-    "and, in front of a plain-HTTP/1 upstream (the aiohttp fake cannot do h2), does not "
-    "complete an h2-only handshake; the stream tap and hooks are protocol-agnostic"
-)
-def test_http2_end_to_end() -> None:  # pragma: no cover
-    pass
+def h2_post(port: int, headers: dict[str, str], body: dict[str, Any]) -> tuple[int, bytes]:
+    """One POST over TLS whose ALPN offers only h2 (httpx always offers http/1.1 first, and
+    mitmproxy follows the client's preference): (status, body)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # mitmproxy's own certificate
+    context.set_alpn_protocols(["h2"])
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    content = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=OPENHANDS_HOST) as sock:
+            assert sock.selected_alpn_protocol() == "h2"
+            conn.initiate_connection()
+            request = {":method": "POST", ":scheme": "https", ":authority": OPENHANDS_HOST}
+            request |= {":path": CHAT, "content-type": "application/json", **headers}
+            conn.send_headers(1, list(request.items()))
+            conn.send_data(1, content, end_stream=True)
+            sock.sendall(conn.data_to_send())
+            status, data = 0, b""
+            while True:
+                chunk = sock.recv(65536)
+                assert chunk, "connection closed before the end of the stream"
+                for event in conn.receive_data(chunk):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        status = int(dict(event.headers)[b":status"])
+                    elif isinstance(event, h2.events.DataReceived):
+                        data += event.data
+                        conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        return status, data
+                sock.sendall(conn.data_to_send())
+
+
+def test_http2_client_end_to_end(
+    proxy: Proxy, store: Store, accounts: Accounts, config: Config, client: httpx.Client
+) -> None:
+    """A real HTTP/2 client (TLS, ALPN h2): mitmproxy speaks h2 to it and HTTP/1.1 to the
+    upstream; the request is metered like any other, JSON and SSE, and errors keep their
+    shape."""
+    account = fresh(accounts)
+    headers = {"authorization": f"Bearer {account.key}"}
+    status, data = h2_post(proxy.port, headers, CHAT_BODY)
+    assert (
+        status == 200 and json.loads(data)["choices"][0]["message"]["content"] == "tok0 tok1 tok2 "
+    )
+    status, data = h2_post(proxy.port, headers, STREAM_BODY | {"x_split": 3})
+    assert status == 200 and data.count(b'"tok') == 3 and b'"usage": {' in data
+    status, data = h2_post(proxy.port, {"authorization": "Bearer nope"}, CHAT_BODY)
+    assert status == 401 and json.loads(data)["error"]["code"] == "invalid_api_key"
+    healthy(client, account)
+    logs = consistent(store, config, account, 3)
+    assert sorted(log["stream"] for log in logs) == [False, False, True]
+    assert all(log["usageSource"] == "reported" and log["creditsCost"] > 0 for log in logs)
 
 
 # -- client disconnects ---------------------------------------------------------------------------
