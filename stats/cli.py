@@ -61,6 +61,9 @@ class OneLineErrors(click.Group):
             message = e.args[0] if isinstance(e, KeyError) and e.args else e
             click.echo(f"burnmeter: error: {message}", err=True)
             sys.exit(1)
+        except Exception as e:  # a bug: still one line, named so that it can be reported
+            click.echo(f"burnmeter: internal error: {type(e).__name__}: {e}", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})

@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 import click
+from bson import ObjectId
 
 FORMATS = ("table", "json", "csv")
 
@@ -26,7 +27,7 @@ format_option = click.option(
 
 
 def plain(value: Any) -> Any:
-    """JSON-ready: Decimal as a number, datetime as ISO 8601 with offset."""
+    """JSON-ready: Decimal as a number, datetime as ISO 8601 with offset, ObjectId as hex."""
     if isinstance(value, Decimal):
         return (
             int(value)
@@ -35,6 +36,8 @@ def plain(value: Any) -> Any:
         )
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, ObjectId):  # the original's request log ids
+        return str(value)
     if isinstance(value, Mapping):
         return {k: plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

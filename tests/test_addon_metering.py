@@ -588,11 +588,20 @@ async def test_a_journal_refusal_is_logged_not_dropped(
     assert '"cost":"0.009000000"' in caplog.text and KEY not in caplog.text
 
 
-async def test_second_process_on_one_journal_is_one_line_options_error(env: Env) -> None:
+async def test_second_process_on_one_journal_is_one_line_options_error(
+    env: Env, tmp_path: Path
+) -> None:
     m = Metering()
     with taddons.context(m) as tctx:
+        # a valid set-up first: a refused option rolls back to it (not to ./burnmeter.db)
+        tctx.configure(
+            m,
+            metering_config=str(env.config_path),
+            metering_db=f"sqlite:///{tmp_path / 'other.db'}",
+        )
         with pytest.raises(exceptions.OptionsError, match="^metering_journal: .*in use"):
-            tctx.configure(m, metering_config=str(env.config_path), metering_db=env.db_url)
+            tctx.configure(m, metering_db=env.db_url)
+        m.done()
 
 
 async def test_journal_left_by_a_crash_is_replayed_on_start(env: Env) -> None:

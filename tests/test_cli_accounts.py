@@ -156,6 +156,21 @@ def test_runtime_errors_are_one_line_and_exit_1(
     assert show(backend, "alice")["creditsNew"] == 5  # nothing changed
 
 
+def test_an_unexpected_error_is_still_one_line(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_: object) -> None:
+        raise TypeError("Object of type X is not JSON serializable")
+
+    monkeypatch.setattr("burnmeter.store.sqlite.SqliteStore.user", broken)
+    monkeypatch.setattr("burnmeter.store.mongo.MongoStore.user", broken)
+    result = backend.run("accounts", "show", "alice")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == (
+        "burnmeter: internal error: TypeError: Object of type X is not JSON serializable\n"
+    )
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

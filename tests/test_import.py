@@ -276,3 +276,16 @@ def test_parse_keeps_kinds_and_makes_money_exact() -> None:
     }
     assert type(doc["n"]) is int and type(doc["f"]) is float
     assert isinstance(doc["credits"], Decimal) and isinstance(doc["creditsNew"], Decimal)
+
+
+def test_imported_original_logs_print_as_json_and_csv(keeping: Backend) -> None:
+    """The original's logs have ObjectId ids: JSON prints them as their hex string."""
+    assert run_import(keeping, "logs", LOGS)[0] == 0
+    result = keeping.run("logs", "--limit", "100", "--format", "json")
+    assert result.exit_code == 0, result.output
+    docs = source(LOGS)
+    oids = {str(doc["_id"]) for doc in docs if isinstance(doc["_id"], ObjectId)}
+    assert oids and {log["_id"] for log in json.loads(result.stdout)} >= oids
+    result = keeping.run("logs", "--limit", "100", "--format", "csv")
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.strip().splitlines()) == 1 + len(docs)
