@@ -2,8 +2,9 @@
 
 ``authenticate`` runs in ``requestheaders`` (key, route); ``admit`` runs in ``request``
 once the body is there (size, JSON, estimate, price, expiry, hold). Both raise
-``Rejection`` for anything that must be answered locally. Store calls run on a small
-dedicated thread pool, never on the event loop, and are given up after ``STORE_TIMEOUT``.
+``Rejection`` for anything that must be answered locally. Store calls never run on the
+event loop: key look-ups on a small thread pool, holds on the ``HoldQueue`` thread (many
+to a transaction); both are given up after ``STORE_TIMEOUT``.
 
 Store outage: a failed or slow store call marks the store down for ``STORE_RETRY``
 seconds, and so does a writer whose settlements are not getting through; meanwhile
@@ -24,6 +25,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Awaitable
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +41,7 @@ from mitmproxy.net.http import url
 from addons import errors
 from addons.errors import Problem
 from addons.errors import Style
+from addons.holding import HoldQueue
 from addons.keys import KeyCache
 from addons.keys import client_key
 from addons.ratelimit import RateLimiter
@@ -55,6 +58,7 @@ from burnmeter.pricing import PriceQuote
 from burnmeter.pricing import UnknownModelError
 from burnmeter.pricing import resolve_price
 from burnmeter.store.base import Hold
+from burnmeter.store.base import HoldRequest
 from burnmeter.store.base import KeyOwner
 from burnmeter.store.base import Refusal
 from burnmeter.store.base import Store
@@ -192,6 +196,7 @@ class Admission:
         """Requests between authentication and settlement (each needs a journal record)."""
         self._down_until = 0.0
         self._calls: set[Future[Any]] = set()
+        self.holds = HoldQueue(store, self._give_back)
 
     @property
     def store_down(self) -> bool:
@@ -202,41 +207,44 @@ class Admission:
             logger.warning("metering: store unavailable for admission: %s", error)
         self._down_until = time.monotonic() + STORE_RETRY
 
-    async def _in_thread[T](self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` on the store threads; ``StoreError`` if it fails or is too slow."""
+    async def _store_call[T](self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``'s answer; ``StoreError`` if it fails or takes over ``STORE_TIMEOUT``."""
         if self.store_down:
             raise StoreError("store marked down after a failed call")
-        future = self.executor.submit(fn, *args)
-        self._calls.add(future)
-        future.add_done_callback(self._calls.discard)
         try:
             async with asyncio.timeout(STORE_TIMEOUT):
-                return await asyncio.wrap_future(future)
+                return await call()
         except TimeoutError:
             error = StoreError(f"no answer within {STORE_TIMEOUT}s")
-            future.add_done_callback(self._release_late_hold)
         except StoreError as e:
             error = e
         self._mark_down(error)
         raise error
 
+    def _in_thread[T](self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """``fn(*args)`` on the store threads."""
+        future = self.executor.submit(fn, *args)
+        self._calls.add(future)
+        future.add_done_callback(self._calls.discard)
+        return asyncio.wrap_future(future)
+
     def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the store calls under way (shutdown)."""
+        self.holds.drain(timeout)
         wait(list(self._calls), timeout)
 
-    def _release_late_hold(self, future: Future[Any]) -> None:
+    def close(self, timeout: float) -> None:
+        self.holds.stop(timeout)
+
+    def _give_back(self, hold: Hold) -> None:
         """A hold made after admission stopped waiting: nothing will settle it, give it back.
 
         Settling and releasing are both idempotent per request id, so the release is right
         whether it runs before or after the request's (hold-less) settlement."""
-        if future.cancelled() or future.exception() is not None:
-            return
-        hold = future.result()
-        if isinstance(hold, Hold):
-            try:
-                self.executor.submit(self._release, hold)
-            except RuntimeError:  # shutting down: the hold sweep releases it
-                pass
+        try:
+            self.executor.submit(self._release, hold)
+        except RuntimeError:  # shutting down: the hold sweep releases it
+            pass
 
     def _release(self, hold: Hold) -> None:
         try:
@@ -253,7 +261,7 @@ class Admission:
         found, owner = self.cache.get(key)
         if not found:
             try:
-                owner = await self._in_thread(self.store.find_key, key)
+                owner = await self._store_call(lambda: self._in_thread(self.store.find_key, key))
             except StoreError as e:
                 raise Rejection(errors.UNAVAILABLE, "Metering store unavailable") from e
             self.cache.put(key, owner)
@@ -334,10 +342,9 @@ class Admission:
                 errors.UNAVAILABLE, "Metering store unreachable and journal full, retry later"
             )
         maximum, minimum = hold_amounts(ticket.estimate, ticket.quote)
+        wanted = HoldRequest(flow.id, ticket.user_id, pool, maximum, minimum)
         try:
-            hold: Hold | Refusal | None = await self._in_thread(
-                self.store.hold, flow.id, ticket.user_id, pool, maximum, minimum
-            )
+            hold: Hold | Refusal | None = await self._store_call(lambda: self.holds.hold(wanted))
         except StoreError as e:
             if not ticket.key_cached:
                 raise Rejection(errors.UNAVAILABLE, "Metering store unavailable") from e

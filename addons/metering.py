@@ -239,6 +239,8 @@ class Metering:
         )
 
     def _close(self) -> None:
+        if self.admission is not None:
+            self.admission.close(STOP_TIMEOUT)
         if self.writer is not None:
             self.writer.stop(STOP_TIMEOUT)
         if self.executor is not None:

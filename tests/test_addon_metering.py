@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -473,7 +474,7 @@ async def test_cached_key_is_served_without_a_hold_while_the_store_is_down(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await admit(env, make_flow())  # alice's key is now cached
-    store_down(monkeypatch, env, "hold", "find_key")
+    store_down(monkeypatch, env, "hold_many", "find_key")
     f = make_flow()
     await admit(env, f)
     assert f.response is None, "served"
@@ -492,7 +493,7 @@ async def test_unknown_key_is_503_while_the_store_is_down(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await admit(env, make_flow())
-    store_down(monkeypatch, env, "hold")
+    store_down(monkeypatch, env, "hold_many")
     await admit(env, make_flow())  # the failed hold marks the store down
     assert env.metering.admission is not None and env.metering.admission.store_down
     looked_up: list[str] = []
@@ -507,7 +508,7 @@ async def test_unknown_key_is_503_while_the_store_is_down(
 async def test_a_key_looked_up_during_the_outage_is_not_admitted_without_a_hold(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store_down(monkeypatch, env, "hold")  # reads work, writes fail (a locked SQLite file)
+    store_down(monkeypatch, env, "hold_many")  # reads work, writes fail (a locked SQLite file)
     f = make_flow()
     await admit(env, f)
     assert f.response is not None and f.response.status_code == 503
@@ -517,7 +518,7 @@ async def test_cached_balance_must_cover_a_holdless_admission(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await admit(env, make_flow(key=BOB_KEY))  # 402, and bob's key is cached
-    store_down(monkeypatch, env, "hold")
+    store_down(monkeypatch, env, "hold_many")
     f = make_flow(key=BOB_KEY)
     await admit(env, f)
     assert f.response is not None and f.response.status_code == 402
@@ -528,28 +529,28 @@ async def test_a_slow_store_is_not_waited_for_and_a_late_hold_is_released(
 ) -> None:
     assert env.metering.store is not None
     monkeypatch.setattr("addons.admission.STORE_TIMEOUT", 0.05)
-    hold = env.metering.store.hold
+    hold_many = env.metering.store.hold_many
     made = threading.Event()
 
-    def slow_hold(*args: object) -> object:
+    def slow_holds(*args: object) -> object:
         time.sleep(0.3)
-        result = hold(*args)  # type: ignore[arg-type]
+        result = hold_many(*args)  # type: ignore[arg-type]
         made.set()
         return result
 
     await admit(env, make_flow())
-    monkeypatch.setattr(env.metering.store, "hold", slow_hold)
+    monkeypatch.setattr(env.metering.store, "hold_many", slow_holds)
     f = make_flow()
     started = time.monotonic()
     await admit(env, f)
     assert time.monotonic() - started < 0.25
     assert f.response is None and env.metering.tickets[f].hold is None
-    assert made.wait(5)
+    assert await asyncio.to_thread(made.wait, 5)
     for _ in range(200):  # the late hold goes back to the pool
         holds = env.store.open_holds(utcnow() + timedelta(days=1))
         if len(holds) == 1:
             break
-        time.sleep(0.01)
+        await asyncio.sleep(0.01)
     assert [h.request_id for h in holds] != [f.id] and len(holds) == 1
     assert openhands_balance(env) == 5 - holds[0].amount
 

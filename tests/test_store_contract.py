@@ -18,6 +18,7 @@ from burnmeter.documents import key_ref
 from burnmeter.documents import request_log
 from burnmeter.records import UsageRecord
 from burnmeter.store.base import Hold
+from burnmeter.store.base import HoldRequest
 from burnmeter.store.base import Refusal
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
@@ -196,6 +197,27 @@ def test_hold_never_takes_a_field_below_zero(store: Store) -> None:
     assert hold.parts == {"refCredits": D(4)}  # the pool's sum is 4
     user = store.user("alice")
     assert user is not None and (user["credits"], user["refCredits"]) == (D(-1), D(1))
+
+
+def test_hold_many_in_turn(store: Store) -> None:
+    """Each request sees the balance the ones before it left."""
+    alice(store, creditsNew="5")
+    store.create_user("bob", "sk-bob", {"credits": D(1)})
+    outcomes = store.hold_many(
+        [
+            HoldRequest("r1", "alice", OPENHANDS, D(3), D(1)),
+            HoldRequest("r2", "alice", OPENHANDS, D(3), D("2.5")),  # 2 left: refused
+            HoldRequest("r3", "alice", OPENHANDS, D(3), D(1)),  # 2 left: held partly
+            HoldRequest("r4", "bob", OHMYGPT, D("0.25"), D(0)),
+        ]
+    )
+    assert isinstance(outcomes[0], Hold) and outcomes[0].amount == D(3)
+    assert outcomes[1] == Refusal(D(2))
+    assert isinstance(outcomes[2], Hold) and outcomes[2].amount == D(2)
+    assert isinstance(outcomes[3], Hold) and outcomes[3].parts == {"credits": D("0.25")}
+    assert store.balance("alice", OPENHANDS) == 0 and store.balance("bob", OHMYGPT) == D("0.75")
+    held = store.open_holds(datetime.now(UTC) + timedelta(days=1))
+    assert sorted(h.request_id for h in held) == ["r1", "r3", "r4"]
 
 
 # -- settlement -----------------------------------------------------------------------

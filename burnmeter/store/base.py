@@ -14,6 +14,7 @@ from abc import ABC
 from abc import abstractmethod
 from collections.abc import Iterable
 from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
 from datetime import datetime
@@ -70,6 +71,20 @@ class Refusal:
     """A hold that could not be made: the pool's balance right now."""
 
     balance: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRequest:
+    """The arguments of one ``Store.hold``, for ``Store.hold_many``."""
+
+    request_id: str
+    user_id: str
+    pool: Pool
+    amount: Decimal
+    minimum: Decimal
+
+
+HoldOutcome = Hold | Refusal | StoreError
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +154,18 @@ class Store(ABC):
 
         If the balance is short of ``amount`` but covers ``minimum`` (and is > 0), hold what
         is left; otherwise refuse. Never takes a field below zero."""
+
+    def hold_many(self, requests: Sequence[HoldRequest]) -> list[HoldOutcome]:
+        """``hold`` for each request in turn, each on its own: a store that fails one
+        request says so in its place (``StoreError``) and goes on with the next. A store
+        may make them all in one transaction, where a failure fails them all."""
+        outcomes: list[HoldOutcome] = []
+        for r in requests:
+            try:
+                outcomes.append(self.hold(r.request_id, r.user_id, r.pool, r.amount, r.minimum))
+            except StoreError as e:
+                outcomes.append(e)
+        return outcomes
 
     @abstractmethod
     def settle(self, settlements: Iterable[Settlement]) -> list[bool]:

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
+from collections.abc import Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from datetime import timedelta
@@ -40,6 +41,8 @@ from burnmeter.store.base import TOKEN_FIELDS
 from burnmeter.store.base import USERS
 from burnmeter.store.base import Document
 from burnmeter.store.base import Hold
+from burnmeter.store.base import HoldOutcome
+from burnmeter.store.base import HoldRequest
 from burnmeter.store.base import ImportOutcome
 from burnmeter.store.base import KeyOwner
 from burnmeter.store.base import Refusal
@@ -367,26 +370,31 @@ class SqliteStore(Store):
     def hold(
         self, request_id: str, user_id: str, pool: Pool, amount: Decimal, minimum: Decimal
     ) -> Hold | Refusal:
-        now = extjson.utc(utcnow())
         with self._write() as conn:
-            balances = self._balances(user_id, pool, conn)
-            if balances is None:
-                return Refusal(ZERO)
-            parts = rules.split_hold(balances, amount, minimum)
-            if parts is None:
-                return Refusal(sum(balances.values(), ZERO))
-            self._add(conn, user_id, {name: -part for name, part in parts.items()})
-            conn.execute(
-                f"INSERT INTO {HOLDS} VALUES (?, ?, ?, ?, ?)",
-                (
-                    request_id,
-                    user_id,
-                    pool.name,
-                    _dump_parts(parts),
-                    extjson.to_ms(now),
-                ),
-            )
-        return Hold(request_id, user_id, pool.name, parts, now)
+            return self._hold(conn, HoldRequest(request_id, user_id, pool, amount, minimum))
+
+    def hold_many(self, requests: Sequence[HoldRequest]) -> list[HoldOutcome]:
+        """All in one transaction (one commit): a failure fails them all."""
+        try:
+            with self._write() as conn:
+                return [self._hold(conn, r) for r in requests]
+        except StoreError as e:
+            return [e] * len(requests)
+
+    def _hold(self, conn: sqlite3.Connection, r: HoldRequest) -> Hold | Refusal:
+        balances = self._balances(r.user_id, r.pool, conn)
+        if balances is None:
+            return Refusal(ZERO)
+        parts = rules.split_hold(balances, r.amount, r.minimum)
+        if parts is None:
+            return Refusal(sum(balances.values(), ZERO))
+        self._add(conn, r.user_id, {name: -part for name, part in parts.items()})
+        now = extjson.utc(utcnow())
+        conn.execute(
+            f"INSERT INTO {HOLDS} VALUES (?, ?, ?, ?, ?)",
+            (r.request_id, r.user_id, r.pool.name, _dump_parts(parts), extjson.to_ms(now)),
+        )
+        return Hold(r.request_id, r.user_id, r.pool.name, parts, now)
 
     def settle(self, settlements: Iterable[Settlement]) -> list[bool]:
         now = utcnow()

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from stores import POOLS
+
+from addons.holding import HoldQueue
+from burnmeter.documents import utcnow
+from burnmeter.store.base import Hold
+from burnmeter.store.base import HoldRequest
+from burnmeter.store.base import Refusal
+from burnmeter.store.base import StoreError
+from burnmeter.store.sqlite import SqliteStore
+
+OPENHANDS = POOLS["openhands"]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    store = SqliteStore(tmp_path / "holds.db", POOLS)
+    store.ensure_schema(0)
+    store.create_user("alice", "sk-alice", {"creditsNew": Decimal(10)})
+    yield store
+    store.close()
+
+
+def wanted(i: int, amount: int = 1) -> HoldRequest:
+    return HoldRequest(f"r{i}", "alice", OPENHANDS, Decimal(amount), Decimal(amount))
+
+
+async def test_holds_queued_meanwhile_are_made_in_one_batch(store: SqliteStore) -> None:
+    batches: list[int] = []
+    first_started = threading.Event()
+    go_on = threading.Event()
+    hold_many = store.hold_many
+
+    def recording(requests):  # type: ignore[no-untyped-def]
+        batches.append(len(requests))
+        first_started.set()
+        go_on.wait(5)
+        return hold_many(requests)
+
+    store.hold_many = recording  # type: ignore[method-assign]
+    queue = HoldQueue(store, orphaned=lambda hold: None)
+    first = asyncio.ensure_future(queue.hold(wanted(0)))
+    assert await asyncio.to_thread(first_started.wait, 5)
+    rest = [asyncio.ensure_future(queue.hold(wanted(i, 2))) for i in range(1, 7)]
+    await asyncio.sleep(0.05)  # all six are queued while the first batch is under way
+    go_on.set()
+    outcomes = await asyncio.gather(first, *rest)
+    queue.stop(5)
+    assert batches == [1, 6]
+    # in arrival order: 1 + 2 * 4 = 9 of the 10 are held, then two refusals
+    assert [type(o) for o in outcomes] == [Hold] * 5 + [Refusal] * 2
+    assert outcomes[-1] == Refusal(Decimal(1))
+    assert store.balance("alice", OPENHANDS) == 1
+
+
+async def test_a_failing_store_fails_every_waiting_hold(store: SqliteStore) -> None:
+    def down(requests):  # type: ignore[no-untyped-def]
+        raise StoreError("database is locked")
+
+    store.hold_many = down  # type: ignore[method-assign]
+    queue = HoldQueue(store, orphaned=lambda hold: None)
+    outcomes = await asyncio.gather(
+        *(queue.hold(wanted(i)) for i in range(3)), return_exceptions=True
+    )
+    queue.stop(5)
+    assert all(isinstance(o, StoreError) for o in outcomes)
+
+
+async def test_a_hold_nobody_waits_for_is_handed_back(store: SqliteStore) -> None:
+    orphans: list[Hold] = []
+    release = threading.Event()
+    hold_many = store.hold_many
+
+    def slow(requests):  # type: ignore[no-untyped-def]
+        release.wait(5)
+        return hold_many(requests)
+
+    store.hold_many = slow  # type: ignore[method-assign]
+    queue = HoldQueue(store, orphaned=orphans.append)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await queue.hold(wanted(0, 3))
+    release.set()
+    for _ in range(200):
+        if orphans:
+            break
+        await asyncio.sleep(0.01)
+    queue.stop(5)
+    assert [h.request_id for h in orphans] == ["r0"] and orphans[0].amount == 3
+
+
+async def test_drain_waits_for_queued_holds_and_stop_makes_them(store: SqliteStore) -> None:
+    queue = HoldQueue(store, orphaned=lambda hold: None)
+    waiting = [asyncio.ensure_future(queue.hold(wanted(i))) for i in range(5)]
+    await asyncio.sleep(0)  # queued
+    queue.drain(5)  # blocks the loop, as done() does: the holds are made, not yet answered
+    assert len(store.open_holds(utcnow() + timedelta(days=1))) == 5
+    queue.stop(5)
+    assert all(isinstance(o, Hold) for o in await asyncio.gather(*waiting))
+    with pytest.raises(StoreError, match="shutting down"):
+        await queue.hold(wanted(9))
