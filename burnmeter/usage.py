@@ -276,6 +276,19 @@ _ERROR_OBJECT = rb'"error"\s*:\s*\{'
 # "usage":null on every chunk.
 _CHAT_STATEFUL = re.compile(rb'"(?:usage"\s*:\s*\{|error")')
 _GEMINI_STATEFUL = re.compile(rb'"(?:usageMetadata|error|finishReason)"')
+# The text a stream generates, counted without decoding the event: the JSON strings of the
+# fields the decoders below read, where no other field of that name holds a string.
+_STRING = rb'"((?:[^"\\]|\\.)*)"'
+_CHAT_TEXT = re.compile(rb'"(?:content|reasoning_content|reasoning|arguments)"\s*:\s*' + _STRING)
+_TEXT_STRINGS: dict[str, tuple[frozenset[str | None], re.Pattern[bytes]]] = {
+    # api: (the events it applies to, the pattern)
+    "openai.chat": (frozenset({None}), _CHAT_TEXT),
+    "openai.responses": (_RESPONSES_TEXT_DELTAS, re.compile(rb'"delta"\s*:\s*' + _STRING)),
+    "anthropic.messages": (
+        frozenset({"content_block_delta"}),
+        re.compile(rb'"(?:text|thinking|partial_json)"\s*:\s*' + _STRING),
+    ),
+}
 _STATEFUL_DATA = {
     "openai.chat": _CHAT_STATEFUL,
     "openai.embeddings": _CHAT_STATEFUL,
@@ -288,6 +301,13 @@ _STATEFUL_DATA = {
     "gemini.generate": _GEMINI_STATEFUL,
     "gemini.embed": _GEMINI_STATEFUL,
 }
+
+
+def _string_chars(literal: bytes) -> int:
+    """Characters of a JSON string literal's body (as ``_STRING`` captures it)."""
+    if literal.isascii() and b"\\" not in literal:
+        return len(literal)
+    return len(json.loads(b'"' + literal + b'"'))
 
 
 def _strings(obj: Any, *keys: str) -> Iterator[str]:
@@ -358,6 +378,8 @@ class StreamUsage:
         Responses event, a Gemini ``finishReason``, or the end of the JSON value)."""
         self._on_event = handlers[api]
         self._stateful_data = _STATEFUL_DATA[api]
+        # counting text without decoding, where the text is only counted, not kept
+        self._text_strings = None if keep_text else _TEXT_STRINGS.get(api)
         self._sse: SSEParser | None = None
         self._json: JSONArrayParser | None = None
         self._model: str | None = None
@@ -416,13 +438,18 @@ class StreamUsage:
         if data == b"[DONE]":
             self.done = True
             return
-        if not (
-            self.collect_text
-            or self._model is None
+        stateful = (
+            self._model is None
             or event in _STATEFUL_EVENTS
-            or (event not in _STATELESS_EVENTS and self._stateful_data.search(data))
-        ):
-            return
+            or (event not in _STATELESS_EVENTS and self._stateful_data.search(data) is not None)
+        )
+        if not stateful:
+            if not self.collect_text:
+                return
+            if self._text_strings is not None and event in self._text_strings[0]:
+                found = self._text_strings[1].findall(data)
+                self.text_chars += sum(_string_chars(literal) for literal in found)
+                return
         obj = _loads(data)
         if not isinstance(obj, dict):
             return

@@ -537,10 +537,15 @@ def test_prefilter_skips_decoding_events_that_cannot_carry_usage(monkeypatch: py
     assert stream.done
     assert len(decoded) == 2  # the first chunk (for the model) and the usage chunk
 
-    decoded.clear()
+    decoded.clear()  # counting the text does not decode either
     stream = read_stream("openai.chat", body, collect_text=True, chunk=4096)
     assert stream.result() == (UsageRecord(input_tokens=5, output_tokens=1000), "gpt-4o")
     assert stream.text_chars == 4000
+    assert len(decoded) == 2
+
+    decoded.clear()  # keeping it (the contentview) does
+    stream = read_stream("openai.chat", body, keep_text=True, chunk=4096)
+    assert stream.text is not None and "".join(stream.text) == "tok " * 1000
     assert len(decoded) == 1001
 
 
@@ -549,7 +554,7 @@ def test_truncated_chat_stream():
     stream = read_stream("openai.chat", body[:-10])
     assert stream.result() == (None, "gpt-4o")
     assert not stream.done
-    assert stream.text_chars == 4  # the third chunk was cut off
+    assert stream.text_chars == 6  # the third event was cut after its text, which got through
 
 
 def test_chat_text_counts_reasoning_and_tool_arguments():
