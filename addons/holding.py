@@ -91,9 +91,12 @@ class HoldQueue:
                 self._idle = False
                 if not self._queue:
                     return
-                batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+                taken = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+                # Requests that gave up waiting (a slow store) need no hold; reading done()
+                # from this thread may miss a late give-up, which _answer then handles.
+                batch = [w for w in taken if not w.future.done()]
                 self._busy = len(batch)
-            outcomes = self._make(batch)
+            outcomes = self._make(batch) if batch else []
             by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Waiting, object]]] = {}
             for waiting, outcome in zip(batch, outcomes, strict=True):
                 by_loop.setdefault(waiting.loop, []).append((waiting, outcome))

@@ -108,3 +108,30 @@ async def test_drain_waits_for_queued_holds_and_stop_makes_them(store: SqliteSto
     assert all(isinstance(o, Hold) for o in await asyncio.gather(*waiting))
     with pytest.raises(StoreError, match="shutting down"):
         await queue.hold(wanted(9))
+
+
+async def test_holds_given_up_while_queued_are_not_made(store: SqliteStore) -> None:
+    made: list[str] = []
+    started = threading.Event()
+    go_on = threading.Event()
+    hold_many = store.hold_many
+
+    def slow(requests):  # type: ignore[no-untyped-def]
+        made.extend(r.request_id for r in requests)
+        started.set()
+        go_on.wait(5)
+        return hold_many(requests)
+
+    store.hold_many = slow  # type: ignore[method-assign]
+    queue = HoldQueue(store, orphaned=lambda hold: None)
+    first = asyncio.ensure_future(queue.hold(wanted(0)))
+    assert await asyncio.to_thread(started.wait, 5)
+    gave_up = asyncio.ensure_future(queue.hold(wanted(1)))
+    await asyncio.sleep(0)
+    gave_up.cancel()
+    waits = asyncio.ensure_future(queue.hold(wanted(2)))
+    await asyncio.sleep(0)
+    go_on.set()
+    assert isinstance(await first, Hold) and isinstance(await waits, Hold)
+    queue.stop(5)
+    assert made == ["r0", "r2"]
