@@ -329,6 +329,7 @@ class Admission:
         except UnknownModelError as e:
             raise Rejection(errors.UNKNOWN_MODEL, str(e)) from e
         ticket.pool = ticket.quote.pool or ticket.pool
+        frame_body(request)
         if ticket.estimate.stream:
             prepare_stream(request, ticket.api, body)
         pool = self.config.pools[ticket.pool]
@@ -390,6 +391,15 @@ def _decimal(value: object) -> Decimal:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return Decimal(str(value))
     return Decimal(0)
+
+
+def frame_body(request: http.Request) -> None:
+    """Give the body a ``content-length``: HTTP/2 and 3 clients may leave it out, and
+    mitmproxy passes their headers as they are to an HTTP/1 upstream, which then reads the
+    body as the next request."""
+    headers = request.headers
+    if "content-length" not in headers and "transfer-encoding" not in headers:
+        headers["content-length"] = str(len(request.raw_content or b""))
 
 
 def prepare_stream(request: http.Request, api: str, body: dict[str, Any]) -> None:

@@ -323,6 +323,20 @@ async def test_reverse_mode_captures_client_host_then_sets_upstream_host(env: En
     assert regular.request.host_header == OPENHANDS_HOST
 
 
+async def test_an_http2_body_without_content_length_gets_one(env: Env) -> None:
+    """An HTTP/1 upstream needs it to find the end of the body (mitmproxy does not add it)."""
+    f = make_flow()
+    f.request.http_version = "HTTP/2.0"
+    del f.request.headers["content-length"]
+    await admit(env, f)
+    assert f.response is None
+    assert f.request.headers["content-length"] == str(len(f.request.raw_content or b""))
+    chunked = make_flow(extra_headers=(("transfer-encoding", "chunked"),))
+    del chunked.request.headers["content-length"]
+    await admit(env, chunked)
+    assert "content-length" not in chunked.request.headers
+
+
 # -- streams ---------------------------------------------------------------------------
 async def test_stream_request_gets_include_usage_and_identity_encoding(env: Env) -> None:
     body = {"model": "gpt-4o", "messages": [], "stream": True}

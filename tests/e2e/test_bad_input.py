@@ -436,9 +436,8 @@ def test_http2_client_end_to_end(
     account = fresh(accounts)
     headers = {"authorization": f"Bearer {account.key}"}
     status, data = h2_post(proxy.port, headers, CHAT_BODY)
-    assert (
-        status == 200 and json.loads(data)["choices"][0]["message"]["content"] == "tok0 tok1 tok2 "
-    )
+    assert status == 200, data
+    assert json.loads(data)["choices"][0]["message"]["content"] == "tok0 tok1 tok2 "
     status, data = h2_post(proxy.port, headers, STREAM_BODY | {"x_split": 3})
     assert status == 200 and data.count(b'"tok') == 3 and b'"usage": {' in data
     status, data = h2_post(proxy.port, {"authorization": "Bearer nope"}, CHAT_BODY)
