@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping
+from datetime import UTC
 from datetime import datetime
 from decimal import Decimal as D
 from typing import Any
 
 import mongomock
+import pymongo
 import pytest
 from stores import POOLS
 
 from burnmeter.store.base import Hold
+from burnmeter.store.base import HoldRequest
 from burnmeter.store.base import Settlement
+from burnmeter.store.base import StoreError
 from burnmeter.store.mongo import MongoStore
 
 
@@ -114,3 +119,30 @@ def test_hold_filter_rechecks_the_balance(
     assert isinstance(result, Hold) and result.amount == D("0.5")
     assert len(calls) == 2
     assert store.balance("alice", POOLS["openhands"]) == 0
+
+
+def test_an_unreachable_server_is_an_outage_on_every_call_the_proxy_makes() -> None:
+    """A real pymongo client, nothing listening: each call is a StoreError (the proxy's cue
+    to serve cached keys hold-less and keep settlements in the journal), never a crash."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again before the client tries it
+    client: pymongo.MongoClient[Any] = pymongo.MongoClient(
+        f"mongodb://127.0.0.1:{port}/fproxy", tz_aware=True, serverSelectionTimeoutMS=100
+    )
+    store = MongoStore(client["fproxy"], POOLS, client)
+    openhands = POOLS["openhands"]
+    try:
+        with pytest.raises(StoreError, match="MongoDB"):
+            store.find_key("sk-anything")
+        [outcome] = store.hold_many([HoldRequest("r1", "alice", openhands, D(1), D(1))])
+        assert isinstance(outcome, StoreError)
+        settlement = Settlement("r1", "alice", "openhands", D(1), 1, 1, 0, None, {})
+        with pytest.raises(StoreError):
+            store.settle([settlement])
+        with pytest.raises(StoreError):
+            store.open_holds(datetime.now(UTC))
+        with pytest.raises(StoreError):
+            store.ensure_schema(30)
+    finally:
+        store.close()
