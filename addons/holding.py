@@ -111,8 +111,11 @@ class HoldQueue:
 
     def _make(self, batch: list[_Waiting]) -> list[HoldOutcome | BaseException]:
         try:
-            return list(self.store.hold_many([w.request for w in batch]))
-        except Exception as e:  # not an outage: the store raised something unexpected
+            outcomes = list(self.store.hold_many([w.request for w in batch]))
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"{len(outcomes)} outcomes for {len(batch)} holds")
+            return outcomes
+        except Exception as e:  # not an outage: the store did something unexpected
             logger.exception("metering: holds failed")
             return [e] * len(batch)
 
