@@ -111,7 +111,8 @@ class HoldQueue:
 
     def _make(self, batch: list[_Waiting]) -> list[HoldOutcome | BaseException]:
         try:
-            outcomes = list(self.store.hold_many([w.request for w in batch]))
+            outcomes: list[HoldOutcome | BaseException] = []
+            outcomes += self.store.hold_many([w.request for w in batch])
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"{len(outcomes)} outcomes for {len(batch)} holds")
             return outcomes
