@@ -34,28 +34,38 @@ def wanted(i: int, amount: int = 1) -> HoldRequest:
     return HoldRequest(f"r{i}", "alice", OPENHANDS, Decimal(amount), Decimal(amount))
 
 
+class Gate:
+    """Makes ``store.hold_many`` record each batch's request ids, then wait for ``open``."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self.batches: list[list[str]] = []
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+        hold_many = store.hold_many
+
+        def gated(requests):  # type: ignore[no-untyped-def]
+            self.batches.append([r.request_id for r in requests])
+            self.entered.set()
+            self.opened.wait(5)
+            return hold_many(requests)
+
+        store.hold_many = gated  # type: ignore[method-assign]
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 5)
+
+
 async def test_holds_queued_meanwhile_are_made_in_one_batch(store: SqliteStore) -> None:
-    batches: list[int] = []
-    first_started = threading.Event()
-    go_on = threading.Event()
-    hold_many = store.hold_many
-
-    def recording(requests):  # type: ignore[no-untyped-def]
-        batches.append(len(requests))
-        first_started.set()
-        go_on.wait(5)
-        return hold_many(requests)
-
-    store.hold_many = recording  # type: ignore[method-assign]
+    gate = Gate(store)
     queue = HoldQueue(store, orphaned=lambda hold: None)
     first = asyncio.ensure_future(queue.hold(wanted(0)))
-    assert await asyncio.to_thread(first_started.wait, 5)
+    await gate.wait_entered()
     rest = [asyncio.ensure_future(queue.hold(wanted(i, 2))) for i in range(1, 7)]
     await asyncio.sleep(0.05)  # all six are queued while the first batch is under way
-    go_on.set()
+    gate.opened.set()
     outcomes = await asyncio.gather(first, *rest)
     queue.stop(5)
-    assert batches == [1, 6]
+    assert [len(batch) for batch in gate.batches] == [1, 6]
     # in arrival order: 1 + 2 * 4 = 9 of the 10 are held, then two refusals
     assert [type(o) for o in outcomes] == [Hold] * 5 + [Refusal] * 2
     assert outcomes[-1] == Refusal(Decimal(1))
@@ -77,19 +87,12 @@ async def test_a_failing_store_fails_every_waiting_hold(store: SqliteStore) -> N
 
 async def test_a_hold_nobody_waits_for_is_handed_back(store: SqliteStore) -> None:
     orphans: list[Hold] = []
-    release = threading.Event()
-    hold_many = store.hold_many
-
-    def slow(requests):  # type: ignore[no-untyped-def]
-        release.wait(5)
-        return hold_many(requests)
-
-    store.hold_many = slow  # type: ignore[method-assign]
+    gate = Gate(store)
     queue = HoldQueue(store, orphaned=orphans.append)
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.05):
             await queue.hold(wanted(0, 3))
-    release.set()
+    gate.opened.set()
     for _ in range(200):
         if orphans:
             break
@@ -111,27 +114,16 @@ async def test_drain_waits_for_queued_holds_and_stop_makes_them(store: SqliteSto
 
 
 async def test_holds_given_up_while_queued_are_not_made(store: SqliteStore) -> None:
-    made: list[str] = []
-    started = threading.Event()
-    go_on = threading.Event()
-    hold_many = store.hold_many
-
-    def slow(requests):  # type: ignore[no-untyped-def]
-        made.extend(r.request_id for r in requests)
-        started.set()
-        go_on.wait(5)
-        return hold_many(requests)
-
-    store.hold_many = slow  # type: ignore[method-assign]
+    gate = Gate(store)
     queue = HoldQueue(store, orphaned=lambda hold: None)
     first = asyncio.ensure_future(queue.hold(wanted(0)))
-    assert await asyncio.to_thread(started.wait, 5)
+    await gate.wait_entered()
     gave_up = asyncio.ensure_future(queue.hold(wanted(1)))
     await asyncio.sleep(0)
     gave_up.cancel()
     waits = asyncio.ensure_future(queue.hold(wanted(2)))
     await asyncio.sleep(0)
-    go_on.set()
+    gate.opened.set()
     assert isinstance(await first, Hold) and isinstance(await waits, Hold)
     queue.stop(5)
-    assert made == ["r0", "r2"]
+    assert gate.batches == [["r0"], ["r2"]]
