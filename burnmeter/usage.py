@@ -307,7 +307,10 @@ def _string_chars(literal: bytes) -> int:
     """Characters of a JSON string literal's body (as ``_STRING`` captures it)."""
     if literal.isascii() and b"\\" not in literal:
         return len(literal)
-    return len(json.loads(b'"' + literal + b'"'))
+    try:
+        return len(json.loads(b'"' + literal + b'"'))
+    except ValueError:  # a broken escape or invalid UTF-8: its bytes, as an estimate
+        return len(literal)
 
 
 def _strings(obj: Any, *keys: str) -> Iterator[str]:

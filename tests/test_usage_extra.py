@@ -620,3 +620,12 @@ def test_random_garbage_never_raises():
 def test_unknown_api():
     with pytest.raises(ValueError, match="unknown api"):
         StreamUsage("cohere.chat")
+
+
+def test_a_broken_string_in_a_text_event_neither_stops_the_stream_nor_hides_its_usage():
+    usage = {"prompt_tokens": 5, "completion_tokens": 7}
+    broken = r'{"model": "gpt-4o", "choices": [{"delta": {"content": "ab\x"}}], "usage": null}'
+    body = sse((None, chat_chunk("hi")), (None, broken), (None, chat_chunk(None, usage)))
+    stream = read_stream("openai.chat", body, chunk=len(body))  # all in one chunk
+    assert stream.result() == (UsageRecord(input_tokens=5, output_tokens=7), "gpt-4o")
+    assert stream.text_chars == 2 + len("ab\\x")  # the broken string counts its bytes
