@@ -629,3 +629,12 @@ def test_a_broken_string_in_a_text_event_neither_stops_the_stream_nor_hides_its_
     stream = read_stream("openai.chat", body, chunk=len(body))  # all in one chunk
     assert stream.result() == (UsageRecord(input_tokens=5, output_tokens=7), "gpt-4o")
     assert stream.text_chars == 2 + len("ab\\x")  # the broken string counts its bytes
+
+
+def test_text_with_escapes_in_a_long_event_is_counted_exactly():
+    text = ('say "hi"\\n\t ✓ ' * 20_000) + "end"
+    usage = {"prompt_tokens": 1, "completion_tokens": 2}
+    body = sse((None, chat_chunk("x")), (None, chat_chunk(text)), (None, chat_chunk(None, usage)))
+    stream = read_stream("openai.chat", body, chunk=65536)
+    assert stream.result()[0] == UsageRecord(input_tokens=1, output_tokens=2)
+    assert stream.text_chars == 1 + len(text)
