@@ -140,29 +140,29 @@ LOG_DOCS = [
 ]
 
 
-def sqlite_reports(tmp_path: Path, config: Config) -> Iterator[Reports]:
+def sqlite_reports(tmp_path: Path, config: Config, logs: list[Any]) -> Iterator[Reports]:
     store = SqliteStore(tmp_path / "reports.db", config.pools)
     store.ensure_schema(0)
     for doc in USER_DOCS:
         store.import_user(doc)
-    for doc in LOG_DOCS:
+    for doc in logs:
         store.import_log(doc)
     yield reports_for(store)
     store.close()
 
 
-def mongo_reports(tmp_path: Path, config: Config) -> Iterator[Reports]:
+def mongo_reports(tmp_path: Path, config: Config, logs: list[Any]) -> Iterator[Reports]:
     store = MongoStore(mongomock.MongoClient(tz_aware=True)["fproxy"], config.pools)
     store.ensure_schema(0)
     for doc in USER_DOCS:
         store.import_user(doc)
-    for doc in LOG_DOCS:
+    for doc in logs:
         store.import_log(doc)
     yield reports_for(store)
     store.close()
 
 
-BACKENDS: dict[str, Callable[[Path, Config], Iterator[Reports]]] = {
+BACKENDS: dict[str, Callable[[Path, Config, list[Any]], Iterator[Reports]]] = {
     "sqlite": sqlite_reports,
     "mongo": mongo_reports,
 }
@@ -174,8 +174,8 @@ def make_reports(
 ) -> Iterator[Callable[[Config], Reports]]:
     made: list[Iterator[Reports]] = []
 
-    def make(config: Config = CONFIG) -> Reports:
-        made.append(BACKENDS[request.param](tmp_path, config))
+    def make(config: Config = CONFIG, logs: list[Any] = LOG_DOCS) -> Reports:
+        made.append(BACKENDS[request.param](tmp_path, config, logs))
         return next(made[-1])
 
     yield make
@@ -209,6 +209,15 @@ def test_summary_24h_starts_at_local_midnight(make_reports: Callable[..., Report
         "window_start": datetime(2025, 3, 10, 0, 0, tzinfo=HCM),
         "window_end": datetime(2025, 3, 10, 10, 0, tzinfo=HCM),
     }
+
+
+def test_a_log_without_a_user_is_counted_but_is_no_active_user(
+    make_reports: Callable[..., Reports],
+) -> None:
+    orphan = _log(9, "nobody", "openhands", "2025-03-10T02:00:00Z", "0.50", (1, 1))
+    del orphan["userId"]  # imported from a system that did not always record it
+    s = make_reports(logs=[*LOG_DOCS, orphan]).summary(at("24h"))
+    assert (s.requests, s.new_burned, s.active_users) == (5, D("1.25"), 2)
 
 
 def test_summary_all_counts_legacy_as_ohmygpt_and_funded_users(

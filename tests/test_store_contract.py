@@ -178,6 +178,10 @@ def test_hold_refused(store: Store) -> None:
     store.topup("alice", "creditsNew", D("-0.5"))
     assert store.hold("r2", "alice", OPENHANDS, D(3), D(0)) == Refusal(D(0))
     assert store.hold("r3", "nobody", OPENHANDS, D(3), D(0)) == Refusal(D(0))
+    # an empty pool is refused even for a request that costs nothing (a free model)
+    assert store.hold("r4", "alice", OPENHANDS, D(0), D(0)) == Refusal(D(0))
+    store.create_user("bob", "sk-bob", {"credits": D(-3), "refCredits": D(0)})  # overdrawn
+    assert store.hold("r5", "bob", OHMYGPT, D(0), D(0)) == Refusal(D(-3))
     assert store.open_holds(datetime.now(UTC) + timedelta(days=1)) == []
 
 

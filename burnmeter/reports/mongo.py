@@ -103,7 +103,13 @@ class MongoReports(Backend):
         ]
 
     def active_users(self, window: Window) -> int:
-        pipeline = [_match(window), {"$group": {"_id": "$userId"}}, {"$count": "n"}]
+        # a log without userId (imported) is no user; SQL's COUNT(DISTINCT) skips NULL too
+        pipeline = [
+            _match(window),
+            {"$match": {"userId": {"$ne": None}}},
+            {"$group": {"_id": "$userId"}},
+            {"$count": "n"},
+        ]
         found = list(self.logs.aggregate(pipeline))
         return int(found[0]["n"]) if found else 0
 

@@ -66,8 +66,11 @@ def _take(balances: Mapping[str, Decimal], want: Decimal) -> dict[str, Decimal]:
 def split_hold(
     balances: Mapping[str, Decimal], amount: Decimal, minimum: Decimal
 ) -> dict[str, Decimal] | None:
-    """The parts of a hold, or None to refuse (see ``Store.hold``)."""
+    """The parts of a hold, or None to refuse (see ``Store.hold``): an empty or overdrawn
+    pool is refused whatever the request costs, even nothing (a free or tiny estimate)."""
     available = max(ZERO, sum(balances.values(), ZERO))
+    if available <= 0:
+        return None
     if available >= amount:
         return _take(balances, amount)
     if available > 0 and available >= minimum:
