@@ -70,6 +70,10 @@ from burnmeter.writer import SettlementWriter
 logger = logging.getLogger(__name__)
 
 GEMINI_MODEL = re.compile(r"/(?:tunedModels|models)/([^/:]+):")
+FREE_READS = re.compile(r"/models(?:/[^/]+)?$")
+"""Paths served uncharged to GET: model lists and model details (every API has them)."""
+FREE_POSTS = re.compile(r"/v1/messages/count_tokens$|/models/[^/]+:countTokens$")
+"""Paths served uncharged to POST: token counting (Anthropic, Gemini), which generates nothing."""
 STORE_TIMEOUT = 1.0
 """Seconds admission waits for one store call (key look-up, hold)."""
 STORE_RETRY = 2.0
@@ -151,6 +155,13 @@ def request_api(request: http.Request) -> tuple[str, str | None, Style]:
     path = request.path.partition("?")[0]
     api = api_for(path)
     return path, api, errors.style_for(api, path)
+
+
+def is_free(method: str, path: str) -> bool:
+    """A path that no metered API covers but that is safe to pass through uncharged."""
+    if method in ("GET", "HEAD"):
+        return FREE_READS.search(path) is not None
+    return method == "POST" and FREE_POSTS.search(path) is not None
 
 
 def model_of(api: str, path: str, body: dict[str, Any]) -> str:
@@ -266,6 +277,11 @@ class Admission:
                 raise Rejection(errors.UNAVAILABLE, "Metering store unavailable") from e
             self.cache.put(key, owner)
         owner = check_owner(owner, utcnow())
+        if api is None and not is_free(request.method, path):
+            # Anything else would go out on the operator's upstream key, unmetered.
+            raise Rejection(
+                errors.UNSUPPORTED, f"{request.method} {path} is not served by this gateway"
+            )
         host, port = client_host(request)
         route = self.config.route(host, port, flow.client_conn.sockname[1])
         self.check_rate(key, route)
@@ -316,6 +332,9 @@ class Admission:
         request = flow.request
         self.check_size(len(request.raw_content or b""))
         body = self._json_body(request)
+        if ticket.api == "openai.responses" and body.get("background") is True:
+            # its output is fetched later (GET /v1/responses/ID): it could not be metered
+            raise Rejection(errors.BAD_REQUEST, "Background responses are not supported")
         try:
             ticket.estimate = estimate_request(ticket.api, body, self.config, ticket.path)
         except (ValueError, RecursionError) as e:

@@ -52,6 +52,9 @@ UNKNOWN_MODEL = Problem(
 TOO_LARGE = Problem(
     413, "request_too_large", "invalid_request_error", "request_too_large", "INVALID_ARGUMENT"
 )
+UNSUPPORTED = Problem(
+    404, "unsupported_endpoint", "invalid_request_error", "not_found_error", "NOT_FOUND"
+)
 UNAVAILABLE = Problem(503, "metering_unavailable", "server_error", "api_error", "UNAVAILABLE")
 RATE_LIMITED = Problem(
     429, "rate_limit_exceeded", "requests", "rate_limit_error", "RESOURCE_EXHAUSTED"

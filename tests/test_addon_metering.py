@@ -281,13 +281,68 @@ async def test_unknown_model_is_400_under_reject_policy(env: Env) -> None:
     assert body_of(f)["error"]["code"] == "model_not_found"
 
 
-async def test_non_llm_path_passes_through_with_auth_and_no_charge(env: Env) -> None:
-    f = make_flow("/v1/models", b"")
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("GET", "/v1/models"),
+        ("GET", "/v1/models/ft:gpt-4o:acme::abc123"),
+        ("GET", "/v1beta/models/gemini-2.5-flash"),
+        ("POST", "/v1/messages/count_tokens"),
+        ("POST", "/v1beta/models/gemini-2.5-flash:countTokens"),
+    ],
+)
+async def test_free_paths_pass_through_with_auth_and_no_charge(
+    env: Env, method: str, path: str
+) -> None:
+    f = make_flow(path, b"")
+    f.request.method = method
     await admit(env, f)
     assert f.response is None
     assert f.metadata["metering"]["outcome"] == "passthrough"
     assert "authorization" not in f.request.headers
     assert f not in env.metering.tickets
+
+
+@pytest.mark.parametrize(
+    "method, path, shape",
+    [
+        ("POST", "/v1/completions", "openai"),  # legacy completions: not metered, not free
+        ("POST", "/v1/batches", "openai"),
+        ("GET", "/v1/responses/resp_123", "openai"),  # a stored response's output
+        ("POST", "/v1/messages/batches", "anthropic"),
+        ("POST", "/v1beta/models/gemini-2.5-flash:batchGenerateContent", "gemini"),
+        ("POST", "/v1/models", "openai"),
+    ],
+)
+async def test_other_paths_are_404_and_never_forwarded(
+    env: Env, method: str, path: str, shape: str
+) -> None:
+    f = make_flow(path, {"model": "gpt-4o", "prompt": "hi"})
+    f.request.method = method
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 404
+    body = body_of(f)
+    if shape == "anthropic":
+        assert body["error"]["type"] == "not_found_error"
+    elif shape == "gemini":
+        assert body["error"]["status"] == "NOT_FOUND"
+    else:
+        assert body["error"]["code"] == "unsupported_endpoint"
+    assert path.split("?")[0] in body["error"]["message"]
+    assert "authorization" not in f.request.headers
+    unknown = make_flow(path, b"", key="sk-nobody")  # authentication still comes first
+    unknown.request.method = method
+    await admit(env, unknown)
+    assert unknown.response is not None and unknown.response.status_code == 401
+
+
+async def test_background_responses_are_refused(env: Env) -> None:
+    body = {"model": "gpt-4o", "input": "hi", "background": True}
+    f = make_flow("/v1/responses", body)
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 400
+    assert "Background responses" in body_of(f)["error"]["message"]
+    assert openhands_balance(env) == 5, "nothing held"
 
 
 # -- routing ---------------------------------------------------------------------------
