@@ -331,6 +331,13 @@ class Admission:
         assert ticket.api is not None
         request = flow.request
         self.check_size(len(request.raw_content or b""))
+        encoding = request.headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            # decoding is unbounded: a small gzip body could inflate to gigabytes
+            raise Rejection(
+                errors.COMPRESSED_BODY,
+                f"Content-Encoding {encoding!r} is not supported on requests: send it uncompressed",
+            )
         body = self._json_body(request)
         if ticket.api == "openai.responses" and body.get("background") is True:
             # its output is fetched later (GET /v1/responses/ID): it could not be metered

@@ -52,6 +52,13 @@ UNKNOWN_MODEL = Problem(
 TOO_LARGE = Problem(
     413, "request_too_large", "invalid_request_error", "request_too_large", "INVALID_ARGUMENT"
 )
+COMPRESSED_BODY = Problem(
+    415,
+    "unsupported_content_encoding",
+    "invalid_request_error",
+    "invalid_request_error",
+    "INVALID_ARGUMENT",
+)
 UNSUPPORTED = Problem(
     404, "unsupported_endpoint", "invalid_request_error", "not_found_error", "NOT_FOUND"
 )

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 import threading
@@ -334,6 +335,20 @@ async def test_other_paths_are_404_and_never_forwarded(
     unknown.request.method = method
     await admit(env, unknown)
     assert unknown.response is not None and unknown.response.status_code == 401
+
+
+async def test_a_compressed_request_body_is_415_not_inflated(env: Env) -> None:
+    """A 2 KB gzip body can inflate to 2 MB (or gigabytes): it is refused before decoding."""
+    body = json.dumps(
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 2_000_000}]}
+    )
+    packed = gzip.compress(body.encode())
+    assert len(packed) < 4096 < len(body), "under max_request_bytes only while compressed"
+    f = make_flow(body=packed, extra_headers=(("content-encoding", "gzip"),))
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 415
+    assert body_of(f)["error"]["code"] == "unsupported_content_encoding"
+    assert openhands_balance(env) == 5, "nothing held"
 
 
 async def test_background_responses_are_refused(env: Env) -> None:
