@@ -69,18 +69,24 @@ def arrived_whole(ticket: Ticket, response: http.Response) -> bool:
 
 
 def error_usage(ticket: Ticket, response: http.Response | None) -> UsageRecord | None:
-    """Usage of a request that failed (``error`` hook): None if nothing reached the client."""
+    """Usage of a request that failed (``error`` hook): None if nothing reached the client,
+    and only what was reported for an upstream error answer (as ``response_usage``)."""
     if response is None:
         return None
-    if ticket.tap is None:
-        return estimated(ticket, None, 0)
-    reported, _ = ticket.tap.usage.result()
-    return estimated(ticket, reported, ticket.tap.usage.text_chars)
+    reported = ticket.tap.usage.result()[0] if ticket.tap is not None else None
+    if not 200 <= response.status_code < 300:
+        return reported
+    text_chars = ticket.tap.usage.text_chars if ticket.tap is not None else 0
+    return estimated(ticket, reported, text_chars)
 
 
 def error_status(flow: http.HTTPFlow) -> int:
+    """The upstream's own error status if it answered one, else who cut the request off."""
     assert flow.error is not None
-    if flow.response is not None and "client" in flow.error.msg.lower():
+    response = flow.response
+    if response is not None and not 200 <= response.status_code < 300:
+        return response.status_code
+    if "client" in flow.error.msg.lower():
         return CLIENT_CLOSED
     return UPSTREAM_FAILED
 

@@ -492,6 +492,41 @@ async def test_upstream_unreachable_releases_the_hold(env: Env) -> None:
     assert env.store.balance("alice", env.store.pools["openhands"]) == 5
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_upstream_error_cut_short_is_free_and_logged_with_its_status(
+    env: Env, stream: bool
+) -> None:
+    """SPEC: an upstream error without usage releases the hold and costs 0, also when its
+    body never arrived whole (the connection dropped, or the client left)."""
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi" * 500}]}
+    f = make_flow(body=body | {"stream": stream})
+    await admit(env, f)
+    if stream:
+        f.response = sse_response(status=429)
+        env.metering.responseheaders(f)
+        assert callable(f.response.stream)
+        f.response.stream(b'data: {"error": {"message": "slow down", "type": "rate_limit"}}\n\n')
+    else:
+        f.response = json_response({}, status=500)
+        f.response.content = None  # the headers came, the body never completed
+        env.metering.responseheaders(f)
+    f.error = flow.Error("Client disconnected." if stream else "Server disconnected.")
+    env.metering.error(f)
+    log = settled(env, f.id)
+    assert log is not None and log["creditsCost"] == 0 and log["usageSource"] == "none"
+    assert log["statusCode"] == (429 if stream else 500) and log["isSuccess"] is False
+    assert openhands_balance(env) == 5
+
+
+async def test_a_client_gone_before_the_answer_is_logged_499(env: Env) -> None:
+    f = make_flow()
+    await admit(env, f)
+    f.error = flow.Error("Client disconnected.")
+    env.metering.error(f)
+    log = settled(env, f.id)
+    assert log is not None and log["statusCode"] == 499 and log["creditsCost"] == 0
+
+
 async def test_client_gone_mid_stream_is_charged_an_estimate(env: Env) -> None:
     f = make_flow(body={"model": "gpt-4o", "messages": [], "stream": True})
     await admit(env, f)
