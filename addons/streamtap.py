@@ -14,6 +14,7 @@ compression bomb cannot grow memory beyond the SSE parser's one-event limit.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -21,11 +22,17 @@ from collections.abc import Iterator
 
 from burnmeter.usage import StreamUsage
 
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:  # mitmproxy depends on the backport
+    from backports import zstd
+
 logger = logging.getLogger(__name__)
 
 DECOMPRESS_STEP = 256 * 1024
 """Most decompressed bytes produced (and fed to the parser) at a time."""
 GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 Inflate = Callable[[bytes], Iterator[bytes]]
 
@@ -34,11 +41,16 @@ def _zlib_inflater(wbits: int) -> Inflate:
     z = zlib.decompressobj(wbits)
 
     def inflate(data: bytes) -> Iterator[bytes]:
-        while data and not z.eof:
+        nonlocal z
+        while data:
             out = z.decompress(data, DECOMPRESS_STEP)
-            data = z.unconsumed_tail
             if out:
                 yield out
+            if z.eof:  # a gzip body may be several members, one after the other
+                data = z.unused_data
+                z = zlib.decompressobj(wbits)
+            else:
+                data = z.unconsumed_tail
 
     return inflate
 
@@ -54,15 +66,24 @@ def _brotli_inflater() -> Inflate:
     return inflate
 
 
-def _zstd_inflater() -> Inflate | None:
-    try:
-        import zstandard  # type: ignore[import-not-found]  # optional
-    except ImportError:
-        return None  # not metered from the stream: settlement estimates instead
-    z = zstandard.ZstdDecompressor().decompressobj()
+def _zstd_inflater() -> Inflate:
+    z = zstd.ZstdDecompressor()
 
     def inflate(data: bytes) -> Iterator[bytes]:
-        yield z.decompress(data)
+        nonlocal z
+        while True:
+            out = z.decompress(data, DECOMPRESS_STEP)
+            if out:
+                yield out
+            if z.eof:  # the next frame, if any
+                data = z.unused_data
+                z = zstd.ZstdDecompressor()
+                if not data:
+                    return
+            elif z.needs_input:
+                return
+            else:
+                data = b""  # more output is due for what it has
 
     return inflate
 
@@ -77,14 +98,14 @@ def inflater_for(encoding: str | None, first: bytes) -> Inflate | None:
     name = (encoding or "").strip().lower()
     if name in ("gzip", "x-gzip") or first.startswith(GZIP_MAGIC):
         return _zlib_inflater(16 + zlib.MAX_WBITS)
+    if name == "zstd" or first.startswith(ZSTD_MAGIC):
+        return _zstd_inflater()
     if name == "deflate":
         return _zlib_inflater(zlib.MAX_WBITS if is_zlib_header(first) else -zlib.MAX_WBITS)
     if is_zlib_header(first) and first[:1] == b"x":
         return _zlib_inflater(zlib.MAX_WBITS)
     if name == "br":
         return _brotli_inflater()
-    if name == "zstd":
-        return _zstd_inflater()
     return None
 
 
@@ -118,7 +139,7 @@ class StreamTap:
     def _meter(self, data: bytes, end: bool = False) -> None:
         if self._head is not None:
             data = self._head + data
-            if len(data) < len(GZIP_MAGIC) and not end:
+            if len(data) < len(ZSTD_MAGIC) and not end:  # the longest magic number
                 self._head = data
                 return
             self._head = None

@@ -27,6 +27,7 @@ from addons.keys import set_upstream_key
 from addons.metering import spill
 from addons.streamtap import DECOMPRESS_STEP
 from addons.streamtap import StreamTap
+from addons.streamtap import zstd
 from burnmeter.config import ConfigError
 from burnmeter.config import load_config
 from burnmeter.documents import hash_key
@@ -296,6 +297,9 @@ COMPRESSORS = {
     "zlib": lambda b: zlib.compress(b),
     "raw-deflate": lambda b: (lambda z: z.compress(b) + z.flush())(zlib.compressobj(wbits=-15)),
     "br": lambda b: brotli.compress(b),
+    "zstd": lambda b: zstd.compress(b),
+    "gzip-members": lambda b: gzip.compress(b[:100]) + gzip.compress(b[100:]),
+    "zstd-frames": lambda b: zstd.compress(b[:100]) + zstd.compress(b[100:]),
 }
 
 
@@ -308,7 +312,8 @@ def test_tap_meters_compressed_streams_and_forwards_them_untouched(
     if not header and name in ("br", "raw-deflate"):
         pytest.skip("no magic bytes: recognised by Content-Encoding only")
     body = COMPRESSORS[name](chat_sse())
-    encoding = {"zlib": "deflate", "raw-deflate": "deflate"}.get(name, name) if header else None
+    encoding = name.partition("-")[0] if header else None
+    encoding = {"zlib": "deflate", "raw": "deflate"}.get(encoding or "", encoding)
     tap = StreamTap("openai.chat", encoding)
     assert tap_through(tap, body, piece) == body
     usage, _ = tap.usage.result()
