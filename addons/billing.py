@@ -11,6 +11,7 @@ import dataclasses
 import time
 
 from mitmproxy import http
+from mitmproxy.connection import ConnectionState
 
 from addons.admission import Ticket
 from burnmeter import pricing
@@ -86,7 +87,8 @@ def error_status(flow: http.HTTPFlow) -> int:
     response = flow.response
     if response is not None and not 200 <= response.status_code < 300:
         return response.status_code
-    if "client" in flow.error.msg.lower():
+    client_closed = not flow.client_conn.state & ConnectionState.CAN_READ  # e.g. HTTP/2's
+    if client_closed or "client" in flow.error.msg.lower():  # "peer closed connection"
         return CLIENT_CLOSED
     return UPSTREAM_FAILED
 

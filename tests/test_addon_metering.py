@@ -16,6 +16,7 @@ from mitmproxy import exceptions
 from mitmproxy import flow
 from mitmproxy import http
 from mitmproxy.addons import proxyserver
+from mitmproxy.connection import ConnectionState
 from mitmproxy.test import taddons
 
 from addons.metering import Metering
@@ -523,8 +524,18 @@ async def test_a_client_gone_before_the_answer_is_logged_499(env: Env) -> None:
     await admit(env, f)
     f.error = flow.Error("Client disconnected.")
     env.metering.error(f)
-    log = settled(env, f.id)
-    assert log is not None and log["statusCode"] == 499 and log["creditsCost"] == 0
+    h2 = make_flow()  # an HTTP/2 client's connection closing says only "peer closed"
+    await admit(env, h2)
+    h2.client_conn.state = ConnectionState.CAN_WRITE
+    h2.error = flow.Error("peer closed connection")
+    env.metering.error(h2)
+    upstream = make_flow()  # the same words about the upstream's connection
+    await admit(env, upstream)
+    upstream.error = flow.Error("peer closed connection")
+    env.metering.error(upstream)
+    env.metering.done()  # drain the writer
+    statuses = [env.store.log(x.id)["statusCode"] for x in (f, h2, upstream)]  # type: ignore[index]
+    assert statuses == [499, 499, 502]
 
 
 async def test_client_gone_mid_stream_is_charged_an_estimate(env: Env) -> None:
