@@ -264,6 +264,11 @@ class Metering:
         except Rejection as r:
             self._reject(f, None, r)
             return
+        except Exception:
+            # Fail closed: mitmproxy would log the error and forward the request unmetered.
+            logger.exception("metering: authentication failed")
+            self._reject(f, None, Rejection(errors.UNAVAILABLE, "Metering failed, retry later"))
+            return
         self._forward(f, ticket)
         if ticket.api is None:
             annotate(f, describe(ticket, "passthrough"))

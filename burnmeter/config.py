@@ -59,6 +59,15 @@ class Route(_Strict):
     upstream_key_env: str | None = None
     rate_limit_rpm: int | None = Field(default=None, ge=1)
 
+    @field_validator("host")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            name, colon, port = value.partition(":")
+            if not name or (colon and not (port.isdigit() and 1 <= int(port) <= 65535)):
+                raise ValueError(f"not a host or host:port: {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _one_matcher(self) -> Route:
         if (self.host is None) == (self.listen_port is None):
@@ -99,12 +108,12 @@ class ModelPrice(_Strict):
 class Config(_Strict):
     db: str = DEFAULT_DB_URL
     timezone: str = "Asia/Ho_Chi_Minh"
-    log_ttl_days: int = Field(default=30, ge=0)
+    log_ttl_days: int = Field(default=30, ge=0, le=36500)
     default_pool: str = "ohmygpt"
     unknown_model: Literal["reject", "default", "list-price"] = "reject"
     default_price: DefaultPrice | None = None
     key_cache_seconds: int = Field(default=30, ge=0)
-    hold_sweep_minutes: int = Field(default=60, ge=1)
+    hold_sweep_minutes: int = Field(default=60, ge=1, le=525600)
     default_max_output_tokens: int = Field(default=4096, ge=1)
     max_request_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     rate_limit_rpm: int | None = Field(default=None, ge=1)
@@ -124,7 +133,7 @@ class Config(_Strict):
     def _known_zone(cls, value: str) -> str:
         try:
             ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # "America" is a directory
             raise ValueError(f"unknown time zone {value!r}") from None
         return value
 
@@ -137,9 +146,25 @@ class Config(_Strict):
     def _references(self) -> Config:
         if self.default_pool not in self.pools:
             raise ValueError(f"default_pool: no pool named {self.default_pool!r}")
+        claimed: dict[str, str] = {}
+        for name, pool in self.pools.items():
+            for key, field in _pool_fields(pool):
+                if field in RESERVED_USER_FIELDS:
+                    raise ValueError(f"pools.{name}.{key}: {field!r} is a user field of its own")
+                if field in claimed:
+                    raise ValueError(f"pools.{name}.{key}: {field!r} is also {claimed[field]}")
+                claimed[field] = f"pools.{name}.{key}"
+        matchers: dict[tuple[str, object], int] = {}  # a second route for one match is dead
         for i, route in enumerate(self.routes):
             if route.pool not in self.pools:
                 raise ValueError(f"routes.{i}.pool: no pool named {route.pool!r}")
+            key, matcher = (
+                ("host", route.host.lower()) if route.host else ("listen_port", route.listen_port)
+            )
+            if (key, matcher) in matchers:
+                first = matchers[key, matcher]
+                raise ValueError(f"routes.{i}.{key}: routes.{first} already matches {matcher!r}")
+            matchers[key, matcher] = i
         seen: dict[str, str] = {}
         for model_id, model in self.models.items():
             if model.pool is not None and model.pool not in self.pools:
@@ -170,6 +195,19 @@ class Config(_Strict):
             if route.matches(host, port, listen_port):
                 return route
         return None
+
+
+RESERVED_USER_FIELDS = frozenset(
+    {"_id", "isActive", "role", "apiKey", "createdAt", "totalInputTokens", "totalOutputTokens"}
+)
+"""usersNew fields with a meaning of their own: no pool may name them."""
+
+
+def _pool_fields(pool: Pool) -> list[tuple[str, str]]:
+    """(key, field) for every user field the pool names."""
+    named = [("balance", field) for field in pool.balance] + [("used", pool.used)]
+    named += [(key, field) for key in ("tokens", "expires") if (field := getattr(pool, key))]
+    return named
 
 
 DEFAULT_POOLS = {

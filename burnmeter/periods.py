@@ -91,7 +91,7 @@ class Window:
 def zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # "America" is a directory
         raise PeriodError(
             f"unknown time zone {name!r} (an IANA name such as Asia/Ho_Chi_Minh)"
         ) from None
@@ -107,7 +107,10 @@ def parse_instant(text: str, tz: ZoneInfo) -> datetime:
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=tz)
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise PeriodError(f"{text!r} is out of range") from None
 
 
 def day_start(moment: datetime, tz: ZoneInfo) -> datetime:
@@ -136,6 +139,8 @@ def window(
 ) -> Window:
     """The window a period (or a custom ``since``/``until`` range) names at ``now``."""
     end_now = (now or now_utc()).astimezone(UTC)
+    if period in ROLLING and end_now - datetime.min.replace(tzinfo=UTC) < ROLLING[period]:
+        raise PeriodError(f"--now is too early for a {period} window")
     if since is not None or until is not None:
         if period is not None:
             raise PeriodError("give either a period or --since/--until, not both")

@@ -70,7 +70,7 @@ class PoolAmount(click.ParamType):
 
 expires_option = click.option(
     "--expires-days",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=36500),
     metavar="N",
     help="Credits of the named pool(s) expire N days from now (sets the pool's `expires` "
     "field; a pool configured without one never expires). Without it, no expiry is set "

@@ -4,6 +4,7 @@ import asyncio
 import gzip
 import json
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -220,6 +221,25 @@ async def test_store_down_fails_closed_with_503(env: Env, monkeypatch) -> None:
 
 
 # -- admission -------------------------------------------------------------------------
+@pytest.mark.parametrize("hook", ["authenticate", "admit"])
+async def test_an_unexpected_admission_error_fails_closed(
+    env: Env, monkeypatch: pytest.MonkeyPatch, hook: str
+) -> None:
+    """mitmproxy logs a hook's exception and goes on: the request must not go out unmetered."""
+    assert env.metering.admission is not None
+
+    async def broken(*args: object) -> None:
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    monkeypatch.setattr(env.metering.admission, hook, broken)
+    f = make_flow()
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 503
+    assert body_of(f)["error"]["code"] == "metering_unavailable"
+    assert "authorization" not in f.request.headers
+    assert f not in env.metering.tickets
+
+
 async def test_insufficient_credits_is_402_with_balance(env: Env) -> None:
     f = make_flow(key=BOB_KEY)
     await admit(env, f)

@@ -188,6 +188,7 @@ def test_an_unexpected_error_is_still_one_line(
         (["create", "carol", "--pool", "ohmygpt=1", "--pool", "ohmygpt=2"], "named twice"),
         (["create", "carol", "--expires-days", "7"], "'--expires-days'"),
         (["create", "carol", "--pool", "openhands=1", "--expires-days", "0"], "'--expires-days'"),
+        (["create", "carol", "--pool", "openhands=1", "--expires-days", "99999999"], "36500"),
         (["create", " carol", "--pool", "openhands=1"], "not a user name"),
     ],
 )

@@ -151,6 +151,9 @@ def test_summary_of_an_empty_store(tmp_path: Path) -> None:
         (["--since", "last week"], "not an ISO 8601 time"),
         (["--period", "8h", "--since", "2025-03-01"], "not both"),
         (["--since", "2025-03-02", "--until", "2025-03-01"], "earlier"),
+        (["--tz", "America"], "unknown time zone 'America'"),  # a directory of zones
+        (["--now", "0001-01-01"], "out of range"),
+        (["--now", "0001-01-05T00:00+00:00", "--period", "30d"], "too early"),
     ],
 )
 def test_bad_usage_exits_2(args: list[str], message: str) -> None:

@@ -51,6 +51,52 @@ def test_route_by_port_and_host_with_port():
     [
         ({"colour": "blue"}, "colour: unknown key"),
         ({"timezone": "Mars/Olympus"}, "timezone: unknown time zone 'Mars/Olympus'"),
+        ({"timezone": "America"}, "timezone: unknown time zone 'America'"),  # a directory
+        (
+            {
+                "routes": [
+                    {"host": "A.example", "pool": "ohmygpt"},
+                    {"host": "a.example", "pool": "openhands"},
+                ]
+            },
+            "routes.1.host: routes.0 already matches 'a.example'",
+        ),
+        (
+            {
+                "routes": [
+                    {"listen_port": 8005, "pool": "ohmygpt"},
+                    {"listen_port": 8005, "pool": "ohmygpt"},
+                ]
+            },
+            "routes.1.listen_port: routes.0 already matches 8005",
+        ),
+        ({"log_ttl_days": 1_000_000}, "log_ttl_days: Input should be less than or equal to"),
+        (
+            {"routes": [{"host": "chat.example:https", "pool": "ohmygpt"}]},
+            "routes.0.host: not a host or host:port: 'chat.example:https'",
+        ),
+        (
+            {"pools": {"p": {"balance": ["_id"], "used": "u"}}, "default_pool": "p"},
+            "pools.p.balance: '_id' is a user field of its own",
+        ),
+        (
+            {"pools": {"p": {"balance": ["c"], "used": "createdAt"}}, "default_pool": "p"},
+            "pools.p.used: 'createdAt' is a user field of its own",
+        ),
+        (
+            {"pools": {"p": {"balance": ["c"], "used": "c"}}, "default_pool": "p"},
+            "pools.p.used: 'c' is also pools.p.balance",
+        ),
+        (
+            {
+                "pools": {
+                    "a": {"balance": ["credits"], "used": "aUsed"},
+                    "b": {"balance": ["credits"], "used": "bUsed"},
+                },
+                "default_pool": "a",
+            },
+            "pools.b.balance: 'credits' is also pools.a.balance",
+        ),
         ({"log_ttl_days": -1}, "log_ttl_days: Input should be greater than or equal to 0"),
         (
             {"unknown_model": "free"},

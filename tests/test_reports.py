@@ -220,6 +220,13 @@ def test_a_log_without_a_user_is_counted_but_is_no_active_user(
     assert (s.requests, s.new_burned, s.active_users) == (5, D("1.25"), 2)
 
 
+def test_whole_float_token_counts_are_summed(make_reports: Callable[..., Reports]) -> None:
+    floats = _log(9, "bob", "ohmygpt", "2025-03-10T02:00:00Z", "0.50", (0, 0))
+    floats |= {"inputTokens": 5000.0, "outputTokens": 60.0}  # as mongoexport writes doubles
+    s = make_reports(logs=[*LOG_DOCS, floats]).summary(at("24h"))
+    assert (s.input_tokens, s.output_tokens) == (1900 + 5000, 190 + 60)
+
+
 def test_summary_all_counts_legacy_as_ohmygpt_and_funded_users(
     make_reports: Callable[..., Reports],
 ) -> None:

@@ -304,6 +304,20 @@ def test_settle_without_hold(store: Store) -> None:
     assert user is not None and user["creditsNewUsed"] == D("1.5")
 
 
+def test_whole_float_counters_of_the_original_keep_counting(store: Store) -> None:
+    """mongoexport writes a JavaScript number past 2^31 as 3000000000.0."""
+    store.import_user({"_id": "alice", "creditsNew": 10.0, "totalInputTokens": 3000000000.0})
+    store.import_log(
+        {"_id": "old", "userId": "alice", "inputTokens": 7.0, "creditsCost": 0.5, "createdAt": T0}
+    )
+    assert store.settle([settlement("r1", "1")]) == [True]
+    user = store.user("alice")
+    assert user is not None and user["totalInputTokens"] == 3000000100
+    assert store.balance("alice", OPENHANDS) == 9
+    old = store.log("old")
+    assert old is not None and old["inputTokens"] == 7
+
+
 def test_settle_refused_request_logs_at_zero(store: Store) -> None:
     alice(store, creditsNew="0")
     assert isinstance(store.hold("r1", "alice", OPENHANDS, D(1), D(1)), Refusal)

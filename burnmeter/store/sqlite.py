@@ -116,6 +116,10 @@ def _cell(kind: Kind, value: Any) -> Any:
             return to_nanos(value)
         case "int" if isinstance(value, int) and not isinstance(value, bool):
             return int(value)
+        case "int" if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+            # the original's counters are JavaScript numbers: mongoexport may write 3000000000.0;
+            # kept aside, it would hide the column that settlements count up and reports sum
+            return int(value)
         case "date" if isinstance(value, datetime):
             return extjson.to_ms(value)
         case "bool" if isinstance(value, bool):
