@@ -83,8 +83,9 @@ STOP_TIMEOUT = 10.0
 """Seconds ``done()`` lets the writer apply the journal; what is left waits for the next start."""
 PURGE_INTERVAL = 3600.0
 SHUTDOWN_STATUS = 503
-DRAIN_TIMEOUT = 2.0
 """Logged for requests still open when the proxy stops."""
+DRAIN_TIMEOUT = 2.0
+"""Seconds shutdown waits for the store calls under way (key look-ups, holds)."""
 REQUIRED_OPTIONS = {"connection_strategy": "lazy", "keep_host_header": True}
 
 
@@ -240,7 +241,7 @@ class Metering:
 
     def _close(self) -> None:
         if self.admission is not None:
-            self.admission.close(STOP_TIMEOUT)
+            self.admission.close(DRAIN_TIMEOUT)  # holds left are swept, as after a crash
         if self.writer is not None:
             self.writer.stop(STOP_TIMEOUT)
         if self.executor is not None:
