@@ -64,7 +64,16 @@ class HoldQueue:
             self._queue.append(_Waiting(request, future, loop))
             if self._idle:
                 self._cond.notify()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # Given up (a timeout) in the very loop pass that brought the answer: _answer
+            # found the future still waiting, so the hold is handed back here.
+            if future.done() and not future.cancelled() and future.exception() is None:
+                outcome = future.result()
+                if isinstance(outcome, Hold):
+                    self.orphaned(outcome)
+            raise
 
     def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds until every queued hold is made (shutdown)."""

@@ -194,7 +194,7 @@ class Journal:
                 offset += nl + 1
                 try:
                     out.append((offset, from_json(line)))
-                except (ValueError, KeyError, TypeError) as e:
+                except (ValueError, KeyError, TypeError, ArithmeticError, RecursionError) as e:
                     if out:  # apply what precedes it first; it is set aside on the next call
                         return out
                     self._reject(line, offset, e)
@@ -216,6 +216,12 @@ class Journal:
                 self._size = self._checkpoint = 0
                 return
         self._write_checkpoint(offset)
+
+    def set_aside(self, end: int, settlement: Settlement, error: Exception) -> None:
+        """A record the store cannot apply: moved to ``path + ".rejected"`` so that the rest
+        go on; every record before it must be applied already (this advances past it)."""
+        line = to_json(settlement).encode("utf-8")
+        self._reject(line, end, error, "record the store cannot apply")
 
     def close(self) -> None:
         with self._lock:
@@ -287,11 +293,14 @@ class Journal:
             os.close(fd)
         os.replace(tmp, self._checkpoint_path)
 
-    def _reject(self, line: bytes, end: int, error: Exception) -> None:
-        """Set an undecodable record aside (``path + ".rejected"``) so it cannot block the rest."""
+    def _reject(
+        self, line: bytes, end: int, error: Exception, what: str = "undecodable record"
+    ) -> None:
+        """Set a record aside (``path + ".rejected"``) so it cannot block the rest."""
         logger.error(
-            "%s: undecodable record ending at byte %d (%s): moved to %s.rejected",
+            "%s: %s ending at byte %d (%r): moved to %s.rejected",
             self.path,
+            what,
             end,
             error,
             self.path,

@@ -131,14 +131,15 @@ class SettlementWriter:
                 if batch:
                     self._settling_since = time.monotonic()
                     try:
-                        applied = store.settle([s for _, s in batch])
+                        applied = self._settle(store, batch)
                     finally:
                         self._settling_since = None
                     self.journal.advance(batch[-1][0])
-                elif time.monotonic() >= next_sweep and not self._stopping:
+                # also under a steady load, when the journal is never found empty
+                if time.monotonic() >= next_sweep and not self._stopping:
                     self._sweep(store)
                     next_sweep = time.monotonic() + self._sweep_interval
-                elif time.monotonic() >= next_purge and not self._stopping:
+                if time.monotonic() >= next_purge and not self._stopping:
                     self._purge(store)
                     next_purge = time.monotonic() + self._purge_interval
             except Exception as e:
@@ -169,6 +170,28 @@ class SettlementWriter:
                         logger.exception("on_applied failed for %s", settlement.request_id)
         if store is not None:
             store.close()
+
+    def _settle(self, store: Store, batch: list[tuple[int, Settlement]]) -> list[bool]:
+        """Apply a batch. A failure that is no outage (``StoreError``) is a record the store
+        can never apply (e.g. its pool left the config): retrying would block every record
+        behind it, so the batch is applied one record at a time and such a record is set
+        aside (``Journal.set_aside``), logged at ERROR for an operator."""
+        try:
+            return store.settle([s for _, s in batch])
+        except StoreError:
+            raise
+        except Exception:
+            logger.warning("a batch of settlements failed: applying them one by one")
+        applied: list[bool] = []
+        for end, settlement in batch:
+            try:
+                applied += store.settle([settlement])
+            except StoreError:
+                raise
+            except Exception as e:
+                self.journal.set_aside(end, settlement, e)
+                applied.append(False)
+        return applied
 
     def _past_deadline(self) -> bool:
         return time.monotonic() >= self._deadline

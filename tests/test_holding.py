@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
@@ -127,3 +128,22 @@ async def test_holds_given_up_while_queued_are_not_made(store: SqliteStore) -> N
     assert isinstance(await first, Hold) and isinstance(await waits, Hold)
     queue.stop(5)
     assert gate.batches == [["r0"], ["r2"]]
+
+
+async def test_a_hold_answered_in_the_pass_its_request_gives_up_is_handed_back(
+    store: SqliteStore,
+) -> None:
+    orphans: list[Hold] = []
+    queue = HoldQueue(store, orphaned=orphans.append)
+
+    async def held() -> Hold | Refusal:
+        async with asyncio.timeout(0.2):
+            return await queue.hold(wanted(0, 3))
+
+    task = asyncio.ensure_future(held())
+    await asyncio.sleep(0)  # queued: the thread makes the hold at once
+    time.sleep(0.5)  # the loop is busy: the answer and the timeout land in one pass
+    with pytest.raises(TimeoutError):
+        await task
+    queue.stop(5)
+    assert [h.request_id for h in orphans] == ["r0"]

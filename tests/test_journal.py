@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import threading
@@ -138,6 +139,24 @@ def test_undecodable_record_is_set_aside(path: str) -> None:
         assert ids(j.pending(10)) == ["req-1"]
         assert j.backlog == 1
     assert Path(path + ".rejected").read_bytes() == b"\x00\x00garbage\n"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("cost", '"12,5"'),  # decimal.InvalidOperation
+        ("log", "[" * 5000 + "]" * 5000),  # RecursionError
+    ],
+)
+def test_a_damaged_record_is_set_aside_too(path: str, field: str, value: str) -> None:
+    record = json.loads(to_json(settlement(0)))
+    record[field] = "@"
+    damaged = json.dumps(record).replace('"@"', value)
+    with open(path, "w") as f:
+        f.write(damaged + "\n" + to_json(settlement(1)) + "\n")
+    with Journal(path) as j:
+        assert ids(j.pending(10)) == ["req-1"]
+    assert Path(path + ".rejected").read_text() == damaged + "\n"
 
 
 @pytest.mark.parametrize("content", ["garbage", "5"])  # unreadable; not at a line start

@@ -368,3 +368,60 @@ def test_sigkill_mid_way_loses_and_doubles_nothing(url: str, tmp_path: Path) -> 
     assert set(acked) <= set(logged)  # every acknowledged charge is there
     assert logged == list(range(len(logged)))  # submitted in order, nothing skipped
     assert spent(url) == charged(len(logged))  # charged once each: Σ cost = balance change
+
+
+def test_a_record_the_store_cannot_apply_is_set_aside_not_retried_forever(
+    url: str, journal: Journal, caplog: pytest.LogCaptureFixture
+) -> None:
+    """E.g. its pool left the config: retrying would block every settlement behind it and
+    keep admission thinking the store is down."""
+    writer = SettlementWriter(lambda: make_store(url), journal, backoff=FAST)
+    writer.start()
+    writer.submit(replace(settlement(0), pool="renamed-pool"))
+    for i in range(1, 20):
+        writer.submit(settlement(i))
+    wait_for(lambda: writer.backlog == 0)
+    assert writer.healthy and writer.stop(5) == 0
+    assert log_count(url) == 19
+    rejected = Path(journal.path + ".rejected").read_text()
+    assert '"request_id":"req-0"' in rejected and "req-1" not in rejected
+    assert "record the store cannot apply" in caplog.text
+
+
+class SlowStore:
+    """A store taking 2 ms a settlement (a MongoDB round trip or two): records keep arriving
+    while it settles, so the journal is never found empty."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+
+    def settle(self, settlements: Iterable[Settlement]) -> list[bool]:
+        batch = list(settlements)
+        time.sleep(0.002 * len(batch))
+        return self.inner.settle(batch)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_the_sweep_runs_under_a_steady_load_too(url: str, journal: Journal) -> None:
+    store = make_store(url)
+    store.hold("abandoned", "alice", OPENHANDS, Decimal(5), Decimal(1))
+    slow = SlowStore(make_store(url))
+    writer = SettlementWriter(
+        lambda: slow,  # type: ignore[arg-type,return-value]
+        journal,
+        sweep_interval=0.05,
+        sweep_age=timedelta(seconds=-1),
+    )
+    writer.start()
+    deadline = time.monotonic() + 1.0
+    i = 0
+    while time.monotonic() < deadline:
+        writer.submit(settlement(i))
+        i += 1
+        time.sleep(0.003)
+    still_open = [h.request_id for h in store.open_holds(datetime.now(UTC) + timedelta(days=1))]
+    writer.stop(10)
+    store.close()
+    assert "abandoned" not in still_open
