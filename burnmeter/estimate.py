@@ -260,14 +260,21 @@ def _object(body: dict[str, object], *names: str) -> dict[str, object]:
     return {}
 
 
+MAX_COUNT = 10**9
+"""Largest output limit or choice count a request may name (no model comes near it; far
+larger numbers would overflow the pricing's precision)."""
+
+
 def _positive_int(body: dict[str, object], *names: str) -> int | None:
     """The first of ``names`` that is set; JSON null counts as unset."""
     for name in names:
         value = body.get(name)
         if value is None:
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name!r} must be a positive integer, not {json.dumps(value)}")
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_COUNT:
+            raise ValueError(
+                f"{name!r} must be a positive integer up to {MAX_COUNT}, not {json.dumps(value)}"
+            )
         return value
     return None
 

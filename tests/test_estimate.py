@@ -156,7 +156,9 @@ def test_stream_flag() -> None:
 @pytest.mark.parametrize(
     ("api", "body", "message"),
     [
-        ("openai.chat", {"max_tokens": -1}, "'max_tokens' must be a positive integer, not -1"),
+        ("openai.chat", {"max_tokens": -1}, "'max_tokens' must be a positive integer up to"),
+        ("openai.chat", {"max_tokens": 10**60}, "'max_tokens' must be a positive integer up to"),
+        ("openai.chat", {"max_tokens": 10, "n": 10**10}, "'n' must be a positive integer up to"),
         ("openai.chat", {"max_tokens": 0}, "'max_tokens' must be a positive integer"),
         ("openai.chat", {"max_tokens": 1.5}, "'max_tokens' must be a positive integer"),
         ("openai.chat", {"max_tokens": "100"}, "'max_tokens' must be a positive integer"),
