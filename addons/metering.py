@@ -71,6 +71,7 @@ from burnmeter.journal import to_json
 from burnmeter.records import UsageRecord
 from burnmeter.store import StoreURLError
 from burnmeter.store import open_store
+from burnmeter.store.base import DocumentError
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
 from burnmeter.store.base import StoreError
@@ -125,7 +126,7 @@ def open_checked_store(settings: options.Settings) -> Store:
     try:
         store = open_store(settings.db_url, settings.config.pools)
         store.ensure_schema(settings.config.log_ttl_days)
-    except (StoreURLError, StoreError) as e:
+    except (StoreURLError, StoreError, DocumentError) as e:
         raise exceptions.OptionsError(f"metering_db: {e}") from None
     return store
 

@@ -7,18 +7,24 @@ from collections.abc import Mapping
 from datetime import UTC
 from datetime import datetime
 from decimal import Decimal as D
+from pathlib import Path
 from typing import Any
 
 import mongomock
 import pymongo
+import pymongo.errors
 import pytest
 from stores import POOLS
 
+from burnmeter.journal import Journal
+from burnmeter.store.base import USERS
+from burnmeter.store.base import DocumentError
 from burnmeter.store.base import Hold
 from burnmeter.store.base import HoldRequest
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import StoreError
 from burnmeter.store.mongo import MongoStore
+from burnmeter.writer import SettlementWriter
 
 
 @pytest.fixture
@@ -146,3 +152,48 @@ def test_an_unreachable_server_is_an_outage_on_every_call_the_proxy_makes() -> N
             store.ensure_schema(30)
     finally:
         store.close()
+
+
+def refusing_inc_on_non_numbers(store: MongoStore) -> None:
+    """Make mongomock answer as MongoDB does to $inc on a null or string field."""
+    users = store.db[USERS]
+    update_one = users.update_one
+
+    def server_like(query: Any, update: Any, *args: Any, **kwargs: Any) -> Any:
+        doc = users.find_one(query) or {}
+        for name in update.get("$inc", {}):
+            if name in doc and not isinstance(doc[name], int | float):
+                raise pymongo.errors.WriteError(
+                    f"Cannot apply $inc to a value of non-numeric type {doc[name]!r}", 14
+                )
+        return update_one(query, update, *args, **kwargs)
+
+    users.update_one = server_like  # type: ignore[method-assign]
+
+
+def test_a_legacy_document_the_server_refuses_is_set_aside_not_an_outage(
+    store: MongoStore, tmp_path: Path
+) -> None:
+    """One user with creditsUsed: null must not stop everyone's settlements (as an outage
+    would: retried forever, the store marked down)."""
+    store.db[USERS].insert_many(
+        [{"_id": "legacy", "credits": 5.0, "creditsUsed": None}, {"_id": "bob", "credits": 5.0}]
+    )
+    refusing_inc_on_non_numbers(store)
+    with pytest.raises(DocumentError):
+        store.settle([Settlement("r1", "legacy", "ohmygpt", D("0.5"), 0, 1, 1, None, {})])
+    journal = Journal(str(tmp_path / "settlements.journal"))
+    writer = SettlementWriter(lambda: store, journal, backoff=(0.01, 0.05))
+    writer.start()
+    writer.submit(Settlement("r2", "legacy", "ohmygpt", D("0.5"), 0, 1, 1, None, {}))
+    writer.submit(Settlement("r3", "bob", "ohmygpt", D("0.5"), 0, 1, 1, None, {}))
+    assert writer.stop(5) == 0 and writer.healthy
+    journal.close()
+    assert store.balance("bob", POOLS["ohmygpt"]) == D("4.5")
+    assert "r2" in (tmp_path / "settlements.journal.rejected").read_text()
+
+
+def test_a_balance_that_is_no_number_is_refused_at_once(store: MongoStore) -> None:
+    store.db[USERS].insert_one({"_id": "legacy", "credits": "5", "creditsUsed": 0})
+    [outcome] = store.hold_many([HoldRequest("r1", "legacy", POOLS["ohmygpt"], D(3), D(1))])
+    assert isinstance(outcome, DocumentError) and "credits is not a number" in str(outcome)

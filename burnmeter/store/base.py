@@ -37,7 +37,12 @@ DATE_FIELDS = ("expiresAt", "expiresAtNew", "createdAt")
 
 
 class StoreError(RuntimeError):
-    """The store cannot be reached or refused an operation (an outage, not a user error)."""
+    """The store cannot be reached or is not answering (an outage, not a user error)."""
+
+
+class DocumentError(ValueError):
+    """The store answered, but cannot apply an operation to one document (e.g. a legacy
+    field holding a string): not an outage, and retrying will not help."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +89,7 @@ class HoldRequest:
     minimum: Decimal
 
 
-HoldOutcome = Hold | Refusal | StoreError
+HoldOutcome = Hold | Refusal | StoreError | DocumentError
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,13 +162,13 @@ class Store(ABC):
 
     def hold_many(self, requests: Sequence[HoldRequest]) -> list[HoldOutcome]:
         """``hold`` for each request in turn, each on its own: a store that fails one
-        request says so in its place (``StoreError``) and goes on with the next. A store
+        request says so in its place (``StoreError``, ``DocumentError``) and goes on. A store
         may make them all in one transaction, where a failure fails them all."""
         outcomes: list[HoldOutcome] = []
         for r in requests:
             try:
                 outcomes.append(self.hold(r.request_id, r.user_id, r.pool, r.amount, r.minimum))
-            except StoreError as e:
+            except (StoreError, DocumentError) as e:
                 outcomes.append(e)
         return outcomes
 

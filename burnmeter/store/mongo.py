@@ -24,8 +24,13 @@ from typing import Any
 import pymongo
 from bson.decimal128 import Decimal128
 from pymongo.database import Database
+from pymongo.errors import ConnectionFailure
 from pymongo.errors import DuplicateKeyError
+from pymongo.errors import ExecutionTimeout
+from pymongo.errors import InvalidOperation
+from pymongo.errors import OperationFailure
 from pymongo.errors import PyMongoError
+from pymongo.errors import WTimeoutError
 
 from burnmeter.config import Pool
 from burnmeter.documents import utcnow
@@ -39,6 +44,7 @@ from burnmeter.store.base import LOGS
 from burnmeter.store.base import MONEY_FIELDS
 from burnmeter.store.base import USERS
 from burnmeter.store.base import Document
+from burnmeter.store.base import DocumentError
 from burnmeter.store.base import Hold
 from burnmeter.store.base import ImportOutcome
 from burnmeter.store.base import KeyOwner
@@ -55,13 +61,25 @@ ATTEMPTS = 20
 TTL_KEY = [("createdAt", pymongo.ASCENDING)]  # {createdAt: -1} is the SPEC's plain index
 
 
+OUTAGES = (ConnectionFailure, ExecutionTimeout, WTimeoutError, InvalidOperation)
+"""Errors of a server that cannot be reached or is not answering in time (or a closed client)."""
+UNAUTHORIZED = {13, 18}  # Unauthorized, AuthenticationFailed: the whole store is unusable
+
+
 def _guarded[**P, R](method: Callable[P, R]) -> Callable[P, R]:
-    """A server that cannot be reached, or refuses, is an outage: ``StoreError``."""
+    """An unreachable server is an outage (``StoreError``); a server that refuses one
+    document's update (a legacy field of the wrong type) is a ``DocumentError``."""
 
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return method(*args, **kwargs)
+        except OUTAGES as e:
+            raise StoreError(f"MongoDB: {e}") from e
+        except OperationFailure as e:
+            if e.code in UNAUTHORIZED:
+                raise StoreError(f"MongoDB: {e}") from e
+            raise DocumentError(f"MongoDB refused: {e}") from e
         except PyMongoError as e:
             raise StoreError(f"MongoDB: {e}") from e
 
@@ -259,6 +277,11 @@ class MongoStore(Store):
                 return Refusal(ZERO)
             if request_id in doc.get(HOLDS, {}):
                 raise ValueError(f"request {request_id!r} already holds")
+            for name in pool.balance:
+                value = doc.get(name)
+                if not (value is None or _is_number(value) or isinstance(value, Decimal128)):
+                    # a string, say: the update's filter could never match it
+                    raise DocumentError(f"user {user_id!r}: {name} is not a number")
             balances = {name: to_decimal(doc.get(name)) for name in pool.balance}
             parts = rules.split_hold(balances, amount, minimum)
             if parts is None:
@@ -273,7 +296,8 @@ class MongoStore(Store):
             }
             if users.update_one(query, update).modified_count:
                 return Hold(request_id, user_id, pool.name, parts, now)
-        raise StoreError(f"hold for {user_id!r}: the balance kept changing, gave up")
+        # one busy user, not an outage of the store
+        raise DocumentError(f"hold for {user_id!r}: the balance kept changing, gave up")
 
     @_guarded
     def settle(self, settlements: Iterable[Settlement]) -> list[bool]:
