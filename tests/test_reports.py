@@ -211,13 +211,24 @@ def test_summary_24h_starts_at_local_midnight(make_reports: Callable[..., Report
     }
 
 
-def test_a_log_without_a_user_is_counted_but_is_no_active_user(
+def test_a_log_without_a_user_is_counted_but_belongs_to_no_user(
     make_reports: Callable[..., Reports],
 ) -> None:
-    orphan = _log(9, "nobody", "openhands", "2025-03-10T02:00:00Z", "0.50", (1, 1))
-    del orphan["userId"]  # imported from a system that did not always record it
-    s = make_reports(logs=[*LOG_DOCS, orphan]).summary(at("24h"))
-    assert (s.requests, s.new_burned, s.active_users) == (5, D("1.25"), 2)
+    """The original wrote no userId for requests on its own operator key."""
+    orphans = [
+        _log(9, "nobody", "openhands", "2025-03-10T02:00:00Z", "0.50", (1, 1)),
+        _log(10, "nobody", "ohmygpt", "2025-03-10T02:00:00Z", "0.50", (1, 1)),
+    ]
+    for orphan in orphans:
+        del orphan["userId"]
+    reports = make_reports(logs=[*LOG_DOCS, *orphans])
+    s = reports.summary(at("24h"))
+    assert (s.requests, s.new_burned, s.active_users) == (6, D("1.25"), 2)
+    assert all(u.user for u in reports.users(at("24h")))
+    assert reports.reconcile(D("0.000001")) == [  # as without them (test_reconcile)
+        Mismatch("alice", "ohmygpt", D("1.5"), D("5.30")),
+        Mismatch("carol", "openhands", D(0), D("2.00")),
+    ]
 
 
 def test_whole_float_token_counts_are_summed(make_reports: Callable[..., Reports]) -> None:

@@ -39,6 +39,11 @@ def _count_if(condition: dict[str, Any]) -> dict[str, Any]:
     return {"$sum": {"$cond": [condition, 1, 0]}}
 
 
+WITH_USER = {"$match": {"userId": {"$ne": None}}}
+"""Logs that belong to a user: the original wrote none for its own operator key (as SQL's
+COUNT(DISTINCT) and the SQLite reports skip NULL)."""
+
+
 def _match(window: Window | None) -> dict[str, Any]:
     """The window's bounds on ``createdAt``; ``None``: every log."""
     if window is None:
@@ -103,13 +108,7 @@ class MongoReports(Backend):
         ]
 
     def active_users(self, window: Window) -> int:
-        # a log without userId (imported) is no user; SQL's COUNT(DISTINCT) skips NULL too
-        pipeline = [
-            _match(window),
-            {"$match": {"userId": {"$ne": None}}},
-            {"$group": {"_id": "$userId"}},
-            {"$count": "n"},
-        ]
+        pipeline = [_match(window), WITH_USER, {"$group": {"_id": "$userId"}}, {"$count": "n"}]
         found = list(self.logs.aggregate(pipeline))
         return int(found[0]["n"]) if found else 0
 
@@ -130,7 +129,7 @@ class MongoReports(Backend):
                 int(d["output"]),
                 int(d["requests"]),
             )
-            for d in self.logs.aggregate([_match(window), {"$group": group}])
+            for d in self.logs.aggregate([_match(window), WITH_USER, {"$group": group}])
         ]
 
     def model_usage(self, window: Window) -> list[ModelUsage]:

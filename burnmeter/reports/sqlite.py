@@ -90,7 +90,7 @@ class SqliteReports(Backend):
         sql = f"""
             SELECT userId, {POOL}, COALESCE(SUM(creditsCost), 0), COALESCE(SUM(inputTokens), 0),
                    COALESCE(SUM(outputTokens), 0), COUNT(*)
-              FROM {{logs}} WHERE {{where}} GROUP BY +userId, 2"""
+              FROM {{logs}} WHERE {{where}} AND userId IS NOT NULL GROUP BY +userId, 2"""
         return [
             UserUsage(user, pool, from_nanos(cost), *counts)
             for user, pool, cost, *counts in self._rows(sql, window)
