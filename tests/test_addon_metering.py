@@ -40,6 +40,7 @@ from tests.addon_support import json_response
 from tests.addon_support import make_flow
 from tests.addon_support import settled
 from tests.addon_support import sse_response
+from tests.stores import put_key
 
 
 @pytest.fixture
@@ -265,6 +266,19 @@ async def test_expired_pool_is_402_credits_expired(env: Env) -> None:
     other_pool = make_flow(host=OHMYGPT_HOST)
     await admit(env, other_pool)
     assert other_pool.response is None, "only the expired pool is refused"
+
+
+async def test_an_expired_key_is_402_credits_expired(env: Env) -> None:
+    """An original key document's expiry is its package's: the original answered 402."""
+    env.store.import_user({"_id": "minh", "credits": 5.0, "isActive": True})
+    put_key(
+        env.store,
+        {"_id": "sk-minh-legacy-0123456789", "name": "minh", "expiresAt": utcnow() - timedelta(1)},
+    )
+    f = make_flow(key="sk-minh-legacy-0123456789", host=OHMYGPT_HOST)
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 402
+    assert body_of(f)["error"]["code"] == "credits_expired"
 
 
 async def test_oversized_body_is_413(env: Env) -> None:

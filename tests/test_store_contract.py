@@ -113,6 +113,22 @@ def test_find_key_inactive_expired_and_orphaned(store: Store) -> None:
     assert store.find_key("sk-orphan") is None
 
 
+def test_an_expired_key_document_gives_way_to_the_users_api_key(store: Store) -> None:
+    """The original's payment keys expire with their package (and it then deleted them):
+    the same key may still be the user's usersNew.apiKey, for the pools still valid."""
+    store.import_user({"_id": "minh", "apiKey": "sk-paid", "credits": 5.0})
+    store.import_user({"_id": "lan", "credits": 5.0})
+    past = datetime.now(UTC) - timedelta(days=1)
+    put_key(store, {"_id": "sk-paid", "name": "minh", "isActive": True, "expiresAt": past})
+    put_key(store, {"_id": "sk-gone", "name": "lan", "isActive": True, "expiresAt": past})
+    owner = store.find_key("sk-paid")
+    assert owner is not None and owner.user_id == "minh"
+    assert (owner.key_doc_id, owner.key_expires_at) == (None, None)
+    expired = store.find_key("sk-gone")  # nothing else: the expired key, for admission to refuse
+    assert expired is not None and expired.key_expires_at is not None
+    assert expired.key_expires_at.timestamp() == pytest.approx(past.timestamp(), abs=0.001)
+
+
 def test_create_user_and_users(store: Store) -> None:
     alice(store, creditsNew="12.5", credits="1")
     store.create_user("bob", "sk-bob", {})

@@ -17,6 +17,7 @@ from burnmeter.config import Pool
 from burnmeter.documents import HASHED_PREFIX
 from burnmeter.documents import hash_key
 from burnmeter.documents import key_ref
+from burnmeter.documents import utcnow
 from burnmeter.money import ZERO
 from burnmeter.store.base import Document
 from burnmeter.store.base import KeyOwner
@@ -31,6 +32,7 @@ def find_key(key: str, key_doc: Lookup, user: Lookup, user_by_api_key: Lookup) -
     A presented ``sha256:…`` string is never a key: it is what the store holds."""
     if key.startswith(HASHED_PREFIX):
         return None
+    expired: KeyOwner | None = None
     for key_doc_id in (key, hash_key(key)):
         doc = key_doc(key_doc_id)
         if doc is None:
@@ -39,16 +41,21 @@ def find_key(key: str, key_doc: Lookup, user: Lookup, user_by_api_key: Lookup) -
         if owner is None:
             return None
         expires = doc.get("expiresAt")
-        return KeyOwner(
+        found = KeyOwner(
             user_id=owner["_id"],
             key_doc_id=key_doc_id,
             key_active=bool(doc.get("isActive", True)),
             key_expires_at=expires if isinstance(expires, datetime) else None,
             user=owner,
         )
+        if found.key_expires_at is None or found.key_expires_at > utcnow():
+            return found
+        # The original's payment keys expire with their package, and it then deleted them:
+        # the same key may still be the user's usersNew.apiKey, for pools still valid.
+        expired = found
     owner = user_by_api_key(key)
     if owner is None:
-        return None
+        return expired
     return KeyOwner(owner["_id"], None, True, None, owner)
 
 
