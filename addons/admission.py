@@ -37,6 +37,7 @@ from typing import Any
 
 from mitmproxy import http
 from mitmproxy.net.http import url
+from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addons import errors
 from addons.errors import Problem
@@ -285,7 +286,12 @@ class Admission:
             raise Rejection(
                 errors.UNSUPPORTED, f"{request.method} {path} is not served by this gateway"
             )
-        host, port = client_host(request)
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            host, port = client_host(request)
+        else:
+            # A forward proxy's client names the destination itself: that is what is billed
+            # (a Host header naming another host must not pick the route, nor its key).
+            host, port = request.host.lower(), request.port
         route = self.config.route(host, port, flow.client_conn.sockname[1])
         self.check_rate(key, route)
         return Ticket(

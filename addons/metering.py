@@ -43,6 +43,7 @@ from mitmproxy import exceptions
 from mitmproxy import flow
 from mitmproxy import http
 from mitmproxy.net.http import url
+from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addons import billing
@@ -88,6 +89,7 @@ SHUTDOWN_STATUS = 503
 DRAIN_TIMEOUT = 2.0
 """Seconds shutdown waits for the store calls under way (key look-ups, holds)."""
 REQUIRED_OPTIONS = {"connection_strategy": "lazy", "keep_host_header": True}
+TLS_SCHEMES = ("https", "tls", "http3", "quic", "dtls")
 
 
 def declared_size(request: http.Request) -> int:
@@ -327,12 +329,28 @@ class Metering:
         self._settle(f, ticket, usage, status, "charged" if usage else "failed", f.error.msg)
 
     def _forward(self, f: http.HTTPFlow, ticket: Ticket) -> None:
-        """Address the upstream as mitmproxy would have: its Host, its key."""
+        """Address the upstream as mitmproxy would have: its Host, its key.
+
+        The route's upstream key goes only where the operator sends it: the reverse target,
+        or in other modes (where the client picks the destination) the route's own host."""
         assert self.settings is not None
-        if isinstance(f.client_conn.proxy_mode, ReverseMode):
+        reverse = isinstance(f.client_conn.proxy_mode, ReverseMode)
+        if reverse:
             f.request.host_header = url.hostport(f.request.scheme, f.request.host, f.request.port)
-        upstream_key = self.settings.upstream_keys.get(ticket.route) if ticket.route else None
+        route = ticket.route
+        upstream_key = self.settings.upstream_keys.get(route) if route else None
+        if not reverse and (route is None or route.host is None):
+            upstream_key = None  # a listen-port route matches any destination
         set_upstream_key(f.request, ticket.style, upstream_key)
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """Reverse mode over TLS: present the upstream's own name (SNI), not the client's.
+
+        mitmproxy does this itself unless ``keep_host_header`` is set, which this addon
+        needs (the client's Host picks the pool)."""
+        mode = data.client.proxy_mode
+        if isinstance(mode, ReverseMode) and mode.scheme in TLS_SCHEMES:
+            data.server.sni = mode.address[0]
 
     def _reject(self, f: http.HTTPFlow, ticket: Ticket | None, rejection: Rejection) -> None:
         _, _, style = request_api(f.request)

@@ -13,12 +13,16 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from mitmproxy import connection
 from mitmproxy import exceptions
 from mitmproxy import flow
 from mitmproxy import http
 from mitmproxy.addons import proxyserver
 from mitmproxy.connection import ConnectionState
+from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons
+from mitmproxy.test import tflow
 
 from addons.metering import Metering
 from burnmeter.config import load_config
@@ -94,6 +98,46 @@ def test_bad_options(env: Env, opts: dict, match: str) -> None:
     with pytest.raises(exceptions.OptionsError, match=match):
         env.tctx.configure(env.metering, **opts)
     assert env.metering.admission is not None, "a rejected change keeps the running store"
+
+
+async def test_a_forward_proxy_client_cannot_steer_the_upstream_key_elsewhere(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside reverse mode the client picks the destination: the route (and its key) must
+    follow the destination, not a Host header, and a listen-port route never sends one."""
+    text = env.config_path.read_text().replace(
+        "multiplier = 2\n", 'multiplier = 2\nupstream_key_env = "BM_TEST_UPSTREAM"\n', 1
+    )
+    port_route = f'listen_port = {PORT_ROUTE}\npool = "openhands"\n'
+    text = text.replace(port_route, port_route + 'upstream_key_env = "BM_TEST_UPSTREAM"\n')
+    env.config_path.write_text(text)
+    monkeypatch.setenv("BM_TEST_UPSTREAM", "sk-operator")
+    env.tctx.configure(env.metering, metering_key_cache_ttl=1)
+    direct = make_flow()  # to the route's own host: its key goes there
+    await admit(env, direct)
+    assert direct.request.headers["authorization"] == "Bearer sk-operator"
+    steered = make_flow()
+    steered.request.host = "evil.example"  # the destination; the Host header still says the route's
+    await admit(env, steered)
+    assert "authorization" not in steered.request.headers
+    assert env.metering.tickets[steered].pool == "ohmygpt", "billed by destination: no route"
+    by_port = make_flow(host="evil.example", listen_port=PORT_ROUTE)
+    await admit(env, by_port)
+    assert env.metering.tickets[by_port].pool == "openhands"
+    assert "authorization" not in by_port.request.headers
+
+
+def test_reverse_mode_over_tls_presents_the_upstreams_name(env: Env) -> None:
+    """keep_host_header (which the addon sets) would make mitmproxy reuse the client's SNI."""
+    client = tflow.tclient_conn()
+    client.proxy_mode = ProxyMode.parse("reverse:https://api.example.com:8443")
+    server = connection.Server(address=("api.example.com", 8443), sni="chat.trollllm.xyz")
+    env.metering.server_connect(server_hooks.ServerConnectionHookData(server, client))
+    assert server.sni == "api.example.com"
+    plain = connection.Server(address=("api.example.com", 80), sni=None)
+    client.proxy_mode = ProxyMode.parse("regular")
+    env.metering.server_connect(server_hooks.ServerConnectionHookData(plain, client))
+    assert plain.sni is None
 
 
 def test_upstream_key_env_must_be_set(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -400,7 +444,11 @@ async def test_background_responses_are_refused(env: Env) -> None:
     "kwargs, body_model, pool",
     [
         ({"host": OPENHANDS_HOST}, "gpt-4o", "openhands"),
-        ({"host": f"{OPENHANDS_HOST}:8443"}, "gpt-4o", "openhands"),
+        (
+            {"host": f"{OPENHANDS_HOST}:8443", "mode": "reverse:http://upstream.test:80"},
+            "gpt-4o",
+            "openhands",
+        ),
         ({"host": OHMYGPT_HOST}, "gpt-4o", "ohmygpt"),  # no route: the default pool
         ({"host": "other.test", "listen_port": PORT_ROUTE}, "gpt-4o", "openhands"),
         ({"host": OPENHANDS_HOST}, "special", "ohmygpt"),  # the model's pool wins
