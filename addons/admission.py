@@ -75,6 +75,7 @@ FREE_READS = re.compile(r"/models(?:/[^/]+)?$")
 """Paths served uncharged to GET: model lists and model details (every API has them)."""
 FREE_POSTS = re.compile(r"/v1/messages/count_tokens$|/models/[^/]+:countTokens$")
 """Paths served uncharged to POST: token counting (Anthropic, Gemini), which generates nothing."""
+CREDITS_EXPIRED_MESSAGE = "Credits have expired. Please purchase new credits."
 STORE_TIMEOUT = 1.0
 """Seconds admission waits for one store call (key look-up, hold)."""
 STORE_RETRY = 2.0
@@ -184,9 +185,7 @@ def check_owner(owner: KeyOwner | None, now: datetime) -> KeyOwner:
         raise Rejection(errors.REVOKED_KEY, "API key has been revoked")
     if owner.key_expires_at is not None and owner.key_expires_at <= now:
         # as the original answered: its keys expire with the credits they were sold with
-        raise Rejection(
-            errors.CREDITS_EXPIRED, "Credits have expired. Please purchase new credits."
-        )
+        raise Rejection(errors.CREDITS_EXPIRED, CREDITS_EXPIRED_MESSAGE)
     return owner
 
 
@@ -370,9 +369,7 @@ class Admission:
         pool = self.config.pools[ticket.pool]
         expires = ticket.owner.user.get(pool.expires) if pool.expires else None
         if isinstance(expires, datetime) and expires <= utcnow():
-            raise Rejection(
-                errors.CREDITS_EXPIRED, "Credits have expired. Please purchase new credits."
-            )
+            raise Rejection(errors.CREDITS_EXPIRED, CREDITS_EXPIRED_MESSAGE)
         if not self.journal_has_room():
             raise Rejection(
                 errors.UNAVAILABLE, "Metering store unreachable and journal full, retry later"

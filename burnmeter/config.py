@@ -31,6 +31,14 @@ PositiveDecimal = Annotated[Decimal, Field(gt=0)]
 Price = Annotated[Decimal, Field(ge=0)]
 
 
+def iana_zone(name: str) -> ZoneInfo | None:
+    """The IANA time zone ``name``, or None if there is none by that name."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # "America" is a directory
+        return None
+
+
 class ConfigError(ValueError):
     """A config problem, as one line naming the key."""
 
@@ -131,10 +139,8 @@ class Config(_Strict):
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError, OSError):  # "America" is a directory
-            raise ValueError(f"unknown time zone {value!r}") from None
+        if iana_zone(value) is None:
+            raise ValueError(f"unknown time zone {value!r}")
         return value
 
     @field_validator("pools")

@@ -26,8 +26,8 @@ from datetime import time
 from datetime import timedelta
 from typing import Literal
 from zoneinfo import ZoneInfo
-from zoneinfo import ZoneInfoNotFoundError
 
+from burnmeter.config import iana_zone
 from burnmeter.store.extjson import from_ms
 from burnmeter.store.extjson import to_ms
 
@@ -89,12 +89,10 @@ class Window:
 
 
 def zone(name: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, OSError):  # "America" is a directory
-        raise PeriodError(
-            f"unknown time zone {name!r} (an IANA name such as Asia/Ho_Chi_Minh)"
-        ) from None
+    found = iana_zone(name)
+    if found is None:
+        raise PeriodError(f"unknown time zone {name!r} (an IANA name such as Asia/Ho_Chi_Minh)")
+    return found
 
 
 def parse_instant(text: str, tz: ZoneInfo) -> datetime:
