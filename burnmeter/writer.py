@@ -134,7 +134,6 @@ class SettlementWriter:
                         applied = self._settle(store, batch)
                     finally:
                         self._settling_since = None
-                    self.journal.advance(batch[-1][0])
                 # also under a steady load, when the journal is never found empty
                 if time.monotonic() >= next_sweep and not self._stopping:
                     self._sweep(store)
@@ -172,18 +171,25 @@ class SettlementWriter:
             store.close()
 
     def _settle(self, store: Store, batch: list[tuple[int, Settlement]]) -> list[bool]:
-        """Apply a batch. A failure that is no outage (``StoreError``) is a record the store
-        can never apply (e.g. its pool left the config): retrying would block every record
-        behind it, so the batch is applied one record at a time and such a record is set
-        aside (``Journal.set_aside``), logged at ERROR for an operator."""
+        """Apply a batch, then advance the journal past it.
+
+        A failure that is no outage (``StoreError``) is a record the store can never apply
+        (e.g. its pool left the config): retrying would block every record behind it, so
+        the batch is applied one record at a time and such a record is set aside
+        (``Journal.set_aside``, which advances past it), logged at ERROR for an operator."""
         try:
-            return store.settle([s for _, s in batch])
+            applied = store.settle([s for _, s in batch])
         except StoreError:
             raise
         except Exception:
             logger.warning("a batch of settlements failed: applying them one by one")
-        applied: list[bool] = []
+        else:
+            self.journal.advance(batch[-1][0])
+            return applied
+        applied = []
+        set_aside = False
         for end, settlement in batch:
+            set_aside = False
             try:
                 applied += store.settle([settlement])
             except StoreError:
@@ -191,6 +197,11 @@ class SettlementWriter:
             except Exception as e:
                 self.journal.set_aside(end, settlement, e)
                 applied.append(False)
+                set_aside = True
+        # Setting the last record aside advanced past it, and may have emptied the journal:
+        # advancing again to an offset from before would cover records appended since.
+        if not set_aside:
+            self.journal.advance(batch[-1][0])
         return applied
 
     def _past_deadline(self) -> bool:

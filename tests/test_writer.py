@@ -425,3 +425,24 @@ def test_the_sweep_runs_under_a_steady_load_too(url: str, journal: Journal) -> N
     writer.stop(10)
     store.close()
     assert "abandoned" not in still_open
+
+
+def test_a_record_set_aside_last_does_not_swallow_one_appended_meanwhile(
+    url: str, journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Setting the journal's last record aside empties (truncates) the journal: a record
+    appended right then must not count as applied by the batch that is finishing."""
+    set_aside = journal.set_aside
+
+    def then_append(*args: Any) -> None:
+        set_aside(*args)
+        journal.append(settlement(7))  # the event loop, at that very moment
+
+    monkeypatch.setattr(journal, "set_aside", then_append)
+    writer = SettlementWriter(lambda: make_store(url), journal, backoff=FAST)
+    writer.submit(settlement(1))
+    writer.submit(replace(settlement(2), pool="renamed-pool"))
+    writer.start()
+    wait_for(lambda: writer.backlog == 0)
+    assert writer.stop(5) == 0
+    assert log_count(url) == 2, "req-1 and req-7"
