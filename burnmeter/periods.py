@@ -53,7 +53,12 @@ SLOT_MS = SLOT // timedelta(milliseconds=1)
 
 
 class PeriodError(ValueError):
-    """A bad period, zone or time, as one line."""
+    """A bad period, zone or time, as one line; ``source`` names the input at fault
+    (``tz``, ``now``, ``since``, ``until``), None for a bad combination."""
+
+    def __init__(self, message: str, source: str | None = None) -> None:
+        super().__init__(message)
+        self.source = source
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +160,31 @@ def window(
     if period == ALL:
         return Window(period, None, end_now, tz)
     raise PeriodError(f"unknown period {period!r}; valid: {', '.join(PERIODS)}")
+
+
+def requested_window(
+    period: str | None,
+    tz: str | None,
+    now: str | None,
+    since: str | None,
+    until: str | None,
+    default_zone: ZoneInfo,
+) -> Window:
+    """The window that a report's inputs name as text (CLI options, query parameters)."""
+    try:
+        reporting = zone(tz) if tz else default_zone
+    except PeriodError as e:
+        raise PeriodError(str(e), "tz") from None
+
+    def instant(text: str | None, source: str) -> datetime | None:
+        try:
+            return None if text is None else parse_instant(text, reporting)
+        except PeriodError as e:
+            raise PeriodError(str(e), source) from None
+
+    return window(
+        period, reporting, instant(now, "now"), instant(since, "since"), instant(until, "until")
+    )
 
 
 def bucket_key(moment: datetime, tz: ZoneInfo, unit: Bucket) -> tuple[object, ...]:

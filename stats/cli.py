@@ -34,9 +34,12 @@ class Context:
         return load_config(self.config_path)
 
     @cached_property
+    def store_url(self) -> str:
+        return resolve_url(self.db_url, self.config.db if self.config_path else None)
+
+    @cached_property
     def store(self) -> Store:
-        url = resolve_url(self.db_url, self.config.db if self.config_path else None)
-        store = open_store(url, self.config.pools)
+        store = open_store(self.store_url, self.config.pools)
         store.ensure_schema(self.config.log_ttl_days)
         self._stores.append(store)
         return store
@@ -93,8 +96,9 @@ def _register() -> None:
     from stats import accounts
     from stats import imports
     from stats import reports
+    from stats import serve
 
-    for module in (accounts, imports, reports):
+    for module in (accounts, imports, reports, serve):
         for command in module.COMMANDS:
             cli.add_command(command)
 

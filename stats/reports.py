@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import asdict
-from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING
 from typing import Any
@@ -21,9 +20,7 @@ from burnmeter.periods import PERIODS
 from burnmeter.periods import Bucket
 from burnmeter.periods import PeriodError
 from burnmeter.periods import Window
-from burnmeter.periods import parse_instant
-from burnmeter.periods import window
-from burnmeter.periods import zone
+from burnmeter.periods import requested_window
 from burnmeter.reports import reports_for
 from burnmeter.reports.base import LEGACY_POOL
 from burnmeter.reports.base import NEW_POOL
@@ -106,25 +103,11 @@ def period_options(command: Callable[..., None]) -> Callable[..., None]:
         **kwargs: Any,
     ) -> None:
         try:
-            reporting = zone(tz) if tz else state.config.zone
+            span = requested_window(period, tz, now_text, since_text, until_text, state.config.zone)
         except PeriodError as e:
-            raise click.BadParameter(str(e), param_hint="'--tz'") from None
-
-        def instant(text: str | None, option: str) -> datetime | None:
-            try:
-                return None if text is None else parse_instant(text, reporting)
-            except PeriodError as e:
-                raise click.BadParameter(str(e), param_hint=f"'{option}'") from None
-
-        now, since, until = (
-            instant(now_text, "--now"),
-            instant(since_text, "--since"),
-            instant(until_text, "--until"),
-        )
-        try:
-            span = window(period, reporting, now, since, until)
-        except PeriodError as e:
-            raise click.UsageError(str(e)) from None
+            if e.source is None:
+                raise click.UsageError(str(e)) from None
+            raise click.BadParameter(str(e), param_hint=f"'--{e.source}'") from None
         command(state, span, **kwargs)
 
     return wrapper
@@ -231,11 +214,7 @@ def series(state: Context, span: Window, unit: Bucket, plot_file: str | None, fm
 
         plot_series(rows, pools, span, unit, plot_file)
     if fmt == "json":
-        emit_rows(
-            [{"start": r.start, "end": r.end, "burned": r.burned, "total": r.total} for r in rows],
-            [],
-            fmt,
-        )
+        emit_rows([r.as_dict() for r in rows], [], fmt)
     else:
         emit_rows(
             [{"start": r.start, **r.burned, "total": r.total} for r in rows],

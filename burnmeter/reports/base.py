@@ -116,6 +116,18 @@ class Backend(ABC):
     @abstractmethod
     def slot_costs(self, window: Window) -> list[SlotCost]: ...
 
+    @abstractmethod
+    def billing_tokens(self, window: Window) -> int:
+        """Σ ``tokensUsed`` (the original's billing tokens) of the logs in the window."""
+
+    @abstractmethod
+    def last_activity(self, window: Window) -> dict[str, datetime]:
+        """Each user's newest log in the window: {user: createdAt}."""
+
+    @abstractmethod
+    def balances(self, pools: Sequence[Pool]) -> dict[str, dict[str, Decimal]]:
+        """Each user's current balance in each pool (its balance fields summed)."""
+
 
 # -- what the reports return --------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
@@ -167,6 +179,44 @@ class Summary:
 
 
 @dataclass(frozen=True, slots=True)
+class Metrics:
+    """The original's request metrics over a window."""
+
+    window: Window
+    requests: int
+    tokens_used: int  # Σ tokensUsed
+    success_rate: float | None
+    avg_latency_ms: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The original's ``/admin/metrics`` fields; ``timestamp`` is the window's end."""
+        return {
+            "total_requests": self.requests,
+            "tokens_used": self.tokens_used,
+            "avg_latency_ms": self.avg_latency_ms,
+            "success_rate": self.success_rate,
+            "timestamp": self.window.local_end,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """One user: spend, tokens and requests in a window, newest log, balances now."""
+
+    user: str
+    burned_by_pool: dict[str, Decimal]
+    input_tokens: int
+    output_tokens: int
+    requests: int
+    last_activity: datetime | None
+    balances: dict[str, Decimal]
+
+    @property
+    def burned(self) -> Decimal:
+        return sum(self.burned_by_pool.values(), ZERO)
+
+
+@dataclass(frozen=True, slots=True)
 class SeriesRow:
     """Spend per pool in one local hour or day: ``[start, end)`` in the reporting zone."""
 
@@ -177,6 +227,9 @@ class SeriesRow:
     @property
     def total(self) -> Decimal:
         return sum(self.burned.values(), ZERO)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "end": self.end, "burned": self.burned, "total": self.total}
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,9 +262,6 @@ class Reports:
         total_users, sums = self.backend.population(list(BALANCE_FIELDS.values()))
         usage = self.backend.pool_usage(window)
         by_pool = {u.pool: u for u in usage}
-        requests = sum(u.requests for u in usage)
-        latency_count = sum(u.latency_count for u in usage)
-        latency_total = sum(u.latency_total for u in usage)
         if window.period == ALL:
             active = self.backend.funded_users(list(self.pools.values()))
         else:
@@ -226,14 +276,20 @@ class Reports:
             },
             input_tokens=sum(u.input_tokens for u in usage),
             output_tokens=sum(u.output_tokens for u in usage),
-            requests=requests,
-            success_rate=round(100 * sum(u.successes for u in usage) / requests, 2)
-            if requests
-            else None,
-            avg_latency_ms=(2 * latency_total + latency_count) // (2 * latency_count)
-            if latency_count
-            else None,
+            requests=sum(u.requests for u in usage),
+            success_rate=_success_rate(usage),
+            avg_latency_ms=_avg_latency(usage),
             active_users=active,
+        )
+
+    def metrics(self, window: Window) -> Metrics:
+        usage = self.backend.pool_usage(window)
+        return Metrics(
+            window=window,
+            requests=sum(u.requests for u in usage),
+            tokens_used=self.backend.billing_tokens(window),
+            success_rate=_success_rate(usage),
+            avg_latency_ms=_avg_latency(usage),
         )
 
     def users(self, window: Window, top: int | None = None) -> list[UserUsage]:
@@ -250,6 +306,31 @@ class Reports:
         return sorted(
             (r for r in rows if r.user in rank), key=lambda r: (rank[r.user], order[r.pool])
         )
+
+    def accounts(self, window: Window, top: int | None = None) -> list[Account]:
+        """Every user (known to the users collection or to the logs), by spend in the window
+        (as ``users``), then by name; balances are current."""
+        usage = self.users(window)
+        balances = self.backend.balances(list(self.pools.values()))
+        last = self.backend.last_activity(window)
+        ranked = list(dict.fromkeys(r.user for r in usage)) + sorted(
+            set(balances) - {r.user for r in usage}
+        )
+        rows: dict[str, list[UserUsage]] = defaultdict(list)
+        for r in usage:
+            rows[r.user].append(r)
+        return [
+            Account(
+                user=user,
+                burned_by_pool={r.pool: r.cost for r in rows[user]},
+                input_tokens=sum(r.input_tokens for r in rows[user]),
+                output_tokens=sum(r.output_tokens for r in rows[user]),
+                requests=sum(r.requests for r in rows[user]),
+                last_activity=last.get(user),
+                balances=balances.get(user, {}),
+            )
+            for user in (ranked if top is None else ranked[:top])
+        ]
 
     def models(self, window: Window) -> list[ModelUsage]:
         """Per model, by cost then requests, highest first."""
@@ -291,3 +372,16 @@ class Reports:
             (m for m in found if abs(m.difference) > tolerance),
             key=lambda m: (-abs(m.difference), m.user, m.pool),
         )
+
+
+def _success_rate(usage: Sequence[PoolUsage]) -> float | None:
+    """Percent of requests with isSuccess, to 2 decimals; None without requests."""
+    requests = sum(u.requests for u in usage)
+    return round(100 * sum(u.successes for u in usage) / requests, 2) if requests else None
+
+
+def _avg_latency(usage: Sequence[PoolUsage]) -> int | None:
+    """Mean latencyMs over the logs that have one, rounded half up; None without any."""
+    count = sum(u.latency_count for u in usage)
+    total = sum(u.latency_total for u in usage)
+    return (2 * total + count) // (2 * count) if count else None

@@ -11,10 +11,12 @@ are compared as aware UTC datetimes (the store's client is ``tz_aware``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from burnmeter.config import Pool
+from burnmeter.money import ZERO
 from burnmeter.money import to_decimal
 from burnmeter.periods import SLOT_MS
 from burnmeter.periods import Window
@@ -78,6 +80,15 @@ class MongoReports(Backend):
         return {
             doc["_id"]: {
                 p.name: to_decimal(doc[p.used]) for p in pools if doc.get(p.used) is not None
+            }
+            for doc in self.users.find({}, projection)
+        }
+
+    def balances(self, pools: Sequence[Pool]) -> dict[str, dict[str, Decimal]]:
+        projection = {f: 1 for p in pools for f in p.balance}
+        return {
+            doc["_id"]: {
+                p.name: sum((to_decimal(doc.get(f)) for f in p.balance), ZERO) for p in pools
             }
             for doc in self.users.find({}, projection)
         }
@@ -163,3 +174,15 @@ class MongoReports(Backend):
             SlotCost(int(d["_id"]["slot"]), d["_id"]["pool"], to_decimal(d["cost"]))
             for d in self.logs.aggregate([_match(window), {"$group": group}])
         ]
+
+    def billing_tokens(self, window: Window) -> int:
+        group = {"_id": None, "tokens": _sum("tokensUsed")}
+        found = list(self.logs.aggregate([_match(window), {"$group": group}]))
+        return int(found[0]["tokens"]) if found else 0
+
+    def last_activity(self, window: Window) -> dict[str, datetime]:
+        group = {"_id": "$userId", "last": {"$max": "$createdAt"}}
+        return {
+            d["_id"]: d["last"]
+            for d in self.logs.aggregate([_match(window), WITH_USER, {"$group": group}])
+        }

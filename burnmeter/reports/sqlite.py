@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from burnmeter.config import Pool
@@ -25,6 +26,7 @@ from burnmeter.reports.base import SlotCost
 from burnmeter.reports.base import UserUsage
 from burnmeter.store.base import LOGS
 from burnmeter.store.base import USERS
+from burnmeter.store.extjson import from_ms
 
 POOL = f"COALESCE(creditType, '{LEGACY_POOL}')"
 
@@ -68,6 +70,13 @@ class SqliteReports(Backend):
         return {
             user: {p.name: from_nanos(v) for p, v in zip(pools, used, strict=True) if v is not None}
             for user, *used in self._rows(f"SELECT _id, {columns} FROM {USERS}")
+        }
+
+    def balances(self, pools: Sequence[Pool]) -> dict[str, dict[str, Any]]:
+        columns = ", ".join(f"{_balance(p)}" for p in pools)
+        return {
+            user: {p.name: from_nanos(v) for p, v in zip(pools, amounts, strict=True)}
+            for user, *amounts in self._rows(f"SELECT _id, {columns} FROM {USERS}")
         }
 
     def pool_usage(self, window: Window) -> list[PoolUsage]:
@@ -114,3 +123,13 @@ class SqliteReports(Backend):
         return [
             SlotCost(slot, pool, from_nanos(cost)) for slot, pool, cost in self._rows(sql, window)
         ]
+
+    def billing_tokens(self, window: Window) -> int:
+        sql = "SELECT COALESCE(SUM(tokensUsed), 0) FROM {logs} WHERE {where}"
+        return int(self._rows(sql, window)[0][0])
+
+    def last_activity(self, window: Window) -> dict[str, datetime]:
+        sql = """
+            SELECT userId, MAX(createdAt) FROM {logs}
+             WHERE {where} AND userId IS NOT NULL GROUP BY +userId"""
+        return {user: from_ms(at) for user, at in self._rows(sql, window)}

@@ -21,7 +21,9 @@ def resolve_url(explicit: str | None, config_db: str | None = None) -> str:
     return explicit or os.environ.get(ENV_DB) or config_db or DEFAULT_DB_URL
 
 
-def open_store(url: str, pools: Mapping[str, Pool]) -> Store:
+def open_store(url: str, pools: Mapping[str, Pool], read_only: bool = False) -> Store:
+    """``read_only``: SQLite opens the file with ``mode=ro`` (it must exist); nothing changes
+    for MongoDB, whose readers simply never write."""
     if url.startswith("sqlite://"):
         from burnmeter.store.sqlite import SqliteStore
 
@@ -30,7 +32,7 @@ def open_store(url: str, pools: Mapping[str, Pool]) -> Store:
             path = path[1:]  # sqlite:///rel.db -> rel.db ; sqlite:////abs.db -> /abs.db
         if not path:
             raise StoreURLError(f"{url}: no file path (sqlite:///burnmeter.db)")
-        return SqliteStore(path, pools)
+        return SqliteStore(path, pools, read_only)
     if url.startswith(("mongodb://", "mongodb+srv://")):
         from burnmeter.store.mongo import MongoStore
 

@@ -7,6 +7,8 @@ its column's type (a null, say), is kept as Extended JSON in ``extra``.
 
 Every write runs in ``BEGIN IMMEDIATE``: SQLite's single write lock makes each
 read-then-write atomic across threads and processes. Each thread has its own connection.
+A store opened ``read_only`` connects with ``mode=ro``: it works on a file the process may
+not write, and SQLite itself refuses any write through it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
@@ -181,9 +184,12 @@ def _names(columns: Iterable[str]) -> str:
 
 
 class SqliteStore(Store):
-    def __init__(self, path: str | os.PathLike[str], pools: Mapping[str, Pool]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], pools: Mapping[str, Pool], read_only: bool = False
+    ) -> None:
         super().__init__(pools)
         self.path = os.fspath(path)
+        self.read_only = read_only
         pool_columns: dict[str, Kind] = {}
         for pool in self.pools.values():
             pool_columns |= dict.fromkeys([*pool.balance, pool.used], "money")
@@ -202,18 +208,28 @@ class SqliteStore(Store):
         if conn is None:
             try:
                 conn = sqlite3.connect(
-                    self.path, timeout=10, isolation_level=None, check_same_thread=False
+                    self._target(),
+                    timeout=10,
+                    isolation_level=None,
+                    check_same_thread=False,
+                    uri=self.read_only,
                 )
                 conn.row_factory = sqlite3.Row
                 conn.execute("PRAGMA busy_timeout=10000")
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
+                if not self.read_only:  # the journal mode is the writers' to set
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    conn.execute("PRAGMA synchronous=NORMAL")
             except sqlite3.Error as e:
                 raise StoreError(f"{self.path}: {e}") from e
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
         return conn
+
+    def _target(self) -> str:
+        if not self.read_only:
+            return self.path
+        return "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
 
     def _read(
         self, sql: str, params: Iterable[Any] = (), conn: sqlite3.Connection | None = None

@@ -1,0 +1,322 @@
+"""The admin web surface: the original's JSON endpoints under ``/admin/…`` and the dashboard.
+
+Read-only over the store it is given. Every request needs the admin token: an
+``Authorization: Bearer`` header, or the session cookie the browser gets by opening
+``/admin?token=T`` once (it is then redirected to the same page without the token, so the
+token stays out of the address bar, the history and every page).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from hashlib import sha256
+from typing import Any
+from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
+from zoneinfo import available_timezones
+
+from flask import Flask
+from flask import Response
+from flask import jsonify
+from flask import redirect
+from flask import render_template
+from flask import request
+from flask import session
+from flask import url_for
+from werkzeug.exceptions import HTTPException
+
+from burnmeter.periods import ALL
+from burnmeter.periods import BUCKETS
+from burnmeter.periods import PERIODS
+from burnmeter.periods import Bucket
+from burnmeter.periods import PeriodError
+from burnmeter.periods import Window
+from burnmeter.periods import requested_window
+from burnmeter.reports import reports_for
+from burnmeter.reports.base import LEGACY_POOL
+from burnmeter.reports.base import NEW_POOL
+from burnmeter.reports.base import Reports
+from burnmeter.store.base import Store
+from burnmeter.store.base import StoreError
+from stats.admin import chart
+from stats.admin import formats
+from stats.admin import payloads
+from stats.output import plain
+
+DASHBOARD_PERIOD = "8h"  # the original dashboard's default
+API_PERIOD = "24h"  # the CLI's default
+TOP_USERS = 10
+REFRESH_SECONDS = 30
+WINDOW_PARAMS = ("tz", "now", "since", "until")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+    "base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+log = logging.getLogger("burnmeter.serve")
+
+
+class BadQuery(Exception):
+    """A query parameter the reports cannot take: answered 400 with ``body``."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        super().__init__(body["error"])
+        self.body = body
+
+
+@dataclass(frozen=True, slots=True)
+class Card:
+    label: str
+    metric: str  # the field of /admin/user-stats it shows (dotted into burned_by_pool)
+    text: str
+    note: str = ""
+
+
+def _session_key(token: str) -> bytes:
+    """Sessions are signed with a key derived from the token: a new token ends them all."""
+    return hmac.new(token.encode(), b"burnmeter admin session", sha256).digest()
+
+
+def create_app(store: Store, zone: ZoneInfo, token: str) -> Flask:
+    """The app over an open store; ``zone`` is the reporting zone when a request names none."""
+    app = Flask(__name__, static_url_path="/admin/static")
+    app.config.update(
+        SECRET_KEY=_session_key(token),
+        SESSION_COOKIE_NAME="burnmeter_admin",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Strict",
+        SESSION_COOKIE_PATH="/admin",
+        JSON_SORT_KEYS=False,
+    )
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    expected = token.encode()
+    workers = ThreadPoolExecutor(4, thread_name_prefix="burnmeter-report")
+    app.extensions["burnmeter_workers"] = workers
+
+    def token_ok(given: str) -> bool:
+        return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected)
+
+    def unauthorized() -> Response:
+        if request.endpoint == "dashboard":
+            response = Response(render_template("unauthorized.html"), 401)
+        else:
+            response = jsonify(error="Unauthorized: send Authorization: Bearer <admin token>")
+            response.status_code = 401
+        response.headers["WWW-Authenticate"] = 'Bearer realm="burnmeter admin"'
+        return response
+
+    @app.before_request
+    def authenticate() -> Response | None:
+        given = request.args.get("token")
+        if given is not None:
+            if not token_ok(given) or request.endpoint is None:
+                return unauthorized()
+            session["admin"] = True
+            rest = [(k, v) for k, v in request.args.items(multi=True) if k != "token"]
+            target = url_for(request.endpoint, **(request.view_args or {}))
+            if rest:
+                target += "?" + urlencode(rest)
+            return redirect(target, 303)  # type: ignore[return-value]
+        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token_ok(credentials.strip()):
+            return None
+        if session.get("admin") is True:
+            return None
+        return unauthorized()
+
+    @app.after_request
+    def harden(response: Response) -> Response:
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    def span(default_period: str) -> Window:
+        args = request.args
+        period = args.get("period")
+        if period is not None and period not in PERIODS:
+            raise BadQuery({"error": "Invalid period", "valid_periods": list(PERIODS)})
+        if period is None and "since" not in args and "until" not in args:
+            period = default_period
+        try:
+            return requested_window(
+                period, args.get("tz"), args.get("now"), args.get("since"), args.get("until"), zone
+            )
+        except PeriodError as e:
+            body: dict[str, Any] = {"error": str(e)}
+            if e.source:
+                body["parameter"] = e.source
+            raise BadQuery(body) from None
+
+    def answer(build: Callable[[Reports, Window], dict[str, Any]], period: str) -> Response:
+        return jsonify(plain(build(reports_for(store), span(period))))
+
+    @app.get("/admin/user-stats")
+    def user_stats() -> Response:
+        return answer(payloads.user_stats, API_PERIOD)
+
+    @app.get("/admin/metrics")
+    def metrics() -> Response:
+        return answer(payloads.metrics, API_PERIOD)
+
+    @app.get("/admin/model-stats")
+    def model_stats() -> Response:
+        return answer(payloads.model_stats, API_PERIOD)
+
+    @app.get("/admin/users")
+    def users() -> Response:
+        top = _positive_int("limit")
+        return answer(lambda r, s: payloads.users(r, s, top), ALL)
+
+    @app.get("/admin/series")
+    def series() -> Response:
+        unit = request.args.get("bucket")
+        if unit is not None and unit not in BUCKETS:
+            raise BadQuery({"error": "Invalid bucket", "valid_buckets": list(BUCKETS)})
+        return answer(
+            lambda r, s: payloads.series(r, s, _bucket(unit) or payloads.default_bucket(s)),
+            API_PERIOD,
+        )
+
+    @app.get("/admin")
+    def dashboard() -> Response | tuple[str, int]:
+        view = {k: request.args[k] for k in WINDOW_PARAMS if request.args.get(k)}
+        try:
+            window = span(DASHBOARD_PERIOD)
+        except BadQuery as e:
+            return _page(error=str(e), view=view, chosen=request.args.get("period")), 400
+        data = _gather(workers, store, window)
+        return Response(
+            _page(window=window, view=view, chosen=window.period, pools=list(store.pools), **data)
+        )
+
+    @app.errorhandler(BadQuery)
+    def bad_query(e: BadQuery) -> tuple[Response, int]:
+        return jsonify(e.body), 400
+
+    @app.errorhandler(StoreError)
+    def store_down(e: StoreError) -> tuple[Response, int]:
+        log.error("store error: %s", e)
+        return jsonify(error=f"store unavailable: {e}"), 503
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException) -> tuple[Response, int]:
+        return jsonify(error=e.name), e.code or 500
+
+    @app.errorhandler(Exception)
+    def internal(e: Exception) -> tuple[Response, int]:
+        log.error("internal error on %s: %s: %s", request.path, type(e).__name__, e)
+        return jsonify(error="internal error"), 500
+
+    return app
+
+
+def _positive_int(name: str) -> int | None:
+    text = request.args.get(name)
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise BadQuery({"error": f"{name} must be a positive integer"})
+    return int(text)
+
+
+def _bucket(unit: str | None) -> Bucket | None:
+    return next((b for b in BUCKETS if b == unit), None)
+
+
+def _gather(workers: ThreadPoolExecutor, store: Store, window: Window) -> dict[str, Any]:
+    """The dashboard's four reports, run side by side (each worker has its own connection)."""
+    unit = payloads.default_bucket(window)
+    jobs: dict[str, Callable[[Reports], dict[str, Any]]] = {
+        "summary": lambda r: payloads.user_stats(r, window),
+        "models": lambda r: payloads.model_stats(r, window),
+        "users": lambda r: payloads.users(r, window, TOP_USERS),
+        "series": lambda r: payloads.series(r, window, unit),
+    }
+
+    def run(job: Callable[[Reports], dict[str, Any]]) -> dict[str, Any]:
+        return job(reports_for(store))
+
+    futures = {name: workers.submit(run, job) for name, job in jobs.items()}
+    return {name: future.result() for name, future in futures.items()}
+
+
+def _cards(summary: dict[str, Any]) -> list[Card]:
+    by_pool = [
+        Card(f"Burned · {pool}", f"burned_by_pool.{pool}", formats.money(amount))
+        for pool, amount in summary["burned_by_pool"].items()
+    ]
+    return [
+        Card(
+            "Burned",
+            "total_credits_used",
+            formats.money(summary["total_credits_used"]),
+            f"{LEGACY_POOL} pool, legacy logs included",
+        ),
+        Card(
+            "New Burned",
+            "total_creditsNewUsed",
+            formats.money(summary["total_creditsNewUsed"]),
+            f"{NEW_POOL} pool",
+        ),
+        Card("Burned, all pools", "total_burned", formats.money(summary["total_burned"])),
+        *by_pool,
+        Card("Credits", "total_credits", formats.money(summary["total_credits"]), "now"),
+        Card(
+            "Ref credits", "total_ref_credits", formats.money(summary["total_ref_credits"]), "now"
+        ),
+        Card("New credits", "total_creditsNew", formats.money(summary["total_creditsNew"]), "now"),
+        Card("Users", "total_users", formats.count(summary["total_users"]), "now"),
+        Card("Active users", "active_users", formats.count(summary["active_users"])),
+        Card("Requests", "requests", formats.count(summary["requests"])),
+        Card("Success rate", "success_rate", formats.percent(summary["success_rate"])),
+        Card("Avg latency", "avg_latency_ms", formats.millis(summary["avg_latency_ms"])),
+        Card("Tokens in", "total_input_tokens", formats.count(summary["total_input_tokens"])),
+        Card("Tokens out", "total_output_tokens", formats.count(summary["total_output_tokens"])),
+    ]
+
+
+def _page(
+    *,
+    view: dict[str, str],
+    chosen: str | None,
+    window: Window | None = None,
+    error: str | None = None,
+    pools: list[str] | None = None,
+    **data: Any,
+) -> str:
+    series = data.get("series")
+    return render_template(
+        "admin.html",
+        periods=PERIODS,
+        chosen=chosen,
+        view=view,
+        window=window,
+        error=error,
+        pools=pools or [],
+        cards=_cards(data["summary"]) if "summary" in data else [],
+        users=data["users"]["users"] if "users" in data else [],
+        models=data["models"]["models"] if "models" in data else [],
+        chart=chart.series_svg(series["series"], series["bucket"]) if series else None,
+        legend=chart.legend(series["series"]) if series else [],
+        bucket=series["bucket"] if series else None,
+        zones=sorted(available_timezones()),
+        refresh=REFRESH_SECONDS,
+        formats=formats,
+    )
+
+
+def log_to_stderr() -> None:
+    """The server's own errors as one line each on stderr (no request line, no token)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("burnmeter serve: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
