@@ -381,3 +381,29 @@ def test_reconcile(make_reports: Callable[..., Reports]) -> None:
     tight = reports.reconcile(D("0.0000001"))
     assert Mismatch("dave", "ohmygpt", D("1.0000005"), D("1.00")) in tight
     assert tight[-1].difference == D("0.0000005")
+
+
+# -- metrics and accounts (the admin server's) --------------------------------------------
+def test_metrics_over_the_window(make_reports: Callable[..., Reports]) -> None:
+    logs = [doc | {"tokensUsed": 7 * n} for n, doc in enumerate(LOG_DOCS, 1)]
+    m = make_reports(CONFIG, logs).metrics(at("24h"))
+    assert m.requests == 4  # L2-L5
+    assert m.tokens_used == 7 * (2 + 3 + 4 + 5)
+    assert m.success_rate == 75.0 and m.avg_latency_ms == 933  # as the summary's
+    assert m.as_dict()["timestamp"] == datetime(2025, 3, 10, 10, tzinfo=HCM)
+
+
+def test_accounts_rank_spenders_then_list_everyone_with_balances(
+    make_reports: Callable[..., Reports],
+) -> None:
+    accounts = make_reports().accounts(at("24h"))
+    assert [a.user for a in accounts] == ["alice", "bob", "carol", "dave"]
+    alice, bob, carol, dave = accounts
+    assert alice.burned_by_pool == {"openhands": D("0.75"), "ohmygpt": D("0.20")}
+    assert alice.burned == D("0.95") and alice.requests == 2
+    assert alice.last_activity == datetime(2025, 3, 10, 2, 30, tzinfo=UTC)  # L8 is after now
+    assert alice.balances == {"openhands": D("5"), "ohmygpt": D("12.5"), "gemini": D("0")}
+    assert bob.balances["gemini"] == D("3")
+    assert carol.requests == 0 and carol.last_activity is None and carol.burned == 0
+    assert dave.balances == {"openhands": D("0"), "ohmygpt": D("0.25"), "gemini": D("0")}
+    assert [a.user for a in make_reports().accounts(at("24h"), top=1)] == ["alice"]

@@ -13,6 +13,7 @@ from stores import POOLS
 from burnmeter.config import Pool
 from burnmeter.store.base import Hold
 from burnmeter.store.base import Settlement
+from burnmeter.store.base import StoreError
 from burnmeter.store.sqlite import SqliteStore
 
 OPENHANDS = POOLS["openhands"]
@@ -126,3 +127,26 @@ def test_reader_while_writer_writes(tmp_path: Path) -> None:
         assert reads.get(timeout=60) >= 1
     assert store.balance("alice", OPENHANDS) == D(9700)
     store.close()
+
+
+def test_read_only_store_reads_and_refuses_every_write(tmp_path: Path) -> None:
+    path = tmp_path / "shared?#name.db"  # URI characters in the file name
+    writer = open_store(path)
+    writer.import_user({"_id": "u", "creditsNew": 1.5})
+    reader = SqliteStore(path, POOLS, read_only=True)
+    assert reader.balance("u", OPENHANDS) == D("1.5")
+    writer.topup("u", "creditsNew", D("1"))  # the writer goes on meanwhile
+    assert reader.balance("u", OPENHANDS) == D("2.5")
+    with pytest.raises((sqlite3.OperationalError, StoreError), match="readonly"):
+        reader.topup("u", "creditsNew", D("1"))
+    with pytest.raises((sqlite3.OperationalError, StoreError), match="readonly"):
+        reader.import_log({"_id": "L", "creditsCost": 1})
+    writer.close()
+    reader.close()
+
+
+def test_read_only_store_never_creates_a_file(tmp_path: Path) -> None:
+    reader = SqliteStore(tmp_path / "missing.db", POOLS, read_only=True)
+    with pytest.raises(StoreError):
+        reader.logs(1)
+    assert not (tmp_path / "missing.db").exists()

@@ -1,0 +1,249 @@
+"""The dashboard in headless Chromium, over a real ``burnmeter serve`` and a seeded store.
+
+Every period button is clicked; each card must show the JSON endpoint's number and the
+number worked out from the seed by hand (tests/admin_seed.py). Skipped without a browser,
+except under CI, where a missing browser is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from datetime import UTC
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from burnmeter.config import load_config
+from burnmeter.store.sqlite import SqliteStore
+from tests.admin_seed import NOW_PARAM
+from tests.admin_seed import expected_summary
+from tests.admin_seed import window_start_iso
+from tests.admin_server import TOKEN
+from tests.admin_server import Server
+from tests.admin_server import seeded_sqlite
+from tests.admin_server import start_server
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+BROWSER_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PERIODS = ["1h", "2h", "3h", "4h", "8h", "24h", "3d", "7d", "30d", "all"]
+MONEY_CARDS = {
+    "total_credits_used",
+    "total_creditsNewUsed",
+    "total_burned",
+    "burned_by_pool.openhands",
+    "burned_by_pool.ohmygpt",
+    "total_credits",
+    "total_ref_credits",
+    "total_creditsNew",
+}
+TIMEOUT_MS = 15_000
+
+if not os.path.exists(CHROMIUM):
+    if os.environ.get("CI"):
+        pytest.fail(f"CI: no browser at {CHROMIUM} (.ci/run installs Debian's chromium)")
+    pytest.skip("no chromium on this machine", allow_module_level=True)
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+# -- what a card must read -------------------------------------------------------------
+def shown(metric: str, value: Any) -> str:
+    """How the dashboard writes a number, spelled out here independently of its code."""
+    if value is None:
+        return "—"
+    if metric in MONEY_CARDS:
+        amount = Decimal(str(value)).quantize(Decimal("0.0001"))
+        return ("-" if amount < 0 else "") + "$" + f"{abs(amount):,}"
+    if metric == "success_rate":
+        return f"{float(value):g}%"
+    if metric == "avg_latency_ms":
+        return f"{int(value):,} ms"
+    return f"{int(value):,}"
+
+
+def json_field(record: dict[str, Any], metric: str) -> Any:
+    if metric.startswith("burned_by_pool."):
+        return record["burned_by_pool"][metric.split(".", 1)[1]]
+    return record[metric]
+
+
+# -- fixtures ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    config, db = seeded_sqlite(tmp_path_factory.mktemp("dashboard"))
+    running = start_server(config, db)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    opened = context.new_page()
+    opened.set_default_timeout(TIMEOUT_MS)
+    yield opened
+    context.close()
+
+
+def open_dashboard(page: Any, server: Server, query: str = "") -> None:
+    """Opens the printed ``?token=`` address once, as an operator does."""
+    page.goto(f"{server.base}/admin?token={TOKEN}&now={NOW_PARAM}{query}")
+    page.wait_for_selector("main[aria-busy=false] .cards")
+
+
+def cards(page: Any) -> dict[str, str]:
+    return {
+        element.get_attribute("data-metric"): element.inner_text().strip()
+        for element in page.query_selector_all("[data-metric]")
+    }
+
+
+def choose(page: Any, period: str) -> None:
+    page.click(f"button[data-period='{period}']")
+    page.wait_for_selector(
+        f"main[aria-busy=false] button[data-period='{period}'][aria-pressed=true]"
+    )
+
+
+# -- tests -------------------------------------------------------------------------------
+def test_every_period_button_shows_the_endpoint_and_the_seed(page: Any, server: Server) -> None:
+    open_dashboard(page, server)
+    assert TOKEN not in page.url and TOKEN not in page.content()
+    assert page.get_attribute("button[aria-pressed=true]", "data-period") == "8h"
+    assert [
+        b.get_attribute("data-period") for b in page.query_selector_all("button[data-period]")
+    ] == PERIODS
+    for period in PERIODS:
+        choose(page, period)
+        assert f"period={period}" in page.url
+        pressed = page.query_selector_all("button[aria-pressed=true]")
+        assert [b.get_attribute("data-period") for b in pressed] == [period]
+        status, record = server.get(
+            f"/admin/user-stats?period={period}&now={NOW_PARAM}&tz=Asia/Ho_Chi_Minh"
+        )
+        assert status == 200
+        on_page = cards(page)
+        expected = expected_summary(period)
+        assert set(on_page) == set(expected)
+        for metric, text in on_page.items():
+            assert text == shown(metric, json_field(record, metric)), (period, metric)
+            assert text == shown(metric, expected[metric]), (period, metric)
+        window = page.query_selector("p.window")
+        assert window.get_attribute("data-window-start") == window_start_iso(period)
+
+
+def test_24h_starts_at_local_midnight_and_legacy_logs_are_burned(page: Any, server: Server) -> None:
+    open_dashboard(page, server, "&period=24h")
+    assert page.get_attribute("p.window", "data-window-start") == "2025-03-10T00:00:00+07:00"
+    on_page = cards(page)
+    # ohmygpt 1.2345 + 0.01 + 3, legacy 0.25 + 0.125 (null) + 0.0625 (at 00:00:00 local);
+    # bob's 4.5 at 23:59:59 the evening before is outside although a rolling day holds it
+    assert on_page["total_credits_used"] == "$4.6820"
+    assert on_page["total_creditsNewUsed"] == "$2.5000"  # openhands 0.5 + 2, no legacy log
+    page.click("button[data-period='3d']")
+    page.wait_for_selector("main[aria-busy=false] button[data-period='3d'][aria-pressed=true]")
+    assert cards(page)["total_creditsNewUsed"] == "$7.0000"  # + 4.5 from the evening before
+
+
+def test_zone_is_shown_and_changeable(page: Any, server: Server) -> None:
+    open_dashboard(page, server, "&period=24h")
+    assert page.input_value("form.zone input[name=tz]") == "Asia/Ho_Chi_Minh"
+    page.fill("form.zone input[name=tz]", "UTC")
+    page.click("form.zone button[type=submit]")
+    page.wait_for_url(re.compile(r"tz=UTC"))
+    page.wait_for_selector("main[aria-busy=false] .cards")
+    # now is still 10:00 local to the zone the URL names: 10:00Z, the day from 00:00Z (07:00+07)
+    assert page.get_attribute("p.window", "data-window-start") == "2025-03-10T00:00:00+00:00"
+    assert page.get_attribute("button[aria-pressed=true]", "data-period") == "24h"
+    status, record = server.get(f"/admin/user-stats?period=24h&now={NOW_PARAM}&tz=UTC")
+    assert status == 200
+    assert cards(page)["total_credits_used"] == shown(
+        "total_credits_used", record["total_credits_used"]
+    )
+    page.click("button[data-period='1h']")
+    page.wait_for_selector("main[aria-busy=false] button[data-period='1h'][aria-pressed=true]")
+    assert "tz=UTC" in page.url  # the zone stays when the period changes
+
+
+def test_a_linked_view_reloads_as_it_was(page: Any, server: Server) -> None:
+    open_dashboard(page, server, "&period=3d")
+    page.reload()
+    assert page.get_attribute("button[aria-pressed=true]", "data-period") == "3d"
+    assert cards(page)["total_credits_used"] == shown(
+        "total_credits_used", expected_summary("3d")["total_credits_used"]
+    )
+    page.go_back()  # back to before the dashboard: nothing to check but that it survives
+    page.goto(f"{server.base}/admin?period=7d&now={NOW_PARAM}")  # the session, no token
+    page.wait_for_selector("main[aria-busy=false] button[data-period='7d'][aria-pressed=true]")
+
+
+def test_tables_and_chart_match_the_endpoints(page: Any, server: Server) -> None:
+    open_dashboard(page, server, "&period=30d")
+    _, users = server.get(f"/admin/users?period=30d&now={NOW_PARAM}&limit=10")
+    rows = page.query_selector_all("table.users tbody tr")
+    assert [r.get_attribute("data-user") for r in rows] == [u["userId"] for u in users["users"]]
+    first = users["users"][0]
+    assert first["userId"] == "bob"  # 20 + 4.5 + 3 + 0.5 in 30 days
+    cell = page.inner_text("tr[data-user=bob] td[data-field=creditsBurned]")
+    assert cell == shown("total_burned", first["creditsBurned"]) == "$28.0000"
+    _, models = server.get(f"/admin/model-stats?period=30d&now={NOW_PARAM}")
+    names = [
+        r.get_attribute("data-model") for r in page.query_selector_all("table.models tbody tr")
+    ]
+    assert names == [m["model"] for m in models["models"]]
+    _, series = server.get(f"/admin/series?period=30d&now={NOW_PARAM}")
+    assert series["bucket"] == "day"
+    bars = page.query_selector_all("svg.chart rect")
+    spent = [(r, pool) for r in series["series"] for pool, v in r["burned"].items() if v > 0]
+    assert len(bars) == len(spent) > 0
+
+
+def test_refreshes_every_30_seconds(browser: Any, tmp_path: Path) -> None:
+    config, db = seeded_sqlite(tmp_path)
+    server = start_server(config, db)
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        page.clock.install()
+        open_dashboard(page, server, "&period=1h")
+        before = cards(page)["total_credits_used"]
+        assert before == "$1.2445"
+        writer = SqliteStore(db, load_config(config).pools)  # a proxy writing meanwhile
+        writer.import_log(
+            {"_id": "late", "userId": "eve", "creditType": "ohmygpt", "creditsCost": Decimal("2"),
+             "createdAt": datetime(2025, 3, 10, 2, 59, tzinfo=UTC)}
+        )  # fmt: skip
+        writer.close()
+        page.clock.run_for(29_000)
+        assert cards(page)["total_credits_used"] == before  # not yet
+        page.clock.run_for(1_000)
+        sync_api.expect(page.locator("[data-metric=total_credits_used]")).to_have_text("$3.2445")
+    finally:
+        context.close()
+        server.stop()
