@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC
 from datetime import datetime
-from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -165,7 +164,3 @@ def expected_summary(period: str) -> dict[str, Any]:
 def window_start_iso(period: str) -> str:
     start = WINDOW_STARTS[period]
     return "" if start is None else start.isoformat()
-
-
-def hours_ago(hours: float) -> datetime:
-    return NOW - timedelta(hours=hours)

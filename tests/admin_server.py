@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from burnmeter.config import load_config
 from burnmeter.store.base import Store
@@ -80,3 +86,87 @@ def start_server(config: Path, db: Path, *args: str, token: str | None = TOKEN) 
         raise RuntimeError(f"burnmeter serve exited {proc.returncode}: {proc.stderr.read()}")
     base = line.split()[-1].split("/admin")[0]
     return Server(proc, base, line.strip())
+
+
+# -- the browser ---------------------------------------------------------------------------
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+BROWSER_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 15_000
+PERIODS = ["1h", "2h", "3h", "4h", "8h", "24h", "3d", "7d", "30d", "all"]
+MONEY_CARDS = {
+    "total_credits_used",
+    "total_creditsNewUsed",
+    "total_burned",
+    "burned_by_pool.openhands",
+    "burned_by_pool.ohmygpt",
+    "total_credits",
+    "total_ref_credits",
+    "total_creditsNew",
+}
+
+
+def require_browser() -> None:
+    """Skips the calling test module without Chromium, except under CI (an error there)."""
+    if os.path.exists(CHROMIUM):
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI: no browser at {CHROMIUM} (.ci/run installs Debian's chromium)")
+    pytest.skip("no chromium on this machine", allow_module_level=True)
+
+
+@contextmanager
+def chromium() -> Iterator[Any]:
+    """Debian's Chromium, headless, driven by Playwright (never a browser of its own)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def shown(metric: str, value: Any) -> str:
+    """How the dashboard writes a number, spelled out here independently of its code."""
+    if value is None:
+        return "—"
+    if metric in MONEY_CARDS:
+        amount = Decimal(str(value)).quantize(Decimal("0.0001"))
+        return ("-" if amount < 0 else "") + "$" + f"{abs(amount):,}"
+    if metric == "success_rate":
+        return f"{float(value):g}%"
+    if metric == "avg_latency_ms":
+        return f"{int(value):,} ms"
+    return f"{int(value):,}"
+
+
+def json_field(record: dict[str, Any], metric: str) -> Any:
+    if metric.startswith("burned_by_pool."):
+        return record["burned_by_pool"][metric.split(".", 1)[1]]
+    return record[metric]
+
+
+def cards(page: Any) -> dict[str, str]:
+    """Every card on the page: {data-metric: its text}."""
+    return {
+        element.get_attribute("data-metric"): element.inner_text().strip()
+        for element in page.query_selector_all("[data-metric]")
+    }
+
+
+def choose(page: Any, period: str) -> None:
+    """Clicks a period button; returns once the page shows that period's numbers."""
+    page.click(f"button[data-period='{period}']")
+    page.wait_for_selector(
+        f"main[aria-busy=false] button[data-period='{period}'][aria-pressed=true]"
+    )

@@ -7,9 +7,7 @@ except under CI, where a missing browser is an error.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from collections.abc import Iterator
 from datetime import UTC
 from datetime import datetime
@@ -24,73 +22,30 @@ from burnmeter.store.sqlite import SqliteStore
 from tests.admin_seed import NOW_PARAM
 from tests.admin_seed import expected_summary
 from tests.admin_seed import window_start_iso
+from tests.admin_server import PERIODS
+from tests.admin_server import TIMEOUT_MS
 from tests.admin_server import TOKEN
 from tests.admin_server import Server
+from tests.admin_server import cards
+from tests.admin_server import choose
+from tests.admin_server import chromium
+from tests.admin_server import json_field
+from tests.admin_server import require_browser
 from tests.admin_server import seeded_sqlite
+from tests.admin_server import shown
 from tests.admin_server import start_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-BROWSER_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-PERIODS = ["1h", "2h", "3h", "4h", "8h", "24h", "3d", "7d", "30d", "all"]
-MONEY_CARDS = {
-    "total_credits_used",
-    "total_creditsNewUsed",
-    "total_burned",
-    "burned_by_pool.openhands",
-    "burned_by_pool.ohmygpt",
-    "total_credits",
-    "total_ref_credits",
-    "total_creditsNew",
-}
-TIMEOUT_MS = 15_000
-
-if not os.path.exists(CHROMIUM):
-    if os.environ.get("CI"):
-        pytest.fail(f"CI: no browser at {CHROMIUM} (.ci/run installs Debian's chromium)")
-    pytest.skip("no chromium on this machine", allow_module_level=True)
-
+require_browser()
 sync_api = pytest.importorskip("playwright.sync_api")
-
-
-# -- what a card must read -------------------------------------------------------------
-def shown(metric: str, value: Any) -> str:
-    """How the dashboard writes a number, spelled out here independently of its code."""
-    if value is None:
-        return "—"
-    if metric in MONEY_CARDS:
-        amount = Decimal(str(value)).quantize(Decimal("0.0001"))
-        return ("-" if amount < 0 else "") + "$" + f"{abs(amount):,}"
-    if metric == "success_rate":
-        return f"{float(value):g}%"
-    if metric == "avg_latency_ms":
-        return f"{int(value):,} ms"
-    return f"{int(value):,}"
-
-
-def json_field(record: dict[str, Any], metric: str) -> Any:
-    if metric.startswith("burned_by_pool."):
-        return record["burned_by_pool"][metric.split(".", 1)[1]]
-    return record[metric]
 
 
 # -- fixtures ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+    with chromium() as launched:
         yield launched
-        launched.close()
 
 
 @pytest.fixture(scope="module")
@@ -114,20 +69,6 @@ def open_dashboard(page: Any, server: Server, query: str = "") -> None:
     """Opens the printed ``?token=`` address once, as an operator does."""
     page.goto(f"{server.base}/admin?token={TOKEN}&now={NOW_PARAM}{query}")
     page.wait_for_selector("main[aria-busy=false] .cards")
-
-
-def cards(page: Any) -> dict[str, str]:
-    return {
-        element.get_attribute("data-metric"): element.inner_text().strip()
-        for element in page.query_selector_all("[data-metric]")
-    }
-
-
-def choose(page: Any, period: str) -> None:
-    page.click(f"button[data-period='{period}']")
-    page.wait_for_selector(
-        f"main[aria-busy=false] button[data-period='{period}'][aria-pressed=true]"
-    )
 
 
 # -- tests -------------------------------------------------------------------------------

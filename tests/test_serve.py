@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import subprocess
 import threading
 from collections import defaultdict
@@ -392,3 +393,16 @@ def test_money_is_exact_in_json(seeded: Backend) -> None:
         (log.cost for log in LOGS if log.pool_charged == "ohmygpt" and log.at < NOW), Decimal(0)
     )
     assert Decimal(str(burned)) == legacy_and_ohmygpt
+
+
+def test_a_store_that_fails_is_503_and_a_note_on_the_page(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.db"
+    sqlite3.connect(foreign).execute("CREATE TABLE other(x)").connection.close()
+    store = SqliteStore(foreign, default_config().pools, read_only=True)
+    client = create_app(store, default_config().zone, TOKEN).test_client()
+    response = client.get("/admin/user-stats", headers=BEARER)
+    assert response.status_code == 503
+    assert "no such table" in response.get_json()["error"]
+    page = client.get("/admin", headers=BEARER).get_data(as_text=True)
+    assert "The reports failed" in page and page.rstrip().endswith("</html>")
+    store.close()

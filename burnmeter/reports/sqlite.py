@@ -4,7 +4,8 @@ Money is INTEGER nano-USD and ``createdAt`` INTEGER epoch ms (UTC) in this store
 sum is exact and every window is an index range on ``createdAt``: the store's
 ``request_logs_createdAt`` index also carries the columns these sums read, so most reports
 never touch the table. ``GROUP BY +userId`` keeps the planner off the ``userId`` index (with
-ANALYZE statistics it would pick it, then look up every row in the table: 3x slower).
+ANALYZE statistics it would pick it, then look up every row in the table: 3x slower), except
+for the newest log per user, which that index alone answers (3x faster than the other way).
 """
 
 from __future__ import annotations
@@ -131,5 +132,5 @@ class SqliteReports(Backend):
     def last_activity(self, window: Window) -> dict[str, datetime]:
         sql = """
             SELECT userId, MAX(createdAt) FROM {logs}
-             WHERE {where} AND userId IS NOT NULL GROUP BY +userId"""
+             WHERE {where} AND userId IS NOT NULL GROUP BY userId"""
         return {user: from_ms(at) for user, at in self._rows(sql, window)}

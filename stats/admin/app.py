@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hmac
 import logging
+import sqlite3
 import sys
 from collections.abc import Callable
+from collections.abc import Iterator
+from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from hashlib import sha256
@@ -27,6 +30,7 @@ from flask import redirect
 from flask import render_template
 from flask import request
 from flask import session
+from flask import stream_with_context
 from flask import url_for
 from werkzeug.exceptions import HTTPException
 
@@ -62,6 +66,7 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 
+ZONES = sorted(available_timezones())  # the zone field's suggestions
 log = logging.getLogger("burnmeter.serve")
 
 
@@ -95,7 +100,6 @@ def create_app(store: Store, zone: ZoneInfo, token: str) -> Flask:
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
         SESSION_COOKIE_PATH="/admin",
-        JSON_SORT_KEYS=False,
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]
     expected = token.encode()
@@ -186,23 +190,26 @@ def create_app(store: Store, zone: ZoneInfo, token: str) -> Flask:
         )
 
     @app.get("/admin")
-    def dashboard() -> Response | tuple[str, int]:
+    def dashboard() -> Response:
         view = {k: request.args[k] for k in WINDOW_PARAMS if request.args.get(k)}
         try:
             window = span(DASHBOARD_PERIOD)
         except BadQuery as e:
-            return _page(error=str(e), view=view, chosen=request.args.get("period")), 400
-        data = _gather(workers, store, window)
-        return Response(
-            _page(window=window, view=view, chosen=window.period, pools=list(store.pools), **data)
+            page = _page(view=view, chosen=request.args.get("period"), error=str(e))
+            return Response("".join(page), 400)
+        reports = _start_reports(workers, store, window)
+        page = _page(
+            view=view, chosen=window.period, window=window, reports=reports, pools=list(store.pools)
         )
+        return Response(stream_with_context(page))
 
     @app.errorhandler(BadQuery)
     def bad_query(e: BadQuery) -> tuple[Response, int]:
         return jsonify(e.body), 400
 
     @app.errorhandler(StoreError)
-    def store_down(e: StoreError) -> tuple[Response, int]:
+    @app.errorhandler(sqlite3.Error)  # the SQLite reports' own queries (locked, not a store)
+    def store_down(e: Exception) -> tuple[Response, int]:
         log.error("store error: %s", e)
         return jsonify(error=f"store unavailable: {e}"), 503
 
@@ -231,21 +238,23 @@ def _bucket(unit: str | None) -> Bucket | None:
     return next((b for b in BUCKETS if b == unit), None)
 
 
-def _gather(workers: ThreadPoolExecutor, store: Store, window: Window) -> dict[str, Any]:
-    """The dashboard's four reports, run side by side (each worker has its own connection)."""
+def _start_reports(
+    workers: ThreadPoolExecutor, store: Store, window: Window
+) -> dict[str, Future[dict[str, Any]]]:
+    """The dashboard's four reports, started side by side (each worker has its own
+    connection), in the order the page shows them."""
     unit = payloads.default_bucket(window)
     jobs: dict[str, Callable[[Reports], dict[str, Any]]] = {
         "summary": lambda r: payloads.user_stats(r, window),
-        "models": lambda r: payloads.model_stats(r, window),
-        "users": lambda r: payloads.users(r, window, TOP_USERS),
         "series": lambda r: payloads.series(r, window, unit),
+        "users": lambda r: payloads.users(r, window, TOP_USERS),
+        "models": lambda r: payloads.model_stats(r, window),
     }
 
     def run(job: Callable[[Reports], dict[str, Any]]) -> dict[str, Any]:
         return job(reports_for(store))
 
-    futures = {name: workers.submit(run, job) for name, job in jobs.items()}
-    return {name: future.result() for name, future in futures.items()}
+    return {name: workers.submit(run, job) for name, job in jobs.items()}
 
 
 def _cards(summary: dict[str, Any]) -> list[Card]:
@@ -289,28 +298,43 @@ def _page(
     chosen: str | None,
     window: Window | None = None,
     error: str | None = None,
+    reports: dict[str, Future[dict[str, Any]]] | None = None,
     pools: list[str] | None = None,
-    **data: Any,
-) -> str:
-    series = data.get("series")
-    return render_template(
-        "admin.html",
-        periods=PERIODS,
-        chosen=chosen,
-        view=view,
-        window=window,
-        error=error,
-        pools=pools or [],
-        cards=_cards(data["summary"]) if "summary" in data else [],
-        users=data["users"]["users"] if "users" in data else [],
-        models=data["models"]["models"] if "models" in data else [],
-        chart=chart.series_svg(series["series"], series["bucket"]) if series else None,
-        legend=chart.legend(series["series"]) if series else [],
-        bucket=series["bucket"] if series else None,
-        zones=sorted(available_timezones()),
-        refresh=REFRESH_SECONDS,
-        formats=formats,
-    )
+) -> Iterator[str]:
+    """The dashboard, section by section as its report is ready: the browser paints the
+    cards while the chart and the tables are still being summed."""
+    common = {
+        "periods": PERIODS,
+        "chosen": chosen,
+        "view": view,
+        "window": window,
+        "error": error,
+        "refresh": REFRESH_SECONDS,
+        "formats": formats,
+    }
+    yield render_template("admin/start.html", **common)
+    try:
+        if reports is not None:
+            summary = reports["summary"].result()
+            yield render_template("admin/cards.html", cards=_cards(summary))
+            rows = reports["series"].result()
+            yield render_template(
+                "admin/chart.html",
+                chart=chart.series_svg(rows["series"], rows["bucket"]),
+                legend=chart.legend(rows["series"]),
+                bucket=rows["bucket"],
+            )
+            yield render_template(
+                "admin/tables.html",
+                users=reports["users"].result()["users"],
+                models=reports["models"].result()["models"],
+                pools=pools or [],
+                formats=formats,
+            )
+    except Exception as e:  # the page has begun: say so on it, in one line in the log
+        log.error("dashboard: %s: %s", type(e).__name__, e)
+        yield render_template("admin/failed.html", error=e)
+    yield render_template("admin/end.html", zones=ZONES, **common)
 
 
 def log_to_stderr() -> None:
