@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -103,7 +104,8 @@ def create_app(store: Store, zone: ZoneInfo, token: str) -> Flask:
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]
     expected = token.encode()
-    workers = ThreadPoolExecutor(4, thread_name_prefix="burnmeter-report")
+    # the dashboard's reports side by side; more threads than cores only slow the first one
+    workers = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="burnmeter-report")
     app.extensions["burnmeter_workers"] = workers
 
     def token_ok(given: str) -> bool:
@@ -197,7 +199,7 @@ def create_app(store: Store, zone: ZoneInfo, token: str) -> Flask:
         except BadQuery as e:
             page = _page(view=view, chosen=request.args.get("period"), error=str(e))
             return Response("".join(page), 400)
-        reports = _start_reports(workers, store, window)
+        reports = _Reports(workers, store, window)
         page = _page(
             view=view, chosen=window.period, window=window, reports=reports, pools=list(store.pools)
         )
@@ -238,23 +240,16 @@ def _bucket(unit: str | None) -> Bucket | None:
     return next((b for b in BUCKETS if b == unit), None)
 
 
-def _start_reports(
-    workers: ThreadPoolExecutor, store: Store, window: Window
-) -> dict[str, Future[dict[str, Any]]]:
-    """The dashboard's four reports, started side by side (each worker has its own
-    connection), in the order the page shows them."""
-    unit = payloads.default_bucket(window)
-    jobs: dict[str, Callable[[Reports], dict[str, Any]]] = {
-        "summary": lambda r: payloads.user_stats(r, window),
-        "series": lambda r: payloads.series(r, window, unit),
-        "users": lambda r: payloads.users(r, window, TOP_USERS),
-        "models": lambda r: payloads.model_stats(r, window),
-    }
+class _Reports:
+    """The dashboard's reports, on the worker threads (each has its own store connection)."""
 
-    def run(job: Callable[[Reports], dict[str, Any]]) -> dict[str, Any]:
-        return job(reports_for(store))
+    def __init__(self, workers: ThreadPoolExecutor, store: Store, window: Window) -> None:
+        self.workers = workers
+        self.store = store
+        self.window = window
 
-    return {name: workers.submit(run, job) for name, job in jobs.items()}
+    def start(self, job: Callable[[Reports, Window], dict[str, Any]]) -> Future[dict[str, Any]]:
+        return self.workers.submit(lambda: job(reports_for(self.store), self.window))
 
 
 def _cards(summary: dict[str, Any]) -> list[Card]:
@@ -298,11 +293,12 @@ def _page(
     chosen: str | None,
     window: Window | None = None,
     error: str | None = None,
-    reports: dict[str, Future[dict[str, Any]]] | None = None,
+    reports: _Reports | None = None,
     pools: list[str] | None = None,
 ) -> Iterator[str]:
-    """The dashboard, section by section as its report is ready: the browser paints the
-    cards while the chart and the tables are still being summed."""
+    """The dashboard, section by section as its report is ready. The summary runs first and
+    alone, so that the cards are painted as soon as it can be; the chart and the tables are
+    summed side by side after it."""
     common = {
         "periods": PERIODS,
         "chosen": chosen,
@@ -315,9 +311,13 @@ def _page(
     yield render_template("admin/start.html", **common)
     try:
         if reports is not None:
-            summary = reports["summary"].result()
+            summary = reports.start(payloads.user_stats).result()
             yield render_template("admin/cards.html", cards=_cards(summary))
-            rows = reports["series"].result()
+            unit = payloads.default_bucket(reports.window)
+            series = reports.start(lambda r, w: payloads.series(r, w, unit))
+            users = reports.start(lambda r, w: payloads.users(r, w, TOP_USERS))
+            models = reports.start(payloads.model_stats)
+            rows = series.result()
             yield render_template(
                 "admin/chart.html",
                 chart=chart.series_svg(rows["series"], rows["bucket"]),
@@ -326,8 +326,8 @@ def _page(
             )
             yield render_template(
                 "admin/tables.html",
-                users=reports["users"].result()["users"],
-                models=reports["models"].result()["models"],
+                users=users.result()["users"],
+                models=models.result()["models"],
                 pools=pools or [],
                 formats=formats,
             )
