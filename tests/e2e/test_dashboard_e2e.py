@@ -60,6 +60,7 @@ def test_dashboard_shows_what_the_cli_prints_for_proxy_traffic(
     own_proxy: Proxy, config: Config, config_path: Path
 ) -> None:
     store = open_store(own_proxy.db_url, config.pools)
+    store.ensure_schema(config.log_ttl_days)  # the proxy may still be creating it
     accounts = Accounts(store)
     alice = accounts.new(creditsNew="5", credits="3", refCredits="1")
     bob = accounts.new(creditsNew="2", credits="4", refCredits="0")
