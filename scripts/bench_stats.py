@@ -7,8 +7,8 @@ in the reporting zone, so that "24h", read then, is a whole day; bulk-inserts th
 straight into SQLite; then times each report (median of 3 runs), each admin endpoint of a
 real ``burnmeter serve`` over HTTP and, when Debian's Chromium is there, the dashboard's
 first paint with data in it (a fresh navigation to ``/admin``, until the cards are
-drawn); prints a table or JSON. The targets: < 1 s for 24h and for ``logs``, < 3 s for
-``all`` and for the dashboard.
+drawn, and until the whole page is); prints a table or JSON. The targets: < 1 s for 24h and
+for ``logs``, < 3 s for ``all`` and for the dashboard's first paint.
 
     python scripts/bench_stats.py [--logs N] [--db PATH] [--format table|json]
 """
@@ -148,17 +148,20 @@ def time_server(path: Path, now: str) -> list[dict[str, Any]]:
     try:
         for period in ("24h", "all"):
             query = f"?period={period}&now={now}"
-            for name in [*ENDPOINTS, ""]:
-                url = f"{base}/admin/{name}{query}" if name else f"{base}/admin{query}"
-                results.append({"report": f"GET /admin/{name}" if name else "GET /admin (html)",
-                                "period": period, "seconds": median_seconds(partial(fetch, url)),
+            for name in ENDPOINTS:
+                url = f"{base}/admin/{name}{query}"
+                results.append({"report": f"GET /admin/{name}", "period": period,
+                                "seconds": median_seconds(partial(fetch, url)),
                                 "limit": LIMITS[period]})  # fmt: skip
+            results.append({"report": "GET /admin (whole page)", "period": period,
+                            "seconds": median_seconds(partial(fetch, f"{base}/admin{query}")),
+                            "limit": None})  # fmt: skip
         if os.path.exists(CHROMIUM):
             painted, complete = paint_seconds(base, now)
             results.append({"report": "dashboard first paint", "period": "all",
                             "seconds": painted, "limit": LIMITS["all"]})  # fmt: skip
             results.append({"report": "dashboard complete", "period": "all",
-                            "seconds": complete, "limit": LIMITS["all"]})  # fmt: skip
+                            "seconds": complete, "limit": None})  # fmt: skip
         else:
             print(f"no {CHROMIUM}: the dashboard's first paint is not timed", file=sys.stderr)
     finally:
@@ -256,10 +259,11 @@ def main(count: int, path: Path, fmt: str) -> None:
     click.echo(f"{count:,} logs over {DAYS} days in {path}; median of 3 runs")
     click.echo(f"{'report':<24} {'period':<6} {'seconds':>8}  target")
     for r in results:
-        verdict = "ok" if r["seconds"] < r["limit"] else "SLOW"
-        click.echo(
-            f"{r['report']:<24} {r['period']:<6} {r['seconds']:>8.3f}  < {r['limit']:g} s {verdict}"
-        )
+        if r["limit"] is None:  # the whole dashboard: no target, only its first paint has one
+            target = "-"
+        else:
+            target = f"< {r['limit']:g} s " + ("ok" if r["seconds"] < r["limit"] else "SLOW")
+        click.echo(f"{r['report']:<24} {r['period']:<6} {r['seconds']:>8.3f}  {target}")
 
 
 if __name__ == "__main__":
