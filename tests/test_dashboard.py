@@ -131,16 +131,41 @@ def test_zone_is_shown_and_changeable(page: Any, server: Server) -> None:
     assert "tz=UTC" in page.url  # the zone stays when the period changes
 
 
-def test_a_linked_view_reloads_as_it_was(page: Any, server: Server) -> None:
-    open_dashboard(page, server, "&period=3d")
-    page.reload()
-    assert page.get_attribute("button[aria-pressed=true]", "data-period") == "3d"
+def test_back_reload_and_links_keep_the_view(page: Any, server: Server) -> None:
+    open_dashboard(page, server)
+    choose(page, "1h")
+    choose(page, "3d")
+    page.go_back()  # the browser's history holds each period the buttons chose
+    page.wait_for_selector("main[aria-busy=false] button[data-period='1h'][aria-pressed=true]")
+    assert "period=1h" in page.url
     assert cards(page)["total_credits_used"] == shown(
-        "total_credits_used", expected_summary("3d")["total_credits_used"]
+        "total_credits_used", expected_summary("1h")["total_credits_used"]
     )
-    page.go_back()  # back to before the dashboard: nothing to check but that it survives
-    page.goto(f"{server.base}/admin?period=7d&now={NOW_PARAM}")  # the session, no token
-    page.wait_for_selector("main[aria-busy=false] button[data-period='7d'][aria-pressed=true]")
+    page.reload()
+    assert page.get_attribute("button[aria-pressed=true]", "data-period") == "1h"
+    linked = page.context.new_page()  # a link opened later: the session, no token
+    linked.goto(f"{server.base}/admin?period=7d&now={NOW_PARAM}")
+    assert linked.get_attribute("button[aria-pressed=true]", "data-period") == "7d"
+    assert cards(linked)["total_creditsNewUsed"] == shown(
+        "total_creditsNewUsed", expected_summary("7d")["total_creditsNewUsed"]
+    )
+
+
+def test_buttons_work_without_javascript(browser: Any, server: Server) -> None:
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        open_dashboard(page, server, "&tz=Asia/Ho_Chi_Minh")
+        page.click("button[data-period='30d']")  # submits the form: a plain navigation
+        page.wait_for_url(re.compile(r"period=30d"))
+        assert "tz=Asia" in page.url and "now=2025-03-10" in page.url
+        assert page.get_attribute("button[aria-pressed=true]", "data-period") == "30d"
+        assert cards(page)["total_burned"] == shown(
+            "total_burned", expected_summary("30d")["total_burned"]
+        )
+    finally:
+        context.close()
 
 
 def test_tables_and_chart_match_the_endpoints(page: Any, server: Server) -> None:
