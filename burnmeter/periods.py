@@ -50,6 +50,8 @@ Bucket = Literal["hour", "day"]
 BUCKETS: tuple[Bucket, ...] = ("hour", "day")
 SLOT = timedelta(minutes=15)
 SLOT_MS = SLOT // timedelta(milliseconds=1)
+MAX_BUCKETS = 10_000  # 416 days of hours, 27 years of days: more is a mistake, or an attack
+BUCKET_SPAN: dict[Bucket, timedelta] = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
 
 
 class PeriodError(ValueError):
@@ -156,7 +158,10 @@ def window(
     if period in ROLLING:
         return Window(period, end_now - ROLLING[period], end_now, tz)
     if period == TODAY:
-        return Window(period, day_start(end_now, tz), end_now, tz)
+        try:
+            return Window(period, day_start(end_now, tz), end_now, tz)
+        except OverflowError:  # the local date of year 1 began before datetime can say
+            raise PeriodError("--now is too early for a 24h window", "now") from None
     if period == ALL:
         return Window(period, None, end_now, tz)
     raise PeriodError(f"unknown period {period!r}; valid: {', '.join(PERIODS)}")
@@ -202,7 +207,13 @@ def bucket_edges(start: datetime, end: datetime, tz: ZoneInfo, unit: Bucket) -> 
     """Boundaries of the local buckets that meet ``[start, end)``: n+1 edges for n buckets.
 
     The first edge is the start of the bucket holding ``start`` (it may lie before
-    ``start``); the last is the end of the bucket holding the last instant before ``end``."""
+    ``start``); the last is the end of the bucket holding the last instant before ``end``.
+    More than ``MAX_BUCKETS`` is a ``PeriodError`` (the walk below is per 15 minutes)."""
+    if (end - start) / BUCKET_SPAN[unit] > MAX_BUCKETS:
+        raise PeriodError(
+            f"more than {MAX_BUCKETS:,} {unit}s from {start.date()} to {end.date()}: "
+            "choose a shorter window" + (" or days" if unit == "hour" else "")
+        )
     t = _slot_floor(start)
     key = bucket_key(t, tz, unit)
     while bucket_key(t - SLOT, tz, unit) == key:

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 
+from burnmeter.periods import MAX_BUCKETS
 from burnmeter.periods import PERIODS
 from burnmeter.periods import PeriodError
 from burnmeter.periods import bucket_edges
@@ -180,3 +181,19 @@ def test_day_buckets_cover_the_window_and_follow_dst() -> None:
     ]
     assert bucket_index(edges, utc("2025-03-10T03:59Z")) == 1  # 23:59 EDT on 03-09
     assert bucket_index(edges, utc("2025-03-10T04:00Z")) == 2
+
+
+def test_bucket_edges_refuse_more_than_max_buckets() -> None:
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    hours = bucket_edges(start, start + timedelta(hours=MAX_BUCKETS), zone("UTC"), "hour")
+    assert len(hours) == MAX_BUCKETS + 1
+    with pytest.raises(PeriodError, match="more than 10,000 hours"):
+        bucket_edges(start, start + timedelta(hours=MAX_BUCKETS + 1), zone("UTC"), "hour")
+    with pytest.raises(PeriodError, match="days"):
+        bucket_edges(start, start + timedelta(days=MAX_BUCKETS + 1), zone("UTC"), "day")
+
+
+def test_24h_at_the_first_instant_datetime_knows_is_an_error() -> None:
+    with pytest.raises(PeriodError, match="too early") as e:
+        window("24h", zone("Asia/Ho_Chi_Minh"), datetime(1, 1, 1, tzinfo=UTC))
+    assert e.value.source == "now"

@@ -137,6 +137,20 @@ def test_endpoints_answer_what_the_cli_prints(seeded: Backend, period: str) -> N
         assert rows["series"] == cli_json(seeded, "series", *window, "--bucket", bucket)
 
 
+def test_series_refuses_more_buckets_than_it_can_list(client: FlaskClient) -> None:
+    response = client.get("/admin/series?period=all&now=2100-01-01&bucket=hour", headers=BEARER)
+    assert response.status_code == 400
+    assert "more than 10,000 hours" in response.get_json()["error"]
+    page = client.get("/admin?period=all&now=9999-12-31", headers=BEARER).get_data(as_text=True)
+    assert "more than 10,000 days" in page and 'data-metric="total_burned"' in page
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "x", "1e3", "9" * 5000])
+def test_limit_is_a_small_positive_integer(client: FlaskClient, limit: str) -> None:
+    response = client.get(f"/admin/users?limit={limit}", headers=BEARER)
+    assert response.status_code == 400 and "limit" in response.get_json()["error"]
+
+
 def test_users_default_to_all_time_with_the_newest_log(seeded: Backend) -> None:
     client = client_for(seeded)
     response = client.get(f"/admin/users?now={NOW_PARAM}", headers=BEARER)
@@ -259,6 +273,7 @@ def test_unknown_period_lists_the_valid_ones(client: FlaskClient, endpoint: str)
         ("since=2025-13-01", "since"),
         ("period=1h&since=2025-03-01", None),
         ("since=2025-03-02&until=2025-03-01", None),
+        ("period=24h&now=0001-01-01T00:00Z", "now"),  # the local day began before year 1
     ],
 )
 def test_bad_window_is_400_naming_the_parameter(
@@ -275,7 +290,9 @@ def test_bad_window_is_400_naming_the_parameter(
 
 QUERY_KEYS = st.sampled_from(["period", "tz", "now", "since", "until", "bucket", "limit"])
 QUERY_VALUES = st.one_of(
-    st.sampled_from([*PERIODS, "UTC", "Asia/Ho_Chi_Minh", "2025-03-10T10:00", "hour", "3"]),
+    st.sampled_from([*PERIODS, "UTC", "Asia/Ho_Chi_Minh", "Pacific/Kiritimati", "hour", "day"]),
+    st.sampled_from(["2025-03-10T10:00", "0001-01-01", "0001-01-01T00:00+14:00", "9999-12-31"]),
+    st.sampled_from(["9999-12-31T23:59:59-14:00", "3", "0", "-1", "9" * 5000, "1e3", "２"]),
     st.text(max_size=30),
 )
 

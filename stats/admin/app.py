@@ -209,6 +209,10 @@ def create_app(store: Store, zone: ZoneInfo, token: str) -> Flask:
     def bad_query(e: BadQuery) -> tuple[Response, int]:
         return jsonify(e.body), 400
 
+    @app.errorhandler(PeriodError)
+    def bad_window(e: PeriodError) -> tuple[Response, int]:  # found by a report (a series too long)
+        return jsonify(error=str(e)), 400
+
     @app.errorhandler(StoreError)
     @app.errorhandler(sqlite3.Error)  # the SQLite reports' own queries (locked, not a store)
     def store_down(e: Exception) -> tuple[Response, int]:
@@ -231,8 +235,8 @@ def _positive_int(name: str) -> int | None:
     text = request.args.get(name)
     if text is None:
         return None
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise BadQuery({"error": f"{name} must be a positive integer"})
+    if not (text.isascii() and text.isdigit() and len(text) <= 9) or int(text) < 1:
+        raise BadQuery({"error": f"{name} must be a whole number from 1 to 999,999,999"})
     return int(text)
 
 
