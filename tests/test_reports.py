@@ -407,3 +407,13 @@ def test_accounts_rank_spenders_then_list_everyone_with_balances(
     assert carol.requests == 0 and carol.last_activity is None and carol.burned == 0
     assert dave.balances == {"openhands": D("0"), "ohmygpt": D("0.25"), "gemini": D("0")}
     assert [a.user for a in make_reports().accounts(at("24h"), top=1)] == ["alice"]
+
+
+def test_balances_count_a_field_that_is_no_number_as_zero(tmp_path: Path) -> None:
+    db = mongomock.MongoClient(tz_aware=True)["fproxy"]
+    store = MongoStore(db, CONFIG.pools)
+    db["usersNew"].insert_one(
+        {"_id": "old", "credits": "12", "refCredits": 1.5, "creditsNew": None}
+    )
+    balances = reports_for(store).backend.balances(list(CONFIG.pools.values()))
+    assert balances["old"] == {"openhands": D(0), "ohmygpt": D("1.5"), "gemini": D(0)}

@@ -56,6 +56,12 @@ def _match(window: Window | None) -> dict[str, Any]:
     return {"$match": {"createdAt": bounds}}
 
 
+def _number(value: Any) -> Decimal:
+    if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+        return to_decimal(value)
+    return ZERO
+
+
 def _balance(pool: Pool) -> dict[str, Any]:
     return {"$add": [{"$ifNull": [f"${f}", 0]} for f in pool.balance]}
 
@@ -85,11 +91,10 @@ class MongoReports(Backend):
         }
 
     def balances(self, pools: Sequence[Pool]) -> dict[str, dict[str, Decimal]]:
+        """A field that holds no number counts 0, as ``$sum`` counts it in ``population``."""
         projection = {f: 1 for p in pools for f in p.balance}
         return {
-            doc["_id"]: {
-                p.name: sum((to_decimal(doc.get(f)) for f in p.balance), ZERO) for p in pools
-            }
+            doc["_id"]: {p.name: sum((_number(doc.get(f)) for f in p.balance), ZERO) for p in pools}
             for doc in self.users.find({}, projection)
         }
 
