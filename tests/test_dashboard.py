@@ -193,9 +193,9 @@ def test_refreshes_every_30_seconds(browser: Any, tmp_path: Path) -> None:
     config, db = seeded_sqlite(tmp_path)
     server = start_server(config, db)
     context = browser.new_context()
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
     try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
         page.clock.install()
         open_dashboard(page, server, "&period=1h")
         before = cards(page)["total_credits_used"]

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from collections.abc import Iterator
 from datetime import UTC
 from datetime import datetime
@@ -37,6 +38,7 @@ from tests.admin_seed import NOW_PARAM
 from tests.admin_seed import in_window
 from tests.admin_server import BURNMETER
 from tests.admin_server import TOKEN
+from tests.admin_server import Server
 from tests.admin_server import seed
 from tests.admin_server import seeded_sqlite
 from tests.admin_server import start_server
@@ -315,10 +317,26 @@ def test_any_query_is_answered_200_or_400(
 
 
 # -- the real server ----------------------------------------------------------------------
+@pytest.fixture
+def serving() -> Iterator[Callable[..., Server]]:
+    """``start_server``, with every server it started stopped at the end, failed or not."""
+    started: list[Server] = []
+
+    def start(*args: Any, **kwargs: Any) -> Server:
+        started.append(start_server(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
+
+
 @pytest.mark.slow
-def test_server_reads_without_writing_while_a_proxy_writes(tmp_path: Path) -> None:
+def test_server_reads_without_writing_while_a_proxy_writes(
+    tmp_path: Path, serving: Callable[..., Server]
+) -> None:
     config, db = seeded_sqlite(tmp_path)  # log_ttl_days = 1: every seed log is older
-    server = start_server(config, db)
+    server = serving(config, db)
     seed_logs = sum(1 for log in LOGS if log.at < NOW)
     status, body = server.get(f"/admin/metrics?period=all&now={NOW_PARAM}")
     assert status == 200 and body["total_requests"] == seed_logs  # nothing purged
@@ -347,11 +365,11 @@ def test_server_reads_without_writing_while_a_proxy_writes(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-def test_server_leaves_the_store_file_alone(tmp_path: Path) -> None:
+def test_server_leaves_the_store_file_alone(tmp_path: Path, serving: Callable[..., Server]) -> None:
     config, db = seeded_sqlite(tmp_path)
     before = hashlib.sha256(db.read_bytes()).hexdigest()
     db.chmod(0o444)
-    server = start_server(config, db)
+    server = serving(config, db)
     for endpoint in ENDPOINTS:
         assert server.get(f"/admin/{endpoint}?period=all")[0] == 200
     server.stop()
@@ -360,16 +378,16 @@ def test_server_leaves_the_store_file_alone(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_token_from_the_environment_or_random(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serving: Callable[..., Server]
 ) -> None:
     config, db = seeded_sqlite(tmp_path)
     monkeypatch.setenv("BURNMETER_ADMIN_TOKEN", "from-env-7d1e")
-    server = start_server(config, db, token=None)
+    server = serving(config, db, token=None)
     assert server.start_line.endswith("/admin?token=from-env-7d1e")
     assert server.get("/admin/metrics", token="from-env-7d1e")[0] == 200
     server.stop()
     monkeypatch.delenv("BURNMETER_ADMIN_TOKEN")
-    server = start_server(config, db, token=None)
+    server = serving(config, db, token=None)
     printed = server.start_line.rsplit("token=", 1)[1]
     assert len(printed) >= 32
     assert server.start_line.startswith("burnmeter serve: http://127.0.0.1:")
