@@ -137,7 +137,7 @@ def test_route_by_port_and_host_with_port():
             {"routes": [{"listen_port": 70000, "pool": "ohmygpt"}]},
             "routes.0.listen_port: Input should be less than or equal to 65535",
         ),
-        ({"models": {"m": {"input": 1}}}, "models.m.output: Field required"),
+        ({"models": {"m": {"input": 1}}}, "models.m: output: required without list_price"),
         (
             {"models": {"m": {"input": -1, "output": 1}}},
             "models.m.input: Input should be greater than or equal to 0",
