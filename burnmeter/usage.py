@@ -222,7 +222,12 @@ def _from_gemini(api: str, usage: Usage) -> UsageRecord | None:
 
 
 _PER_QUERY_GROUNDING = re.compile(r"gemini-(?:[3-9]|\d{2,})")
-"""Gemini models whose Google Search grounding is billed per search query, not per prompt."""
+
+
+def per_query_grounding(model: str) -> bool:
+    """Whether Google bills the model's Search grounding per query (Gemini 3 on), not per
+    grounded prompt (one per response)."""
+    return _PER_QUERY_GROUNDING.search(model) is not None
 
 
 def billed_extras(api: str, obj: dict[str, Any]) -> dict[str, Any]:
@@ -252,8 +257,7 @@ def billed_extras(api: str, obj: dict[str, Any]) -> dict[str, Any]:
             if isinstance(query, str)
         }
         if queries:  # Google Search ran (URL context also leaves groundingChunks: not billed)
-            model = _model_of(obj) or ""
-            per_query = _PER_QUERY_GROUNDING.search(model) is not None
+            per_query = per_query_grounding(_model_of(obj) or "")
             found["web_search_requests"] = len(queries) if per_query else 1
     return found
 
