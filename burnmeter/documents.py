@@ -59,7 +59,8 @@ BILLED_DETAIL_FIELDS = {
     "serviceTier": "service_tier",
 }
 """burnmeter's optional request-log fields: the billed classes beyond the original's token
-counts, so that a cost can be recomputed from the log alone (``usage_of_log``)."""
+counts, so that a cost can be recomputed from the log alone (``usage_of_log``; the route's
+multiplier is ``routeMultiplier``, a decimal string)."""
 
 
 def request_log(
@@ -80,6 +81,7 @@ def request_log(
     path: str,
     stream: bool,
     created_at: datetime,
+    route_multiplier: Decimal | None = None,
 ) -> dict[str, Any]:
     """One request_logs document with the original's fields and burnmeter's own."""
     u = usage or UsageRecord(source="none")
@@ -112,6 +114,7 @@ def request_log(
         "stream": stream,
         "usageSource": u.source if usage is not None else "none",
         **details,
+        **({"routeMultiplier": str(route_multiplier)} if route_multiplier is not None else {}),
     }
 
 

@@ -52,6 +52,8 @@ class PriceQuote:
     source: PriceSource
     pool: str | None = None
     """The model's pool override, if the config sets one."""
+    route_multiplier: Decimal = Decimal(1)
+    """The route's part of ``multiplier`` (logged: a log can be repriced with it)."""
 
 
 def resolve_price(
@@ -69,14 +71,18 @@ def resolve_price(
     if found := config.model(model_name):
         model_id, model = found
         multiplier = route_multiplier * model.multiplier
-        return PriceQuote(model_id, model.price, multiplier, "config", model.pool)
+        return PriceQuote(model_id, model.price, multiplier, "config", model.pool, route_multiplier)
     if config.unknown_model == "default":
         default = config.default_price
         assert default is not None  # the config validator requires it for this policy
-        return PriceQuote(model_name, default.price, route_multiplier, "default")
+        return PriceQuote(
+            model_name, default.price, route_multiplier, "default", None, route_multiplier
+        )
     if config.unknown_model == "list-price":
         if listed := list_price(model_name, upstream_url):
-            return PriceQuote(model_name, listed, route_multiplier, "list-price")
+            return PriceQuote(
+                model_name, listed, route_multiplier, "list-price", None, route_multiplier
+            )
         raise UnknownModelError(f"unknown model {model_name!r}: no configured or list price")
     raise UnknownModelError(f"unknown model {model_name!r}")
 

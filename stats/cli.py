@@ -93,8 +93,9 @@ def _register() -> None:
     from stats import accounts
     from stats import imports
     from stats import reports
+    from stats import reprice
 
-    for module in (accounts, imports, reports):
+    for module in (accounts, imports, reports, reprice):
         for command in module.COMMANDS:
             cli.add_command(command)
 

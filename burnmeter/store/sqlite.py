@@ -94,6 +94,7 @@ LOG_COLUMNS: dict[str, Kind] = {
     "stream": "bool",
     "usageSource": "text",
     **{name: "text" if name == "serviceTier" else "int" for name in BILLED_DETAIL_FIELDS},
+    "routeMultiplier": "text",
 }
 HOLDS = "holds"
 
