@@ -23,6 +23,7 @@ from datetime import datetime
 from decimal import Decimal
 from functools import lru_cache
 
+from genai_prices import Usage
 from genai_prices import data_snapshot
 from genai_prices.types import ModelInfo
 from genai_prices.types import ModelPrice
@@ -89,6 +90,15 @@ class Price:
 
     standard: ModelPrice
     service_tiers: Mapping[str, ModelPrice] = field(default_factory=dict)
+    counted: Mapping[str | None, tuple[str, ...]] = field(init=False, repr=False, compare=False)
+    """The usage keys each tier's rates read (standard: None): said explicitly, each usage
+    saves genai-prices inferring or scanning the others."""
+
+    def __post_init__(self) -> None:
+        tiers: dict[str | None, ModelPrice] = {None: self.standard}
+        tiers.update(self.service_tiers)
+        counted = {name: _usage_keys(price) for name, price in tiers.items()}
+        object.__setattr__(self, "counted", counted)
 
     def billed(self, service_tier: str | None) -> ModelPrice:
         """The rates a request is billed at: its granted tier's, else the standard ones."""
@@ -193,9 +203,12 @@ def build(
 
 def amount(price: Price, usage: UsageRecord) -> Decimal:
     """USD of ``usage`` at ``price`` (genai-prices' calculation), exact and unrounded."""
+    tier = usage.service_tier if usage.service_tier in price.service_tiers else None
+    counts = genai_usage(usage)
     with decimal.localcontext(_EXACT):
         try:
-            calculated = price.billed(usage.service_tier).calc_price(genai_usage(usage))
+            read = Usage(**{key: counts.get(key, 0) for key in price.counted[tier]})
+            calculated = price.billed(tier).calc_price(read)
         except ValueError as e:  # a record that breaks its own invariants
             raise PriceError(str(e)) from None
     return calculated["total_price"]
@@ -229,6 +242,16 @@ def genai_usage(usage: UsageRecord) -> dict[str, int]:
         "web_searches": usage.web_search_requests,
         "code_executions": usage.code_executions,
     }
+
+
+def _usage_keys(price: ModelPrice) -> tuple[str, ...]:
+    registry = _get_registry()
+    keys = {
+        registry.unit_for_price_key(key).usage_key
+        for key, value in price.__dict__.items()
+        if value is not None and key in registry._all_price_keys
+    }
+    return tuple(sorted((keys - {"requests"}) | {"input_tokens"}))  # requests: always one
 
 
 def applicable_rate(value: RateValue, prompt_tokens: int) -> Decimal:

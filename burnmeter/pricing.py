@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC
 from datetime import datetime
 from decimal import Decimal
+from functools import lru_cache
 from typing import Literal
 
 from burnmeter import money
@@ -93,8 +94,16 @@ def list_price(model_name: str, upstream_url: str | None = None) -> Price | None
     Only the URL up to its path counts for finding the provider (the query may hold a key).
     """
     origin = upstream_url.partition("?")[0] if upstream_url else None
+    minute = datetime.now(UTC).replace(second=0, microsecond=0)
+    return _list_price_at(model_name, origin, minute)
+
+
+@lru_cache(maxsize=4096)  # model names come from clients: bounded
+def _list_price_at(model_name: str, origin: str | None, minute: datetime) -> Price | None:
+    """The list price as of ``minute`` (list prices change by date or time of day, in whole
+    minutes: built once a minute, not once a request)."""
     listed = price_model.find_list_model(model_name, origin)
-    return price_model.list_price(listed, datetime.now(UTC)) if listed else None
+    return price_model.list_price(listed, minute) if listed else None
 
 
 def cost(usage: UsageRecord, quote: PriceQuote) -> Decimal:

@@ -263,3 +263,19 @@ def test_cost_never_decreases_when_a_count_grows(
     before = cost(record_of(counts, tier), quote)
     after = cost(record_of({**counts, grown: counts[grown] + by}, tier), quote)
     assert after >= before >= 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    price=st.sampled_from(sorted(PRICES)),
+    counts=st.fixed_dictionaries({name: st.integers(0, 300_000) for name in CLASSES}),
+    tier=st.sampled_from([None, "priority", "flex"]),
+)
+def test_amount_is_genai_prices_calculation_of_the_whole_usage(
+    price: str, counts: dict[str, int], tier: str | None
+) -> None:
+    """``amount`` tells genai-prices only the counts a price reads: the same calculation."""
+    record = record_of(counts, tier)
+    rates = PRICES[price].billed(tier)
+    whole = genai_prices.Usage(**price_model.genai_usage(record))
+    assert price_model.amount(PRICES[price], record) == rates.calc_price(whole)["total_price"]
