@@ -23,6 +23,7 @@ from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
 from burnmeter.usage import StreamUsage
 from burnmeter.usage import usage_from_json
+from stats.reprice import recompute
 from tests.cli_backends import Backend
 from tests.cli_backends import backend_fixture  # noqa: F401
 from tests.corpus import is_stream
@@ -156,3 +157,17 @@ def test_reprice_formats_and_window(filled: tuple[Backend, Path, int]) -> None:
     # the logs are from March 2025: a window ending before them is empty
     early = ["--since", "2025-01-01T00:00Z", "--until", "2025-02-01T00:00Z", "--format", "json"]
     assert rows(backend, config, *early) == []
+
+
+def test_a_log_without_a_route_multiplier_is_repriced_at_its_hosts_route(tmp_path: Path) -> None:
+    config_path = tmp_path / "burnmeter.toml"
+    config_path.write_text(CONFIG + '[models."m"]\ninput = 1.0\noutput = 2.0\n')
+    config = load_config(config_path)
+    log = {"model": "m", "inputTokens": 1_000_000, "outputTokens": 1_000_000, "host": HOST}
+    assert recompute(config, log) == Decimal("3.45")  # 3 x the route's 1.15
+    assert recompute(config, {**log, "host": f"{HOST}:443"}) == Decimal("3.45")
+    assert recompute(config, {**log, "host": "elsewhere.example"}) == Decimal(3)
+    assert recompute(config, {**log, "routeMultiplier": "2"}) == Decimal(6)
+    assert recompute(config, {**log, "usageSource": "none"}) == 0
+    assert recompute(config, {**log, "model": None}) is None  # a legacy log without a model
+    assert recompute(config, {**log, "model": "no-such-model-xyz"}) is None
