@@ -21,13 +21,11 @@ from burnmeter.pricing import cost
 from burnmeter.pricing import resolve_price
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
-from burnmeter.usage import StreamUsage
-from burnmeter.usage import usage_from_json
 from stats.reprice import recompute
 from tests.cli_backends import Backend
 from tests.cli_backends import backend_fixture  # noqa: F401
-from tests.corpus import is_stream
 from tests.corpus import load_cases
+from tests.corpus import read_usage
 from tests.test_price_model import request_model
 
 HOST = "chat.example"
@@ -49,13 +47,7 @@ def corpus_logs(config_path: Path) -> list[Settlement]:
     config = load_config(config_path)
     settlements = []
     for name, case in load_cases().items():
-        body = case["response"]["body"].encode()
-        if is_stream(case):
-            stream = StreamUsage(case["api"])
-            stream.feed(body)
-            usage, _ = stream.result()
-        else:
-            usage, _ = usage_from_json(case["api"], body)
+        usage = read_usage(case)
         if usage is None:
             continue
         url = f"https://{case['request']['host']}{case['request']['path']}"

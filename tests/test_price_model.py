@@ -33,10 +33,8 @@ from burnmeter.pricing import cost
 from burnmeter.pricing import list_price
 from burnmeter.pricing import resolve_price
 from burnmeter.records import UsageRecord
-from burnmeter.usage import StreamUsage
-from burnmeter.usage import usage_from_json
 from tests.corpus import case_params
-from tests.corpus import is_stream
+from tests.corpus import read_usage
 from tests.test_usage_corpus import BILLED_EXTRAS
 
 ONE = Decimal(1)
@@ -82,13 +80,7 @@ def genai_usage_of(case: dict[str, Any], url: str, model: str) -> genai_prices.U
 def test_corpus_is_priced_as_genai_prices_prices_it(name: str, case: dict[str, Any]) -> None:
     if case["expected_usage"] is None:
         pytest.skip("no usage to price")
-    body = case["response"]["body"].encode()
-    if is_stream(case):
-        stream = StreamUsage(case["api"])
-        stream.feed(body)
-        record, _ = stream.result()
-    else:
-        record, _ = usage_from_json(case["api"], body)
+    record = read_usage(case)
     assert record is not None
     model = request_model(case)
     url = f"https://{case['request']['host']}{case['request']['path']}"
