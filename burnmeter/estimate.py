@@ -290,7 +290,7 @@ class _Tally:
 
 
 def _media_modality(part: dict[str, object]) -> str | None:
-    """ "audio" or "image" for a media part ``_Tally`` counted at a flat rate, else None."""
+    """Which modality a media part ``_Tally`` counts at a flat rate is: audio, image or None."""
     kind = part.get("type")
     if kind in ("image_url", "input_image", "image"):
         return "image"

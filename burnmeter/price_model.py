@@ -91,8 +91,9 @@ class Price:
     standard: ModelPrice
     service_tiers: Mapping[str, ModelPrice] = field(default_factory=dict)
     counted: Mapping[str | None, tuple[str, ...]] = field(init=False, repr=False, compare=False)
-    """The usage keys each tier's rates read (standard: None): said explicitly, each usage
-    saves genai-prices inferring or scanning the others."""
+    """The usage keys each tier's rates read (the standard rates: None). ``amount`` hands
+    genai-prices just these, each explicitly: it then neither scans its whole unit registry
+    nor infers a count left out."""
 
     def __post_init__(self) -> None:
         tiers: dict[str | None, ModelPrice] = {None: self.standard}
