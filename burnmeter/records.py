@@ -55,6 +55,14 @@ class UsageRecord:
 
     def clamped(self) -> UsageRecord:
         """This record with each part no larger than its whole (what's left of it, in order)."""
+        if (
+            self.cache_write_1h_tokens <= self.cache_write_tokens
+            and self.input_audio_tokens + self.input_image_tokens <= self.input_tokens
+            and self.cache_audio_read_tokens + self.cache_image_read_tokens
+            <= self.cache_read_tokens
+            and self.output_audio_tokens + self.output_image_tokens <= self.output_tokens
+        ):
+            return self
         input_audio = min(self.input_audio_tokens, self.input_tokens)
         cache_audio = min(self.cache_audio_read_tokens, self.cache_read_tokens)
         output_audio = min(self.output_audio_tokens, self.output_tokens)

@@ -239,3 +239,13 @@ def test_billing_tokens_with_free_input_use_the_original_weights() -> None:
         input_tokens=10, output_tokens=20, cache_write_tokens=30, cache_read_tokens=40
     )
     assert billing_tokens(usage, q) == 10 + 20 + 30 + 4
+
+
+def test_a_record_whose_parts_exceed_their_wholes_is_priced_clamped() -> None:
+    q = quote("1", "2", input_audio="10", output_image="20")
+    hostile = UsageRecord(input_tokens=10, input_audio_tokens=50, output_image_tokens=7)
+    # audio is at most the 10 input tokens; image output at most the 0 output tokens
+    assert cost(hostile, q) == cost(UsageRecord(input_tokens=10, input_audio_tokens=10), q)
+    assert hostile.clamped().output_image_tokens == 0
+    fine = UsageRecord(input_tokens=10, input_audio_tokens=5)
+    assert fine.clamped() is fine
