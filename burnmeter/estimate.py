@@ -20,7 +20,7 @@ from typing import Literal
 
 from burnmeter.config import Config
 from burnmeter.pricing import PriceQuote
-from burnmeter.pricing import cost
+from burnmeter.pricing import cost_and_input_cost
 from burnmeter.records import UsageRecord
 from burnmeter.usage import per_query_grounding
 
@@ -132,7 +132,7 @@ def estimate_output_tokens(text_chars: int) -> int:
 
 def hold_amounts(estimate: RequestEstimate, quote: PriceQuote) -> tuple[Decimal, Decimal]:
     """(maximum, minimum) to hold: estimated input plus the output limit and every server-tool
-    use allowed, and input alone.
+    use allowed, and the input classes alone (both from one calculation per way to bill it).
 
     Priced as settlement prices (the tier of the estimated prompt, the service tier asked
     for), each at whichever is dearer where the bill could go two ways: a request that asks
@@ -166,10 +166,12 @@ def hold_amounts(estimate: RequestEstimate, quote: PriceQuote) -> tuple[Decimal,
         if allowed and quote.price.rate(f"output_{modality}", estimate.service_tier) is not None:
             outputs.append({"output_tokens": limit, f"output_{modality}_tokens": limit})
     tools: dict[str, Any] = dict(estimate.server_tool_uses)
-    maximum = max(
-        cost(replace(prompt, **output, **tools), quote) for prompt in prompts for output in outputs
-    )
-    return maximum, max(cost(prompt, quote) for prompt in prompts)
+    priced = [
+        cost_and_input_cost(replace(prompt, **output, **tools), quote)
+        for prompt in prompts
+        for output in outputs
+    ]
+    return max(total for total, _ in priced), max(prompt_part for _, prompt_part in priced)
 
 
 class _Tally:

@@ -204,6 +204,11 @@ def build(
 
 def amount(price: Price, usage: UsageRecord) -> Decimal:
     """USD of ``usage`` at ``price`` (genai-prices' calculation), exact and unrounded."""
+    return amounts(price, usage)[0]
+
+
+def amounts(price: Price, usage: UsageRecord) -> tuple[Decimal, Decimal]:
+    """(``amount``, the part of it its input classes make), from one calculation."""
     tier = usage.service_tier if usage.service_tier in price.service_tiers else None
     counts = genai_usage(usage)
     with decimal.localcontext(_EXACT):
@@ -212,7 +217,7 @@ def amount(price: Price, usage: UsageRecord) -> Decimal:
             calculated = price.billed(tier).calc_price(read)
         except ValueError as e:  # a record that breaks its own invariants
             raise PriceError(str(e)) from None
-    return calculated["total_price"]
+    return calculated["total_price"], calculated["input_price"]
 
 
 def genai_usage(usage: UsageRecord) -> dict[str, int]:

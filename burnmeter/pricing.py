@@ -113,6 +113,17 @@ def cost(usage: UsageRecord, quote: PriceQuote) -> Decimal:
         return money.quantize(listed * quote.multiplier)
 
 
+def cost_and_input_cost(usage: UsageRecord, quote: PriceQuote) -> tuple[Decimal, Decimal]:
+    """``cost``, and what the input classes alone cost (each rounded once), in one
+    calculation: the input's tier depends on the input alone, so the input part is what
+    the input would cost without the output and tool uses."""
+    listed, input_part = price_model.amounts(quote.price, usage)
+    with decimal.localcontext(_EXACT):
+        return money.quantize(listed * quote.multiplier), money.quantize(
+            input_part * quote.multiplier
+        )
+
+
 def billing_tokens(usage: UsageRecord, quote: PriceQuote) -> int:
     """The original's ``tokensUsed``: cache tokens weighted by their price relative to input.
 

@@ -30,6 +30,7 @@ from burnmeter.price_model import Rates
 from burnmeter.pricing import PriceQuote
 from burnmeter.pricing import UnknownModelError
 from burnmeter.pricing import cost
+from burnmeter.pricing import cost_and_input_cost
 from burnmeter.pricing import list_price
 from burnmeter.pricing import resolve_price
 from burnmeter.records import UsageRecord
@@ -271,3 +272,22 @@ def test_amount_is_genai_prices_calculation_of_the_whole_usage(
     rates = PRICES[price].billed(tier)
     whole = genai_prices.Usage(**price_model.genai_usage(record))
     assert price_model.amount(PRICES[price], record) == rates.calc_price(whole)["total_price"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    price=st.sampled_from(sorted(PRICES)),
+    counts=st.fixed_dictionaries({name: st.integers(0, 300_000) for name in CLASSES}),
+    tier=st.sampled_from([None, "priority", "flex"]),
+)
+def test_the_input_part_of_a_cost_is_what_the_input_alone_costs(
+    price: str, counts: dict[str, int], tier: str | None
+) -> None:
+    """What a hold's minimum relies on: one calculation gives both."""
+    quote = PriceQuote("m", PRICES[price], Decimal("1.15"), "config")
+    outputs = ("text_out", "audio_out", "image_out", "reasoning", "web_searches", "code_executions")
+    prompt_only = record_of({**counts, **dict.fromkeys(outputs, 0)}, tier)
+    total, input_part = cost_and_input_cost(record_of(counts, tier), quote)
+    per_request = PRICES[price].billed(tier).requests_kcount is not None
+    assert input_part == cost(prompt_only, quote) or per_request
+    assert input_part <= total
