@@ -16,12 +16,16 @@ from typing import Any
 
 import genai_prices
 import httpx
+import openai
 import pytest
 from click.testing import CliRunner
 
 from burnmeter import money
 from burnmeter.config import Config
 from burnmeter.config import load_config
+from burnmeter.estimate import estimate_request
+from burnmeter.estimate import hold_amounts
+from burnmeter.pricing import resolve_price
 from burnmeter.store import open_store
 from burnmeter.store.base import Document
 from burnmeter.store.base import Store
@@ -391,3 +395,35 @@ def test_reprice_over_the_proxy_logs_shows_no_difference(
     for row in rows:
         assert Decimal(row["difference"]) == 0, row
         assert row["unpriced"] == 0, row
+
+
+def test_a_prompt_estimated_past_a_tier_is_held_at_the_tier_rate(
+    priced_proxy: Proxy, priced_store: Store, priced_accounts: Accounts, priced_config: Config
+) -> None:
+    """acme-omni doubles its input rate above 100k prompt tokens: a balance between the two
+    holds admits a prompt estimated just under the tier and refuses one just over it."""
+
+    def body(words: int) -> dict[str, Any]:
+        prompt = {"role": "user", "content": "a " * words}
+        return {"model": "acme-omni", "messages": [prompt], "max_tokens": 1}
+
+    def estimated(words: int) -> int:
+        return estimate_request("openai.chat", body(words), priced_config).input_tokens
+
+    low, high = 1, 200_000  # the fewest words whose prompt is estimated past 100,000 tokens
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (middle + 1, high) if estimated(middle) <= 100_000 else (low, middle)
+    quote = resolve_price(priced_config, "acme-omni", MULTIPLIER)
+    under, over = (
+        estimate_request("openai.chat", body(words), priced_config) for words in (low - 1, low)
+    )
+    under_hold, over_hold = hold_amounts(under, quote), hold_amounts(over, quote)
+    assert over_hold[1] > 2 * under_hold[1] * Decimal("0.99")  # the minimum, input alone
+    balance = (under_hold[0] + over_hold[1]) / 2
+    account = priced_accounts.new(creditsNew=str(balance))
+    client = oa(priced_proxy, account.key, HOST)
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(**body(low))
+    assert refused.value.status_code == 402
+    assert client.chat.completions.create(**body(low - 1))
