@@ -119,6 +119,7 @@ def settlement(
         path=ticket.path,
         stream=ticket.stream,
         created_at=utcnow(),
+        route_multiplier=ticket.quote.route_multiplier,
     )
     return Settlement(
         request_id=flow.id,

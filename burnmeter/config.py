@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import stat
 import tomllib
+from datetime import UTC
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated
@@ -19,9 +21,13 @@ from zoneinfo import ZoneInfoNotFoundError
 from pydantic import BaseModel
 from pydantic import ConfigDict
 from pydantic import Field
+from pydantic import PrivateAttr
 from pydantic import ValidationError
 from pydantic import field_validator
 from pydantic import model_validator
+
+from burnmeter import price_model
+from burnmeter.price_model import RATE_KEYS
 
 DEFAULT_DB_PATH = "burnmeter.db"
 DEFAULT_DB_URL = f"sqlite:///{DEFAULT_DB_PATH}"
@@ -92,25 +98,120 @@ class Route(_Strict):
         return not want_port or (port is not None and int(want_port) == port)
 
 
-class DefaultPrice(_Strict):
-    input: Price
-    output: Price
+class Rates(_Strict):
+    """USD per million tokens for each token class; server-tool fees in USD per use.
+
+    Audio and image rates price those parts of the input or output; a rate left out is the
+    rate of the class it refines (input, output or cache read).
+    """
+
+    input: Price | None = None
+    output: Price | None = None
     cache_write: Price | None = None
     cache_write_1h: Price | None = None
     cache_read: Price | None = None
+    input_audio: Price | None = None
+    cache_audio_read: Price | None = None
+    output_audio: Price | None = None
+    input_image: Price | None = None
+    cache_image_read: Price | None = None
+    output_image: Price | None = None
+    web_search: Price | None = None
+    """Per web search (Anthropic, OpenAI) or grounded prompt (Gemini's Google Search)."""
+    code_execution: Price | None = None
+
+    def named(self) -> dict[str, Decimal]:
+        return {key: getattr(self, key) for key in RATE_KEYS if getattr(self, key) is not None}
 
 
-class ModelPrice(_Strict):
-    """USD per million tokens for one model."""
+class PriceTier(Rates):
+    """Rates that replace the flat ones when the whole prompt is longer than ``above`` tokens."""
+
+    above: int = Field(ge=0)
+
+
+class TieredRates(Rates):
+    tiers: list[PriceTier] = []
+
+    @model_validator(mode="after")
+    def _tiers_rise(self) -> TieredRates:
+        flat = self.named()
+        below = dict(flat)
+        last = -1
+        for i, tier in enumerate(self.tiers):
+            if tier.above <= last:
+                raise ValueError(f"tiers.{i}.above: tiers must be in ascending order of 'above'")
+            last = tier.above
+            if not tier.named():
+                raise ValueError(f"tiers.{i}: names no rate")
+            for key, rate in tier.named().items():
+                if key not in flat:
+                    raise ValueError(f"tiers.{i}.{key}: no flat {key} rate for it to replace")
+                if rate < below[key]:
+                    # a longer prompt would cost less: a client could pad its way to a discount
+                    raise ValueError(f"tiers.{i}.{key}: lower than the rate below it")
+                below[key] = rate
+        return self
+
+    def rates(self) -> price_model.Rates:
+        return price_model.Rates(
+            self.named(), tuple((tier.above, tier.named()) for tier in self.tiers)
+        )
+
+
+class PricedRates(TieredRates):
+    """Rates with replacements per service tier the provider reports (``priority``, ``flex``)."""
+
+    service_tiers: dict[str, TieredRates] = {}
+    _price: price_model.Price | None = PrivateAttr(default=None)
+
+    def build(self, inherited: price_model.Price | None = None) -> price_model.Price:
+        tiers = {name: rates.rates() for name, rates in self.service_tiers.items()}
+        try:
+            return price_model.build(self.rates(), tiers, inherited)
+        except price_model.PriceError as e:
+            raise ValueError(str(e)) from None
+
+    @property
+    def price(self) -> price_model.Price:
+        """The built price (validated when the config loaded)."""
+        assert self._price is not None
+        return self._price
+
+
+class DefaultPrice(PricedRates):
+    input: Price
+    output: Price
+
+    @model_validator(mode="after")
+    def _built(self) -> DefaultPrice:
+        self._price = self.build()
+        return self
+
+
+class ModelPrice(PricedRates):
+    """USD per million tokens for one model, optionally over a list price's structure."""
 
     aliases: list[str] = []
-    input: Price
-    output: Price
-    cache_write: Price | None = None
-    cache_write_1h: Price | None = None
-    cache_read: Price | None = None
+    list_price: str | None = None
+    """A model genai-prices knows (``claude-sonnet-4-5``, ``google/gemini-2.5-pro``): its
+    rates, tiers, fees and service tiers as of the config's loading, under the ones named here."""
     pool: str | None = None
     multiplier: PositiveDecimal = Decimal(1)
+
+    @model_validator(mode="after")
+    def _built(self) -> ModelPrice:
+        inherited = None
+        if self.list_price is not None:
+            listed = price_model.find_list_model(self.list_price)
+            if listed is None:
+                raise ValueError(f"list_price: genai-prices has no model {self.list_price!r}")
+            inherited = price_model.list_price(listed, datetime.now(UTC))
+        elif self.input is None or self.output is None:
+            missing = "input" if self.input is None else "output"
+            raise ValueError(f"{missing}: required without list_price")
+        self._price = self.build(inherited)
+        return self
 
 
 class Config(_Strict):

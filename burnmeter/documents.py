@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import secrets
 from datetime import UTC
@@ -44,6 +45,24 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+BILLED_DETAIL_FIELDS = {
+    # request_logs field: UsageRecord field; written only when set (absent reads as 0 / none)
+    "cacheWrite1hTokens": "cache_write_1h_tokens",
+    "inputAudioTokens": "input_audio_tokens",
+    "inputImageTokens": "input_image_tokens",
+    "cacheAudioReadTokens": "cache_audio_read_tokens",
+    "cacheImageReadTokens": "cache_image_read_tokens",
+    "outputAudioTokens": "output_audio_tokens",
+    "outputImageTokens": "output_image_tokens",
+    "webSearchRequests": "web_search_requests",
+    "codeExecutions": "code_executions",
+    "serviceTier": "service_tier",
+}
+"""burnmeter's optional request-log fields: the billed classes beyond the original's token
+counts, so that a cost can be recomputed from the log alone (``usage_of_log``; the route's
+multiplier is ``routeMultiplier``, a decimal string)."""
+
+
 def request_log(
     *,
     request_id: str,
@@ -62,9 +81,15 @@ def request_log(
     path: str,
     stream: bool,
     created_at: datetime,
+    route_multiplier: Decimal | None = None,
 ) -> dict[str, Any]:
     """One request_logs document with the original's fields and burnmeter's own."""
     u = usage or UsageRecord(source="none")
+    details = {
+        name: value
+        for name, attribute in BILLED_DETAIL_FIELDS.items()
+        if (value := getattr(u, attribute))
+    }
     return {
         "_id": request_id,
         "userId": user_id,
@@ -88,4 +113,30 @@ def request_log(
         "path": path,
         "stream": stream,
         "usageSource": u.source if usage is not None else "none",
+        **details,
+        **({"routeMultiplier": str(route_multiplier)} if route_multiplier is not None else {}),
     }
+
+
+def usage_of_log(log: dict[str, Any]) -> UsageRecord:
+    """The usage a request-log document records (missing or malformed counts are 0)."""
+
+    def count(name: str) -> int:
+        value = log.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    tier = log.get("serviceTier")
+    recorded = UsageRecord(
+        input_tokens=count("inputTokens"),
+        output_tokens=count("outputTokens"),
+        cache_read_tokens=count("cacheHitTokens"),
+        cache_write_tokens=count("cacheWriteTokens"),
+        reasoning_tokens=count("reasoningTokens"),
+        service_tier=tier if isinstance(tier, str) else None,
+    )
+    details: dict[str, Any] = {
+        attribute: count(name)
+        for name, attribute in BILLED_DETAIL_FIELDS.items()
+        if attribute != "service_tier"
+    }
+    return dataclasses.replace(recorded, **details).clamped()

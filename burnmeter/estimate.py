@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field
 from dataclasses import replace
 from decimal import Decimal
+from typing import Any
 from typing import Literal
 
 from burnmeter.config import Config
 from burnmeter.pricing import PriceQuote
-from burnmeter.pricing import cost
+from burnmeter.pricing import cost_and_input_cost
 from burnmeter.records import UsageRecord
+from burnmeter.usage import per_query_grounding
 
 CacheTtl = Literal["5m", "1h"]
 
@@ -36,6 +40,22 @@ FILE_TOKENS = 3_000
 """Per PDF, video or other file: about two PDF pages at Anthropic's 1,500 per page."""
 ANTHROPIC_TOOL_PROMPT_TOKENS = 346
 """The system prompt Anthropic adds when a request has tools (its figure for Claude 4)."""
+DEFAULT_SERVER_TOOL_USES = 10
+"""Uses held for a server tool the request enables without a limit (Anthropic's ``max_uses``)."""
+SERVER_TOOLS: dict[str, dict[str, str]] = {
+    # api: {tool type or key prefix: the UsageRecord count its uses are billed by}
+    "anthropic.messages": {"web_search_": "web_search_requests"},
+    "openai.responses": {
+        "web_search": "web_search_requests",
+        "code_interpreter": "code_executions",
+    },
+    "gemini.generate": {
+        "google_search": "web_search_requests",
+        "googleSearch": "web_search_requests",
+    },
+}
+"""Server tools billed per use, as requests name them (Gemini: ``google_search`` and
+``googleSearchRetrieval``)."""
 
 EMBEDDING_APIS = ("openai.embeddings", "gemini.embed")
 
@@ -48,6 +68,15 @@ class RequestEstimate:
     cache_ttl: CacheTtl | None = None
     """The request marks prompt parts for caching (``cache_control``): its input may be
     billed as cache writes, dearer than input."""
+    input_audio_tokens: int = 0
+    input_image_tokens: int = 0
+    """The parts of ``input_tokens`` that are audio clips and images."""
+    output_modalities: frozenset[str] | None = frozenset({"text"})
+    """What the response may hold ("text", "audio", "image"); None: whatever the model makes."""
+    server_tool_uses: Mapping[str, int] = field(default_factory=dict)
+    """The most uses of each billed server tool the request allows, by UsageRecord count."""
+    service_tier: str | None = None
+    """The service tier the request asks for."""
 
 
 def estimate_request(api: str, body: object, config: Config, path: str = "") -> RequestEstimate:
@@ -88,6 +117,11 @@ def estimate_request(api: str, body: object, config: Config, path: str = "") -> 
         max_output_tokens=_max_output_tokens(api, body, config),
         stream=_stream(api, body, path),
         cache_ttl=tally.cache_ttl,
+        input_audio_tokens=tally.audio_tokens,
+        input_image_tokens=tally.image_tokens,
+        output_modalities=_output_modalities(api, body),
+        server_tool_uses=_server_tool_uses(api, body, path),
+        service_tier=_requested_tier(api, body),
     )
 
 
@@ -97,25 +131,47 @@ def estimate_output_tokens(text_chars: int) -> int:
 
 
 def hold_amounts(estimate: RequestEstimate, quote: PriceQuote) -> tuple[Decimal, Decimal]:
-    """(maximum, minimum) to hold: estimated input plus the output limit, and input alone.
+    """(maximum, minimum) to hold: estimated input plus the output limit and every server-tool
+    use allowed, and the input classes alone (both from one calculation per way to bill it).
 
-    A request that asks for caching may be billed for its whole prompt as cache writes, so
-    the input is priced at whichever is dearer.
+    Priced as settlement prices (the tier of the estimated prompt, the service tier asked
+    for), each at whichever is dearer where the bill could go two ways: a request that asks
+    for caching may be billed for its whole prompt as cache writes; output may come in any
+    modality the request allows.
     """
-    prompts = [UsageRecord(input_tokens=estimate.input_tokens, source="estimated")]
+    prompt = UsageRecord(
+        input_tokens=estimate.input_tokens,
+        input_audio_tokens=estimate.input_audio_tokens,
+        input_image_tokens=estimate.input_image_tokens,
+        service_tier=estimate.service_tier,
+        source="estimated",
+    )
+    prompts = [prompt]
     if estimate.cache_ttl is not None:
         one_hour = estimate.input_tokens if estimate.cache_ttl == "1h" else 0
         prompts.append(
-            UsageRecord(
+            replace(
+                prompt,
+                input_tokens=0,
+                input_audio_tokens=0,
+                input_image_tokens=0,
                 cache_write_tokens=estimate.input_tokens,
                 cache_write_1h_tokens=one_hour,
-                source="estimated",
             )
         )
-    maximum = max(
-        cost(replace(prompt, output_tokens=estimate.max_output_tokens), quote) for prompt in prompts
-    )
-    return maximum, max(cost(prompt, quote) for prompt in prompts)
+    limit = estimate.max_output_tokens
+    outputs: list[dict[str, Any]] = [{"output_tokens": limit}]
+    for modality in ("audio", "image"):
+        allowed = estimate.output_modalities is None or modality in estimate.output_modalities
+        if allowed and quote.price.rate(f"output_{modality}", estimate.service_tier) is not None:
+            outputs.append({"output_tokens": limit, f"output_{modality}_tokens": limit})
+    tools: dict[str, Any] = dict(estimate.server_tool_uses)
+    priced = [
+        cost_and_input_cost(replace(prompt, **output, **tools), quote)
+        for prompt in prompts
+        for output in outputs
+    ]
+    return max(total for total, _ in priced), max(prompt_part for _, prompt_part in priced)
 
 
 class _Tally:
@@ -127,6 +183,8 @@ class _Tally:
         self.flat_tokens = 0
         self.message_count = 0
         self.cache_ttl: CacheTtl | None = None
+        self.audio_tokens = 0
+        self.image_tokens = 0
 
     def tokens(self) -> int:
         text = math.ceil(self.chars / CHARS_PER_TOKEN)
@@ -164,6 +222,10 @@ class _Tally:
         elif isinstance(value, dict):
             if (flat := self._media_tokens(value)) is not None:
                 self.flat_tokens += flat
+                if (modality := _media_modality(value)) == "audio":
+                    self.audio_tokens += flat
+                elif modality == "image":
+                    self.image_tokens += flat
                 return
             for key, item in value.items():
                 if key == "cache_control":
@@ -227,6 +289,63 @@ class _Tally:
             # Base64 of text: 3 bytes per 4 characters, then chars/4 as for any text.
             return math.ceil(len(data) * 3 / 4 / CHARS_PER_TOKEN)
         return FILE_TOKENS
+
+
+def _media_modality(part: dict[str, object]) -> str | None:
+    """Which modality a media part ``_Tally`` counts at a flat rate is: audio, image or None."""
+    kind = part.get("type")
+    if kind in ("image_url", "input_image", "image"):
+        return "image"
+    if kind == "input_audio":
+        return "audio"
+    for key in ("inlineData", "inline_data", "fileData", "file_data"):
+        blob = part.get(key)
+        if isinstance(blob, dict):
+            mime = str(blob.get("mimeType") or blob.get("mime_type") or "")
+            return mime.partition("/")[0] if mime.startswith(("image/", "audio/")) else None
+    return None
+
+
+def _output_modalities(api: str, body: dict[str, object]) -> frozenset[str] | None:
+    if api == "openai.chat":
+        asked = body.get("modalities")
+    elif api == "gemini.generate":
+        generation = _object(body, "generationConfig", "generation_config")
+        asked = generation.get("responseModalities", generation.get("response_modalities"))
+        if asked is None:
+            return None  # an image or audio model answers in its own modality unasked
+    else:
+        return frozenset({"text"})
+    if not isinstance(asked, list):
+        return frozenset({"text"})
+    return frozenset({"text"}) | {m.lower() for m in asked if isinstance(m, str)}
+
+
+def _server_tool_uses(api: str, body: dict[str, object], path: str) -> dict[str, int]:
+    """The uses of billed server tools the request allows: a tool's ``max_uses`` (Anthropic),
+    else ``DEFAULT_SERVER_TOOL_USES``; Gemini before 3 bills one grounded prompt at most."""
+    kinds = SERVER_TOOLS.get(api, {})
+    tools = body.get("tools")
+    uses: dict[str, int] = {}
+    for tool in tools if isinstance(tools, list) else []:
+        if not isinstance(tool, dict):
+            continue
+        names = [tool["type"]] if isinstance(tool.get("type"), str) else list(tool)
+        for prefix, count in kinds.items():
+            if not any(str(name).startswith(prefix) for name in names):
+                continue
+            allowed = tool.get("max_uses")
+            if not isinstance(allowed, int) or isinstance(allowed, bool) or allowed < 0:
+                allowed = DEFAULT_SERVER_TOOL_USES
+            if api == "gemini.generate" and not per_query_grounding(path):
+                allowed = 1
+            uses[count] = uses.get(count, 0) + min(allowed, MAX_COUNT)
+    return uses
+
+
+def _requested_tier(api: str, body: dict[str, object]) -> str | None:
+    tier = body.get("service_tier") if api.startswith(("openai.", "anthropic.")) else None
+    return tier if isinstance(tier, str) and tier != "auto" else None
 
 
 def _array(body: dict[str, object], name: str) -> list[dict[str, object]]:

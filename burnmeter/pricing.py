@@ -2,6 +2,8 @@
 
 ``resolve_price`` turns a requested model name into a ``PriceQuote`` under the config's
 unknown-model policy; ``cost`` and ``billing_tokens`` price a normalised ``UsageRecord``.
+How a model is billed (tiers, modalities, tool fees, service tiers) and the calculation
+itself, genai-prices' own, are in ``burnmeter.price_model``.
 
 Cache prices an operator leaves out are never free:
 
@@ -18,18 +20,17 @@ from dataclasses import dataclass
 from datetime import UTC
 from datetime import datetime
 from decimal import Decimal
+from functools import lru_cache
 from typing import Literal
 
-from genai_prices import data_snapshot
-from genai_prices.types import TieredPrices
-
 from burnmeter import money
+from burnmeter import price_model
 from burnmeter.config import Config
+from burnmeter.price_model import Price
 from burnmeter.records import UsageRecord
 
 PriceSource = Literal["config", "default", "list-price"]
 
-ONE_HOUR_WRITE_FACTOR = Decimal(2)
 # The original's billing-token weights when a model's input price is 0.
 FREE_INPUT_CACHE_WRITE_WEIGHT = Decimal(1)
 FREE_INPUT_CACHE_READ_WEIGHT = Decimal("0.1")
@@ -42,46 +43,18 @@ class UnknownModelError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class Rate:
-    """USD per million tokens."""
-
-    input: Decimal
-    output: Decimal
-    cache_write: Decimal
-    cache_write_1h: Decimal
-    cache_read: Decimal
-
-    @classmethod
-    def with_defaults(
-        cls,
-        input: Decimal,
-        output: Decimal,
-        cache_write: Decimal | None = None,
-        cache_write_1h: Decimal | None = None,
-        cache_read: Decimal | None = None,
-    ) -> Rate:
-        return cls(
-            input=input,
-            output=output,
-            cache_write=input if cache_write is None else cache_write,
-            cache_write_1h=input * ONE_HOUR_WRITE_FACTOR
-            if cache_write_1h is None
-            else cache_write_1h,
-            cache_read=input if cache_read is None else cache_read,
-        )
-
-
-@dataclass(frozen=True, slots=True)
 class PriceQuote:
     """How one request is priced: the rate, the combined multiplier, and where they came from."""
 
     model: str
     """The configured model id an alias resolved to, or the requested name."""
-    rate: Rate
+    price: Price
     multiplier: Decimal
     source: PriceSource
     pool: str | None = None
     """The model's pool override, if the config sets one."""
+    route_multiplier: Decimal = Decimal(1)
+    """The route's part of ``multiplier`` (logged: a log can be repriced with it)."""
 
 
 def resolve_price(
@@ -98,93 +71,71 @@ def resolve_price(
     """
     if found := config.model(model_name):
         model_id, model = found
-        rate = Rate.with_defaults(
-            model.input, model.output, model.cache_write, model.cache_write_1h, model.cache_read
-        )
-        return PriceQuote(model_id, rate, route_multiplier * model.multiplier, "config", model.pool)
+        multiplier = route_multiplier * model.multiplier
+        return PriceQuote(model_id, model.price, multiplier, "config", model.pool, route_multiplier)
     if config.unknown_model == "default":
         default = config.default_price
         assert default is not None  # the config validator requires it for this policy
-        rate = Rate.with_defaults(
-            default.input,
-            default.output,
-            default.cache_write,
-            default.cache_write_1h,
-            default.cache_read,
+        return PriceQuote(
+            model_name, default.price, route_multiplier, "default", None, route_multiplier
         )
-        return PriceQuote(model_name, rate, route_multiplier, "default")
     if config.unknown_model == "list-price":
         if listed := list_price(model_name, upstream_url):
-            return PriceQuote(model_name, listed, route_multiplier, "list-price")
+            return PriceQuote(
+                model_name, listed, route_multiplier, "list-price", None, route_multiplier
+            )
         raise UnknownModelError(f"unknown model {model_name!r}: no configured or list price")
     raise UnknownModelError(f"unknown model {model_name!r}")
 
 
-def list_price(model_name: str, upstream_url: str | None = None) -> Rate | None:
+def list_price(model_name: str, upstream_url: str | None = None) -> Price | None:
     """genai-prices' current list price, or None if it does not know the model.
 
-    Tries the provider of ``upstream_url``, then the provider genai-prices infers from the
-    name, then a ``provider/model`` name split in two. Long-context tiers are not applied:
-    the base rate is used. A missing output price (embedding models) is the input price.
+    Only the URL up to its path counts for finding the provider (the query may hold a key).
     """
-    snapshot = data_snapshot.get_snapshot()
-    attempts: list[tuple[str, str | None, str | None]] = []
-    if upstream_url:
-        attempts.append((model_name, None, upstream_url))
-    attempts.append((model_name, None, None))
-    provider_id, slash, bare_name = model_name.partition("/")
-    if slash:
-        attempts.append((bare_name, provider_id, None))
-    for ref, provider, url in attempts:
-        try:
-            _, model = snapshot.find_provider_model(ref, None, provider, url)
-        except LookupError:
-            continue
-        prices = model.get_prices(datetime.now(UTC))
-        input = _base(getattr(prices, "input_mtok", None))
-        if input is None:
-            continue
-        output = _base(getattr(prices, "output_mtok", None))
-        return Rate.with_defaults(
-            input,
-            input if output is None else output,
-            _base(getattr(prices, "cache_write_mtok", None)),
-            _base(getattr(prices, "cache_write_1h_mtok", None)),
-            _base(getattr(prices, "cache_read_mtok", None)),
-        )
-    return None
+    origin = upstream_url.partition("?")[0] if upstream_url else None
+    minute = datetime.now(UTC).replace(second=0, microsecond=0)
+    return _list_price_at(model_name, origin, minute)
 
 
-def _base(price: object) -> Decimal | None:
-    if isinstance(price, TieredPrices):
-        return price.base
-    if isinstance(price, Decimal):
-        return price
-    return None
+@lru_cache(maxsize=4096)  # model names come from clients: bounded
+def _list_price_at(model_name: str, origin: str | None, minute: datetime) -> Price | None:
+    """The list price as of ``minute`` (list prices change by date or time of day, in whole
+    minutes: built once a minute, not once a request)."""
+    listed = price_model.find_list_model(model_name, origin)
+    return price_model.list_price(listed, minute) if listed else None
 
 
 def cost(usage: UsageRecord, quote: PriceQuote) -> Decimal:
     """USD for ``usage``: exact, rounded once to ``money.PRECISION``."""
-    rate = quote.rate
-    one_hour = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
+    listed = price_model.amount(quote.price, usage)
     with decimal.localcontext(_EXACT):
-        per_million = (
-            usage.input_tokens * rate.input
-            + usage.output_tokens * rate.output
-            + (usage.cache_write_tokens - one_hour) * rate.cache_write
-            + one_hour * rate.cache_write_1h
-            + usage.cache_read_tokens * rate.cache_read
+        return money.quantize(listed * quote.multiplier)
+
+
+def cost_and_input_cost(usage: UsageRecord, quote: PriceQuote) -> tuple[Decimal, Decimal]:
+    """``cost``, and what the input classes alone cost (each rounded once), in one
+    calculation: the input's tier depends on the input alone, so the input part is what
+    the input would cost without the output and tool uses."""
+    listed, input_part = price_model.amounts(quote.price, usage)
+    with decimal.localcontext(_EXACT):
+        return money.quantize(listed * quote.multiplier), money.quantize(
+            input_part * quote.multiplier
         )
-        return money.quantize(per_million * quote.multiplier / 1_000_000)
 
 
 def billing_tokens(usage: UsageRecord, quote: PriceQuote) -> int:
-    """The original's ``tokensUsed``: cache tokens weighted by their price relative to input."""
-    rate = quote.rate
+    """The original's ``tokensUsed``: cache tokens weighted by their price relative to input.
+
+    The weights are the rates of the tier the whole prompt falls in and of the service tier
+    granted; a modality's tokens count as the input or output they are part of.
+    """
+    rates = _token_rates(usage, quote.price)
+    input_rate, write_rate, write_1h_rate, read_rate = rates
     one_hour = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
     five_minute = usage.cache_write_tokens - one_hour
     with decimal.localcontext(_EXACT):
-        if rate.input == 0:
+        if input_rate == 0:
             weighted = (
                 usage.input_tokens
                 + usage.output_tokens
@@ -194,9 +145,29 @@ def billing_tokens(usage: UsageRecord, quote: PriceQuote) -> int:
             return int(weighted * quote.multiplier)
         # One exact division at the end, so that truncation never sees a rounded quotient.
         numerator = (
-            (usage.input_tokens + usage.output_tokens) * rate.input
-            + five_minute * rate.cache_write
-            + one_hour * rate.cache_write_1h
-            + usage.cache_read_tokens * rate.cache_read
+            (usage.input_tokens + usage.output_tokens) * input_rate
+            + five_minute * write_rate
+            + one_hour * write_1h_rate
+            + usage.cache_read_tokens * read_rate
         )
-        return int(numerator * quote.multiplier // rate.input)
+        return int(numerator * quote.multiplier // input_rate)
+
+
+def _token_rates(usage: UsageRecord, price: Price) -> tuple[Decimal, Decimal, Decimal, Decimal]:
+    """(input, cache write, 1-hour cache write, cache read) rates this usage is billed at; a
+    class without a rate of its own is billed as the class it refines."""
+    prompt = usage.input_tokens + usage.cache_read_tokens + usage.cache_write_tokens
+    tier = usage.service_tier
+
+    def rate(*keys: str) -> Decimal:
+        for key in keys:
+            if (value := price.rate(key, tier)) is not None:
+                return price_model.applicable_rate(value, prompt)
+        return money.ZERO
+
+    return (
+        rate("input"),
+        rate("cache_write", "input"),
+        rate("cache_write_1h", "cache_write", "input"),
+        rate("cache_read", "input"),
+    )

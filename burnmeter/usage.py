@@ -20,6 +20,15 @@ gemini.generate / gemini.embed    input = promptTokenCount − cachedContentToke
                                   + thoughtsTokenCount; reasoning = thoughtsTokenCount
 ================================  ==========================================================
 
+Parts of these kept for pricing: audio and image tokens in (OpenAI ``*_tokens_details``
+``audio_tokens`` / ``image_tokens``, less their cached part in ``cached_tokens_details``;
+Gemini ``promptTokensDetails`` less ``cacheTokensDetails``, by modality) and out (OpenAI
+``completion_tokens_details``, Gemini ``candidatesTokensDetails``); server-tool uses
+(Anthropic ``server_tool_use.web_search_requests``, OpenAI Responses ``web_search_call`` and
+``code_interpreter_call`` output items, Gemini grounding: one per grounded response, one per
+search query from Gemini 3 on, as Google bills them); the service tier granted (OpenAI's
+top-level ``service_tier``, Anthropic's ``usage.service_tier``).
+
 ``toolUsePromptTokenCount`` (e.g. pages fetched by Gemini's URL-context or search tools) is
 counted as input: it is prompt the model read, and ``totalTokenCount`` includes it although
 ``promptTokenCount`` does not (corpus case ``gemini/stream-sse-tool-use-prompt``).
@@ -87,6 +96,24 @@ def _count(usage: Any, key: str) -> int | None:
     return value
 
 
+def _modalities(details: Any) -> dict[str, int]:
+    """Gemini's ``[{"modality": "AUDIO", "tokenCount": 12}, ...]`` as counts by modality."""
+    counts: dict[str, int] = {}
+    for item in details if isinstance(details, list) else []:
+        modality = item.get("modality") if isinstance(item, dict) else None
+        if isinstance(modality, str):
+            counts[modality] = counts.get(modality, 0) + (_count(item, "tokenCount") or 0)
+    return counts
+
+
+_SERVICE_TIER = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+def _service_tier(value: Any) -> str | None:
+    """A provider's service tier name; anything else (it is written to the log) is ignored."""
+    return value if isinstance(value, str) and _SERVICE_TIER.fullmatch(value) else None
+
+
 def _dig(obj: Any, *keys: str) -> Any:
     for key in keys:
         if not isinstance(obj, dict):
@@ -124,12 +151,22 @@ def _from_openai(api: str, usage: Usage) -> UsageRecord | None:
         cache_read = _count(usage, "prompt_cache_hit_tokens")  # DeepSeek
     cache_read = cache_read or 0
     cache_write = _count(prompt_details, "cache_write_tokens") or 0
+    cached_details = _dig(prompt_details, "cached_tokens_details")
+    cached_audio = _count(cached_details, "audio_tokens") or 0
+    cached_image = _count(cached_details, "image_tokens") or 0
+    completion_details = usage.get(completion_details_key)
     return UsageRecord(
         input_tokens=max((prompt or 0) - cache_read - cache_write, 0),
         output_tokens=completion or 0,
         cache_read_tokens=cache_read,
         cache_write_tokens=cache_write,
-        reasoning_tokens=_count(usage.get(completion_details_key), "reasoning_tokens") or 0,
+        reasoning_tokens=_count(completion_details, "reasoning_tokens") or 0,
+        input_audio_tokens=max((_count(prompt_details, "audio_tokens") or 0) - cached_audio, 0),
+        input_image_tokens=max((_count(prompt_details, "image_tokens") or 0) - cached_image, 0),
+        cache_audio_read_tokens=cached_audio,
+        cache_image_read_tokens=cached_image,
+        output_audio_tokens=_count(completion_details, "audio_tokens") or 0,
+        output_image_tokens=_count(completion_details, "image_tokens") or 0,
     )
 
 
@@ -154,6 +191,8 @@ def _from_anthropic(api: str, usage: Usage) -> UsageRecord | None:
         cache_read_tokens=_count(usage, "cache_read_input_tokens") or 0,
         cache_write_tokens=cache_write,
         cache_write_1h_tokens=min(write_1h, cache_write),
+        web_search_requests=_count(usage.get("server_tool_use"), "web_search_requests") or 0,
+        service_tier=_service_tier(usage.get("service_tier")),
     )
 
 
@@ -165,12 +204,68 @@ def _from_gemini(api: str, usage: Usage) -> UsageRecord | None:
     cached = _count(usage, "cachedContentTokenCount") or 0
     thoughts = _count(usage, "thoughtsTokenCount") or 0
     tool_use = _count(usage, "toolUsePromptTokenCount") or 0
+    prompt_parts = _modalities(usage.get("promptTokensDetails"))
+    cached_parts = _modalities(usage.get("cacheTokensDetails"))
+    output_parts = _modalities(usage.get("candidatesTokensDetails"))
     return UsageRecord(
         input_tokens=max((prompt or 0) - cached, 0) + tool_use,
         output_tokens=(candidates or 0) + thoughts,
         cache_read_tokens=cached,
         reasoning_tokens=thoughts,
+        input_audio_tokens=max(prompt_parts.get("AUDIO", 0) - cached_parts.get("AUDIO", 0), 0),
+        input_image_tokens=max(prompt_parts.get("IMAGE", 0) - cached_parts.get("IMAGE", 0), 0),
+        cache_audio_read_tokens=cached_parts.get("AUDIO", 0),
+        cache_image_read_tokens=cached_parts.get("IMAGE", 0),
+        output_audio_tokens=output_parts.get("AUDIO", 0),
+        output_image_tokens=output_parts.get("IMAGE", 0),
     )
+
+
+_PER_QUERY_GROUNDING = re.compile(r"gemini-(?:[3-9]|\d{2,})")
+
+
+def per_query_grounding(model: str) -> bool:
+    """Whether Google bills the model's Search grounding per query (Gemini 3 on), not per
+    grounded prompt (one per response)."""
+    return _PER_QUERY_GROUNDING.search(model) is not None
+
+
+def billed_extras(api: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """What a body or stream chunk reports outside its usage object that is billed: the
+    service tier granted and server-tool uses (``UsageRecord`` field names)."""
+    found: dict[str, Any] = {}
+    if api in ("openai.chat", "openai.responses"):
+        response = obj.get("response")
+        holder = response if api == "openai.responses" and isinstance(response, dict) else obj
+        if tier := _service_tier(holder.get("service_tier")):
+            found["service_tier"] = tier
+        if api == "openai.responses" and isinstance(holder.get("output"), list):
+            kinds = [item.get("type") for item in _dicts(holder["output"])]
+            found["web_search_requests"] = kinds.count("web_search_call")
+            found["code_executions"] = kinds.count("code_interpreter_call")
+    elif api == "gemini.generate":
+        grounding = [
+            meta
+            for candidate in _dicts(obj.get("candidates"))
+            if isinstance(meta := candidate.get("groundingMetadata"), dict)
+        ]
+        queries = {
+            query
+            for meta in grounding
+            if isinstance(searched := meta.get("webSearchQueries"), list)
+            for query in searched
+            if isinstance(query, str)
+        }
+        if queries:  # Google Search ran (URL context also leaves groundingChunks: not billed)
+            per_query = per_query_grounding(_model_of(obj) or "")
+            found["web_search_requests"] = len(queries) if per_query else 1
+    return found
+
+
+def _with_extras(record: UsageRecord | None, extras: dict[str, Any]) -> UsageRecord | None:
+    if record is None:
+        return None
+    return dataclasses.replace(record, **extras).clamped() if extras else record
 
 
 _NORMALISERS = {
@@ -197,7 +292,7 @@ def normalise(api: str, usage: Any, raw: Any = None) -> UsageRecord | None:
         return None
     if record is None:
         return None
-    return dataclasses.replace(record, raw=usage if raw is None else raw)
+    return dataclasses.replace(record, raw=usage if raw is None else raw).clamped()
 
 
 def _usage_of(api: str, obj: dict[str, Any]) -> Usage | None:
@@ -242,11 +337,13 @@ def usage_from_json(api: str, body: bytes) -> tuple[UsageRecord | None, str | No
     chunks = obj if isinstance(obj, list) else [obj]
     usage = None
     model = None
+    extras: dict[str, Any] = {}
     for chunk in chunks:
         if isinstance(chunk, dict):
             usage = _usage_of(api, chunk) or usage
             model = model or _model_of(chunk)
-    return normalise(api, usage), model
+            extras.update(billed_extras(api, chunk))
+    return _with_extras(normalise(api, usage), extras), model
 
 
 _RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
@@ -275,7 +372,7 @@ _ERROR_OBJECT = rb'"error"\s*:\s*\{'
 # A usage key followed by an object, not by null: with include_usage OpenAI sends
 # "usage":null on every chunk.
 _CHAT_STATEFUL = re.compile(rb'"(?:usage"\s*:\s*\{|error")')
-_GEMINI_STATEFUL = re.compile(rb'"(?:usageMetadata|error|finishReason)"')
+_GEMINI_STATEFUL = re.compile(rb'"(?:usageMetadata|error|finishReason|groundingMetadata)"')
 # The text a stream generates, counted without decoding the event: the JSON strings of the
 # fields the decoders below read, where no other field of that name holds a string.
 # Possessive: a long string is taken in runs, not a character at a time (200x faster at 1 MB).
@@ -389,6 +486,7 @@ class StreamUsage:
         self._model: str | None = None
         self._usage: Usage | None = None
         self._delta: Usage | None = None  # Anthropic message_delta usage, merged
+        self._extras: dict[str, Any] = {}  # billed facts outside the usage object
 
     @property
     def overflows(self) -> int:
@@ -409,7 +507,7 @@ class StreamUsage:
             for event in self._sse.close():
                 self._on_data(event.event, event.data)
         if self.api != "anthropic.messages":
-            return normalise(self.api, self._usage), self._model
+            return _with_extras(normalise(self.api, self._usage), self._extras), self._model
         start, delta = self._usage, self._delta
         if delta is None:
             return normalise(self.api, start, {"message_start": start}), self._model
@@ -464,6 +562,7 @@ class StreamUsage:
             self.error = error
         elif event == "error" or obj.get("type") == "error":
             self.error = obj
+        self._extras.update(billed_extras(self.api, obj))
         self._on_event(event, obj)
 
     def _take_text(self, parts: Iterable[str]) -> None:

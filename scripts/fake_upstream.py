@@ -34,6 +34,12 @@ Gemini); x_raw and x_usage in the body only:
   x_gzip         gzip the answer (JSON or SSE) whatever Accept-Encoding says (1 = yes)
   x_event_bytes  pad the first content event's JSON to this many bytes (SSE)
   x_no_final_blank  end the SSE body without the last event's blank line (1 = yes)
+
+Billing knobs, in the body only:
+  x_service_tier    OpenAI chat: the top-level ``service_tier`` the answer reports (JSON and
+                    every SSE chunk), as OpenAI says which tier served the request
+  x_search_queries  Gemini: the candidate's ``groundingMetadata.webSearchQueries`` (a list
+                    of strings), as Google Search grounding reports them
 """
 
 from __future__ import annotations
@@ -110,6 +116,8 @@ class Knobs:
     no_final_blank: int = 0
     raw: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
+    service_tier: str | None = None
+    search_queries: list[Any] | None = None
 
     @classmethod
     def read(cls, request: web.Request, body: dict[str, Any]) -> Knobs:
@@ -122,7 +130,15 @@ class Knobs:
             values["raw"] = body["x_raw"]
         if isinstance(body.get("x_usage"), dict):
             values["usage"] = body["x_usage"]
+        if isinstance(body.get("x_service_tier"), str):
+            values["service_tier"] = body["x_service_tier"]
+        if isinstance(body.get("x_search_queries"), list):
+            values["search_queries"] = body["x_search_queries"]
         return cls(**values)
+
+    def tier(self) -> dict[str, Any]:
+        """The top-level fields an OpenAI answer adds for x_service_tier."""
+        return {} if self.service_tier is None else {"service_tier": self.service_tier}
 
     def patch(self, usage: dict[str, Any]) -> dict[str, Any]:
         """The usage to report: the honest one with ``x_usage`` merged over it."""
@@ -396,6 +412,7 @@ class FakeUpstream:
                         }
                     ],
                     "usage": knobs.patch(usage),
+                    **knobs.tier(),
                 },
                 knobs,
             )
@@ -410,6 +427,7 @@ class FakeUpstream:
                 "choices": [
                     {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
                 ],
+                **knobs.tier(),
             }
             if include_usage:
                 data["usage"] = None
@@ -429,6 +447,7 @@ class FakeUpstream:
                         "model": model,
                         "choices": [],
                         "usage": knobs.patch(usage),
+                        **knobs.tier(),
                     }
                 )
             await out.send("[DONE]")
@@ -587,7 +606,12 @@ class FakeUpstream:
             "totalTokenCount": prompt + knobs.chunks,
         }
         part = {"text": _text(knobs.chunks)}
-        candidate = {"content": {"role": "model", "parts": [part]}, "finishReason": "STOP"}
+        candidate: dict[str, Any] = {
+            "content": {"role": "model", "parts": [part]},
+            "finishReason": "STOP",
+        }
+        if knobs.search_queries is not None:
+            candidate["groundingMetadata"] = {"webSearchQueries": knobs.search_queries}
         answer = {"candidates": [candidate], "usageMetadata": knobs.patch(usage)}
         return self._json(answer | {"modelVersion": model}, knobs)
 

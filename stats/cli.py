@@ -96,9 +96,10 @@ def _register() -> None:
     from stats import accounts
     from stats import imports
     from stats import reports
+    from stats import reprice
     from stats import serve
 
-    for module in (accounts, imports, reports, serve):
+    for module in (accounts, imports, reports, reprice, serve):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -9,6 +9,10 @@ from typing import Any
 
 import pytest
 
+from burnmeter.records import UsageRecord
+from burnmeter.usage import StreamUsage
+from burnmeter.usage import usage_from_json
+
 CORPUS_DIR = Path(
     os.environ.get("BURNMETER_CORPUS") or Path(__file__).resolve().parents[2] / "shared" / "corpus"
 )
@@ -43,3 +47,13 @@ def is_stream(case: dict[str, Any]) -> bool:
     return content_type.startswith("text/event-stream") or (
         case["stream"] and case["api"] == "gemini.generate"
     )
+
+
+def read_usage(case: dict[str, Any]) -> UsageRecord | None:
+    """The case's usage as the proxy reads the response (a stream in one chunk)."""
+    body = case["response"]["body"].encode()
+    if not is_stream(case):
+        return usage_from_json(case["api"], body)[0]
+    stream = StreamUsage(case["api"])
+    stream.feed(body)
+    return stream.result()[0]

@@ -1,9 +1,11 @@
 import os
+import tomllib
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
+from burnmeter import price_model
 from burnmeter.config import ConfigError
 from burnmeter.config import default_config
 from burnmeter.config import load_config
@@ -33,6 +35,23 @@ def test_example_file_loads_with_exact_prices():
     assert config.route("elsewhere.example", None, None) is None
 
 
+def test_readme_price_example_loads_with_what_it_says() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Money and usage", 1)[1]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    config = parse_config(tomllib.loads(example))
+    _, own = config.model("acme-omni")
+    assert own.price.rate("web_search") == Decimal("0.01")
+    assert own.price.rate("output_image") == Decimal(40)
+    assert own.price.rate("input", "priority") == Decimal("3.5")
+    assert price_model.applicable_rate(own.price.rate("input"), 200_001) == Decimal(4)
+    assert own.price.rate("cache_audio_read") == Decimal(16)  # its input_audio rate
+    _, inherited = config.model("my-sonnet")
+    assert inherited.price.rate("output") == Decimal(12)
+    assert price_model.applicable_rate(inherited.price.rate("input"), 200_001) == Decimal(6)
+    assert inherited.price.rate("web_search") == Decimal("0.01")  # $10 per 1,000
+
+
 def test_route_by_port_and_host_with_port():
     config = parse_config(
         {
@@ -44,6 +63,9 @@ def test_route_by_port_and_host_with_port():
     assert config.route("x", None, 8005) is config.routes[0]
     assert config.route("a.test", 8443, 1) is config.routes[1]
     assert config.route("a.test", 443, 1) is None
+
+
+PRICED = {"input": 1, "output": 2}  # a model's required rates, for cases about the others
 
 
 @pytest.mark.parametrize(
@@ -137,7 +159,40 @@ def test_route_by_port_and_host_with_port():
             {"routes": [{"listen_port": 70000, "pool": "ohmygpt"}]},
             "routes.0.listen_port: Input should be less than or equal to 65535",
         ),
-        ({"models": {"m": {"input": 1}}}, "models.m.output: Field required"),
+        ({"models": {"m": {"input": 1}}}, "models.m: output: required without list_price"),
+        (
+            {"models": {"m": {"list_price": "no-such-model-xyz"}}},
+            "models.m: list_price: genai-prices has no model 'no-such-model-xyz'",
+        ),
+        (
+            {"models": {"m": {**PRICED, "tiers": [{"above": 10, "input": 2}, {"above": 5}]}}},
+            "models.m: tiers.1.above: tiers must be in ascending order of 'above'",
+        ),
+        (
+            {"models": {"m": {**PRICED, "tiers": [{"above": 10}]}}},
+            "models.m: tiers.0: names no rate",
+        ),
+        (
+            {"models": {"m": {**PRICED, "tiers": [{"above": 10, "output_audio": 9}]}}},
+            "models.m: tiers.0.output_audio: no flat output_audio rate for it to replace",
+        ),
+        (
+            # a longer prompt would cost less: padding a prompt would buy a discount
+            {"models": {"m": {**PRICED, "tiers": [{"above": 10, "input": "0.5"}]}}},
+            "models.m: tiers.0.input: lower than the rate below it",
+        ),
+        (
+            {"models": {"m": {**PRICED, "tiers": [{"above": -1, "input": 2}]}}},
+            "models.m.tiers.0.above: Input should be greater than or equal to 0",
+        ),
+        (
+            {"models": {"m": {**PRICED, "service_tiers": {"flex": {"inptu": 1}}}}},
+            "models.m.service_tiers.flex.inptu: unknown key",
+        ),
+        (
+            {"models": {"m": {**PRICED, "web_search": -0.01}}},
+            "models.m.web_search: Input should be greater than or equal to 0",
+        ),
         (
             {"models": {"m": {"input": -1, "output": 1}}},
             "models.m.input: Input should be greater than or equal to 0",

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import re
 import statistics
@@ -252,3 +253,110 @@ def test_estimator_accuracy_on_corpus() -> None:
     assert len(ratios) >= 40
     assert median_error < 0.25
     assert deciles[-1] < 1.5
+
+
+BILLED = parse_config(
+    {
+        "default_max_output_tokens": 1000,
+        "models": {
+            "omni": {
+                "input": 1,
+                "output": 4,
+                "input_audio": 10,
+                "input_image": 2,
+                "output_audio": 20,
+                "output_image": 30,
+                "web_search": "0.01",
+                "tiers": [{"above": 1_000, "input": 2, "output": 6}],
+                "service_tiers": {"priority": {"input": 3, "output": 9}},
+            }
+        },
+    }
+)
+OMNI = resolve_price(BILLED, "omni", Decimal(1))
+
+
+def held(estimate: RequestEstimate) -> tuple[Decimal, Decimal]:
+    return hold_amounts(estimate, OMNI)
+
+
+def per_million(amount: int | Decimal, fees: Decimal = Decimal(0)) -> Decimal:
+    return Decimal(amount) / 1_000_000 + fees
+
+
+def test_a_hold_whose_estimate_crosses_a_tier_is_at_the_higher_rate() -> None:
+    assert held(RequestEstimate(1_000, 100, False)) == (
+        per_million(1_000 * 1 + 100 * 4),
+        per_million(1_000 * 1),
+    )
+    assert held(RequestEstimate(1_001, 100, False)) == (
+        per_million(1_001 * 2 + 100 * 6),
+        per_million(1_001 * 2),
+    )
+
+
+def test_a_hold_prices_media_input_and_the_dearest_output_the_request_allows() -> None:
+    body = {
+        "contents": [{"parts": [{"inlineData": {"mimeType": "audio/wav", "data": "AAAA"}}]}],
+        "generationConfig": {"maxOutputTokens": 100, "responseModalities": ["TEXT", "AUDIO"]},
+    }
+    spoken = estimate_request("gemini.generate", body, BILLED, "/v1beta/models/omni:x")
+    assert spoken.input_audio_tokens == AUDIO_TOKENS
+    assert spoken.output_modalities == {"text", "audio"}
+    text = spoken.input_tokens - AUDIO_TOKENS
+    # the prompt (over 1,000 tokens with the clip) is in the tier, its audio at the audio rate
+    maximum, minimum = held(spoken)
+    assert minimum == per_million(text * 2 + AUDIO_TOKENS * 10)
+    assert maximum == minimum + per_million(100 * 20)
+    # no responseModalities: the model may answer in any modality it has, images the dearest
+    unasked = estimate_request(
+        "gemini.generate", {**body, "generationConfig": {"maxOutputTokens": 100}}, BILLED
+    )
+    assert unasked.output_modalities is None
+    assert held(unasked)[0] == minimum + per_million(100 * 30)
+    # OpenAI chat answers in audio only when asked to
+    chat = {"messages": [user("hi")], "max_tokens": 10}
+    assert estimate("openai.chat", chat).output_modalities == {"text"}
+    asked = estimate("openai.chat", {**chat, "modalities": ["text", "audio"]})
+    assert asked.output_modalities == {"text", "audio"}
+
+
+@pytest.mark.parametrize(
+    ("api", "tool", "path", "uses"),
+    [
+        ("anthropic.messages", {"type": "web_search_20250305", "name": "web_search"}, "", 10),
+        (
+            "anthropic.messages",
+            {"type": "web_search_20250305", "name": "web_search", "max_uses": 3},
+            "",
+            3,
+        ),
+        ("openai.responses", {"type": "web_search"}, "", 10),
+        ("openai.responses", {"type": "web_search_preview"}, "", 10),
+        ("gemini.generate", {"google_search": {}}, "/v1beta/models/gemini-2.5-pro:x", 1),
+        ("gemini.generate", {"googleSearchRetrieval": {}}, "/v1beta/models/gemini-2.0:x", 1),
+        ("gemini.generate", {"google_search": {}}, "/v1beta/models/gemini-3-pro:x", 10),
+        ("anthropic.messages", {"type": "bash_20250124", "name": "bash"}, "", 0),
+        ("gemini.generate", {"urlContext": {}}, "/v1beta/models/gemini-2.5-pro:x", 0),
+    ],
+)
+def test_server_tools_hold_their_fees_for_the_uses_allowed(
+    api: str, tool: dict[str, object], path: str, uses: int
+) -> None:
+    body: dict[str, object] = {"tools": [tool], "max_tokens": 10}
+    if api == "anthropic.messages":
+        body["messages"] = [user("hi")]
+    estimate = estimate_request(api, body, BILLED, path)
+    assert estimate.server_tool_uses.get("web_search_requests", 0) == uses
+    without = dataclasses.replace(estimate, server_tool_uses={})
+    assert held(estimate)[0] - held(without)[0] == uses * Decimal("0.01")
+
+
+def test_a_hold_is_at_the_service_tier_asked_for() -> None:
+    body = {"messages": [user("hi")], "max_tokens": 10}
+    asked = estimate("openai.chat", {**body, "service_tier": "priority"})
+    assert asked.service_tier == "priority"
+    assert estimate("openai.chat", {**body, "service_tier": "auto"}).service_tier is None
+    maximum, minimum = held(asked)
+    assert minimum == per_million(asked.input_tokens * 3)
+    assert maximum == minimum + per_million(10 * 9)

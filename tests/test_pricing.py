@@ -2,10 +2,12 @@ from decimal import Decimal
 
 import pytest
 
+from burnmeter import price_model
 from burnmeter.config import Config
+from burnmeter.config import DefaultPrice
 from burnmeter.config import parse_config
+from burnmeter.price_model import Price
 from burnmeter.pricing import PriceQuote
-from burnmeter.pricing import Rate
 from burnmeter.pricing import UnknownModelError
 from burnmeter.pricing import billing_tokens
 from burnmeter.pricing import cost
@@ -30,11 +32,22 @@ def make_config(**overrides: object) -> Config:
     return parse_config(data)
 
 
-def quote(input: str, output: str, multiplier: str = "1", **cache: str) -> PriceQuote:
-    rate = Rate.with_defaults(
-        Decimal(input), Decimal(output), **{k: Decimal(v) for k, v in cache.items()}
-    )
-    return PriceQuote("m", rate, Decimal(multiplier), "config")
+def quote(input: str, output: str, multiplier: str = "1", **rates: str) -> PriceQuote:
+    price = DefaultPrice.model_validate({"input": input, "output": output, **rates}).price
+    return PriceQuote("m", price, Decimal(multiplier), "config")
+
+
+TOKEN_RATES = ("input", "output", "cache_write", "cache_write_1h", "cache_read")
+
+
+def token_rates(price: Price | None) -> tuple[object, ...]:
+    """(input, output, cache write, 1-hour cache write, cache read) rates of ``price``."""
+    assert price is not None
+    return tuple(price.rate(key) for key in TOKEN_RATES)
+
+
+def rates(*values: str) -> tuple[Decimal, ...]:
+    return tuple(Decimal(value) for value in values)
 
 
 def test_worked_example() -> None:
@@ -52,7 +65,7 @@ def test_alias_and_id_resolve_to_the_same_model() -> None:
     by_id = resolve_price(config, "claude-sonnet-4-5-20250929", ONE)
     by_alias = resolve_price(config, "claude-sonnet-4-5", ONE)
     assert by_id == by_alias
-    assert by_id.rate == Rate(Decimal(3), Decimal(14), Decimal("3.75"), Decimal(6), Decimal("0.3"))
+    assert token_rates(by_id.price) == rates("3", "14", "3.75", "6", "0.3")
     assert by_id.source == "config"
 
 
@@ -133,13 +146,13 @@ def test_one_hour_cache_writes_at_the_one_hour_rate() -> None:
     assert billing_tokens(usage, configured) == 2_500 + 2_000
     # Not configured: 2x input.
     defaulted = quote("3", "15", cache_write="3.75")
-    assert defaulted.rate.cache_write_1h == Decimal(6)
+    assert defaulted.price.rate("cache_write_1h") == Decimal(6)
     assert cost(usage, defaulted) == Decimal("0.0135")
 
 
 def test_missing_cache_prices_are_never_free() -> None:
-    rate = resolve_price(make_config(models={"m": {"input": 2, "output": 8}}), "m", ONE).rate
-    assert rate == Rate(Decimal(2), Decimal(8), Decimal(2), Decimal(4), Decimal(2))
+    price = resolve_price(make_config(models={"m": {"input": 2, "output": 8}}), "m", ONE).price
+    assert token_rates(price) == rates("2", "8", "2", "4", "2")
 
 
 def test_unknown_model_rejected_by_default() -> None:
@@ -152,10 +165,10 @@ def test_unknown_model_default_price() -> None:
     q = resolve_price(config, "mystery", Decimal("1.5"))
     assert q.source == "default"
     assert q.multiplier == Decimal("1.5")
-    assert q.rate == Rate(Decimal(1), Decimal(4), Decimal(1), Decimal(2), Decimal(1))
+    assert token_rates(q.price) == rates("1", "4", "1", "2", "1")
     assert cost(UsageRecord(input_tokens=1_000, output_tokens=1_000), q) == Decimal("0.0075")
     # Configured models still win over the default.
-    assert resolve_price(config, "claude-sonnet-4-5", ONE).rate.input == Decimal(3)
+    assert resolve_price(config, "claude-sonnet-4-5", ONE).price.rate("input") == Decimal(3)
 
 
 def test_unknown_model_list_price() -> None:
@@ -163,15 +176,22 @@ def test_unknown_model_list_price() -> None:
     q = resolve_price(config, "gpt-4o-2024-08-06", Decimal("1.15"))
     assert q.source == "list-price"
     assert q.multiplier == Decimal("1.15")
-    # genai-prices has no cache-write price for OpenAI: it defaults to input.
-    assert q.rate == Rate(Decimal("2.5"), Decimal(10), Decimal("2.5"), Decimal(5), Decimal("1.25"))
+    # genai-prices has no cache-write price for OpenAI: writes are billed as input.
+    assert token_rates(q.price) == (Decimal("2.5"), Decimal(10), None, None, Decimal("1.25"))
+    write = UsageRecord(cache_write_tokens=1_000_000)
+    assert cost(write, q) == Decimal("2.875")  # 2.5 x 1.15
     # Configured prices win over list prices.
-    assert resolve_price(config, "claude-sonnet-4-5-20250929", ONE).rate.output == Decimal(14)
+    configured = resolve_price(config, "claude-sonnet-4-5-20250929", ONE)
+    assert configured.price.rate("output") == Decimal(14)
 
 
-def test_list_price_uses_anthropic_cache_and_base_tier() -> None:
-    rate = list_price("claude-sonnet-4-5-20250929")
-    assert rate == Rate(Decimal(3), Decimal(15), Decimal("3.75"), Decimal(6), Decimal("0.3"))
+def test_list_price_keeps_anthropic_cache_rates_and_long_context_tier() -> None:
+    price = list_price("claude-sonnet-4-5-20250929")
+    assert price is not None
+    base = tuple(price_model.applicable_rate(rate, 200_000) for rate in token_rates(price))
+    above = tuple(price_model.applicable_rate(rate, 200_001) for rate in token_rates(price))
+    assert base == rates("3", "15", "3.75", "6", "0.3")
+    assert above == rates("6", "22.5", "7.5", "12", "0.6")
 
 
 def test_list_price_provider_from_name_or_upstream() -> None:
@@ -179,7 +199,7 @@ def test_list_price_provider_from_name_or_upstream() -> None:
     assert list_price("llama-3.3-70b-versatile") is None
     groq = list_price("llama-3.3-70b-versatile", "https://api.groq.com/openai/v1/chat/completions")
     assert groq is not None
-    assert (groq.input, groq.output) == (Decimal("0.59"), Decimal("0.79"))
+    assert (groq.rate("input"), groq.rate("output")) == rates("0.59", "0.79")
 
 
 def test_list_price_unknown_to_genai_prices_is_rejected() -> None:
@@ -189,10 +209,10 @@ def test_list_price_unknown_to_genai_prices_is_rejected() -> None:
 
 
 def test_rounding_happens_once() -> None:
-    # 1,000,000 one-token requests at $3/M sum to exactly $3 (floats would drift).
+    # 10,000 one-token requests at $3/M sum to exactly $0.03 (floats would drift).
     one = UsageRecord(input_tokens=1)
     q = quote("3", "15")
-    assert sum((cost(one, q) for _ in range(1_000_000)), Decimal(0)) == Decimal(3)
+    assert sum((cost(one, q) for _ in range(10_000)), Decimal(0)) == Decimal("0.03")
     # Two half-nano parts: rounded separately they would make 2 nano-USD.
     tiny = quote("0.0005", "0.0005")
     assert cost(UsageRecord(input_tokens=1, output_tokens=1), tiny) == Decimal("0.000000001")
@@ -219,3 +239,13 @@ def test_billing_tokens_with_free_input_use_the_original_weights() -> None:
         input_tokens=10, output_tokens=20, cache_write_tokens=30, cache_read_tokens=40
     )
     assert billing_tokens(usage, q) == 10 + 20 + 30 + 4
+
+
+def test_a_record_whose_parts_exceed_their_wholes_is_priced_clamped() -> None:
+    q = quote("1", "2", input_audio="10", output_image="20")
+    hostile = UsageRecord(input_tokens=10, input_audio_tokens=50, output_image_tokens=7)
+    # audio is at most the 10 input tokens; image output at most the 0 output tokens
+    assert cost(hostile, q) == cost(UsageRecord(input_tokens=10, input_audio_tokens=10), q)
+    assert hostile.clamped().output_image_tokens == 0
+    fine = UsageRecord(input_tokens=10, input_audio_tokens=5)
+    assert fine.clamped() is fine

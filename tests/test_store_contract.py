@@ -16,6 +16,7 @@ from stores import put_key
 from burnmeter.documents import hash_key
 from burnmeter.documents import key_ref
 from burnmeter.documents import request_log
+from burnmeter.documents import usage_of_log
 from burnmeter.records import UsageRecord
 from burnmeter.store.base import Hold
 from burnmeter.store.base import HoldRequest
@@ -356,6 +357,41 @@ def test_log_round_trip(store: Store) -> None:
     assert isinstance(log["creditsCost"], D) and log["creditsCost"] == D("0.020910001")
     assert log["createdAt"] == T0 and log["createdAt"].utcoffset() == timedelta(0)
     assert store.log("nope") is None
+
+
+def test_billed_details_round_trip_and_recompute_the_usage(store: Store) -> None:
+    alice(store, creditsNew="10")
+    usage = UsageRecord(
+        input_tokens=500,
+        output_tokens=300,
+        cache_read_tokens=40,
+        cache_write_tokens=30,
+        cache_write_1h_tokens=10,
+        input_audio_tokens=200,
+        input_image_tokens=100,
+        cache_audio_read_tokens=20,
+        output_audio_tokens=50,
+        output_image_tokens=60,
+        web_search_requests=3,
+        code_executions=1,
+        service_tier="priority",
+    )
+    s = settlement("r1", "0.5", usage=usage)
+    store.settle([s])
+    log = store.log("r1")
+    assert log == s.log
+    assert log is not None
+    assert (log["webSearchRequests"], log["serviceTier"]) == (3, "priority")
+    assert "cacheImageReadTokens" not in log  # zero: left out, as the original never had it
+    assert usage_of_log(log) == usage
+
+
+def test_logs_between_a_window_oldest_first(store: Store) -> None:
+    alice(store, creditsNew="10")
+    store.settle([settlement(f"r{d}", "0", created_at=T0 + timedelta(days=d)) for d in range(4)])
+    window = store.logs_between(T0 + timedelta(days=1), T0 + timedelta(days=3))
+    assert [log["_id"] for log in window] == ["r1", "r2"]
+    assert [log["_id"] for log in store.logs_between(None, T0 + timedelta(days=1))] == ["r0"]
 
 
 def test_legacy_log_keeps_missing_fields(store: Store) -> None:

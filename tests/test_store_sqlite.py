@@ -150,3 +150,45 @@ def test_read_only_store_never_creates_a_file(tmp_path: Path) -> None:
     with pytest.raises(StoreError):
         reader.logs(1)
     assert not (tmp_path / "missing.db").exists()
+
+
+ORIGINAL_LOG_COLUMNS = (  # request_logs as burnmeter created it before the billed details
+    "userId TEXT, userKeyId TEXT, model TEXT, inputTokens INTEGER, outputTokens INTEGER,"
+    " cacheWriteTokens INTEGER, cacheHitTokens INTEGER, reasoningTokens INTEGER,"
+    " creditsCost INTEGER, creditType TEXT, tokensUsed INTEGER, statusCode INTEGER,"
+    " latencyMs INTEGER, ttftMs INTEGER, isSuccess INTEGER, createdAt INTEGER, host TEXT,"
+    " upstream TEXT, path TEXT, stream INTEGER, usageSource TEXT"
+)
+
+
+def test_a_store_from_before_the_billed_details_reads_then_gains_their_columns(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute(
+        f"CREATE TABLE request_logs(_id TEXT PRIMARY KEY, {ORIGINAL_LOG_COLUMNS}, extra TEXT)"
+    )
+    db.execute(
+        "INSERT INTO request_logs(_id, model, inputTokens, creditsCost, createdAt)"
+        " VALUES ('old', 'm', 12, 5000, 1700000000000)"
+    )
+    db.commit()
+    db.close()
+    # a reader that changes nothing reads the old file as it is
+    reader = SqliteStore(path, POOLS)
+    [log] = reader.logs(5)
+    assert (log["_id"], log["inputTokens"], log["creditsCost"]) == ("old", 12, D("0.000005"))
+    assert "webSearchRequests" not in log
+    reader.close()
+    # the proxy's start-up adds the columns; the old row reads the same
+    store = open_store(path)
+    columns = {row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(request_logs)")}
+    assert {"webSearchRequests", "serviceTier", "cacheWrite1hTokens", "routeMultiplier"} <= columns
+    assert store.logs(5) == [log]
+    store.import_log({"_id": "new", "webSearchRequests": 2, "serviceTier": "flex"})
+    row = sqlite3.connect(path).execute(
+        "SELECT webSearchRequests, serviceTier, extra FROM request_logs WHERE _id = 'new'"
+    )
+    assert row.fetchone() == (2, "flex", None)  # in their columns, not kept aside
+    store.close()

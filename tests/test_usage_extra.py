@@ -638,3 +638,130 @@ def test_text_with_escapes_in_a_long_event_is_counted_exactly():
     stream = read_stream("openai.chat", body, chunk=65536)
     assert stream.result()[0] == UsageRecord(input_tokens=1, output_tokens=2)
     assert stream.text_chars == 1 + len(text)
+
+
+# -- billed classes beyond the token counts -------------------------------------------------
+def test_openai_audio_and_image_parts_less_their_cached_part() -> None:
+    body = {
+        "model": "gpt-4o-audio-preview",
+        "service_tier": "priority",
+        "usage": {
+            "prompt_tokens": 1_000,
+            "completion_tokens": 300,
+            "prompt_tokens_details": {
+                "cached_tokens": 200,
+                "audio_tokens": 400,
+                "image_tokens": 100,
+                "cached_tokens_details": {"audio_tokens": 150},
+            },
+            "completion_tokens_details": {"audio_tokens": 120, "reasoning_tokens": 10},
+        },
+    }
+    record, _ = usage_from_json("openai.chat", json.dumps(body).encode())
+    assert record == UsageRecord(
+        input_tokens=800,
+        cache_read_tokens=200,
+        output_tokens=300,
+        reasoning_tokens=10,
+        input_audio_tokens=250,
+        input_image_tokens=100,
+        cache_audio_read_tokens=150,
+        output_audio_tokens=120,
+        service_tier="priority",
+    )
+
+
+def test_gemini_modalities_in_and_out() -> None:
+    usage = {
+        "promptTokenCount": 3_000,
+        "cachedContentTokenCount": 1_000,
+        "candidatesTokenCount": 1_300,
+        "promptTokensDetails": [
+            {"modality": "TEXT", "tokenCount": 1_000},
+            {"modality": "AUDIO", "tokenCount": 1_500},
+            {"modality": "IMAGE", "tokenCount": 500},
+        ],
+        "cacheTokensDetails": [{"modality": "AUDIO", "tokenCount": 1_000}],
+        "candidatesTokensDetails": [{"modality": "IMAGE", "tokenCount": 1_290}],
+    }
+    record, _ = usage_from_json("gemini.generate", json.dumps({"usageMetadata": usage}).encode())
+    assert record is not None
+    assert (record.input_tokens, record.input_audio_tokens, record.input_image_tokens) == (
+        2_000,
+        500,
+        500,
+    )
+    assert (record.cache_read_tokens, record.cache_audio_read_tokens) == (1_000, 1_000)
+    assert (record.output_tokens, record.output_image_tokens) == (1_300, 1_290)
+
+
+def test_parts_larger_than_their_whole_are_clamped() -> None:
+    usage = {
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "prompt_tokens_details": {"audio_tokens": 10_000},
+        "completion_tokens_details": {"audio_tokens": 9, "image_tokens": 9},
+    }
+    record, _ = usage_from_json("openai.chat", json.dumps({"usage": usage}).encode())
+    assert record is not None
+    assert (record.input_audio_tokens, record.output_audio_tokens) == (10, 5)
+    assert record.output_image_tokens == 0
+
+
+@pytest.mark.parametrize("bad", [-1, "12", 1.5, 10**10, None])
+def test_a_bad_modality_count_makes_the_usage_absent(bad: Any) -> None:
+    details = [{"modality": "AUDIO", "tokenCount": bad}]
+    usage = {"promptTokenCount": 10, "candidatesTokenCount": 1, "promptTokensDetails": details}
+    record, _ = usage_from_json("gemini.generate", json.dumps({"usageMetadata": usage}).encode())
+    assert (record is None) == (bad is not None)
+
+
+@pytest.mark.parametrize(
+    ("tier", "kept"),
+    [("priority", "priority"), ("flex", "flex"), ("PRIORITY", None), ("x" * 40, None), (7, None)],
+)
+def test_only_a_plausible_service_tier_is_kept(tier: Any, kept: str | None) -> None:
+    body = {"service_tier": tier, "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+    record, _ = usage_from_json("openai.chat", json.dumps(body).encode())
+    assert record is not None and record.service_tier == kept
+
+
+def test_chat_stream_service_tier_and_responses_tool_calls() -> None:
+    chunk = {"choices": [], "service_tier": "flex", "usage": {"prompt_tokens": 3}}
+    stream = read_stream("openai.chat", sse((None, chunk), (None, "[DONE]")))
+    assert stream.result()[0] == UsageRecord(input_tokens=3, service_tier="flex")
+    output = [{"type": "web_search_call"}] * 3 + [{"type": "code_interpreter_call"}]
+    response = {"output": output, "usage": {"input_tokens": 5, "output_tokens": 2}}
+    body = sse(("response.completed", {"type": "response.completed", "response": response}))
+    record = read_stream("openai.responses", body).result()[0]
+    assert record is not None
+    assert (record.web_search_requests, record.code_executions) == (3, 1)
+
+
+@pytest.mark.parametrize(
+    ("model", "uses"), [("gemini-2.5-pro", 1), ("gemini-3-pro-preview", 2), ("gemini-10", 2)]
+)
+def test_gemini_grounding_per_prompt_then_per_query(model: str, uses: int) -> None:
+    grounding = {"webSearchQueries": ["a", "b", "a"], "groundingChunks": [{"web": {}}]}
+    chunk = {
+        "candidates": [{"finishReason": "STOP", "groundingMetadata": grounding}],
+        "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 1},
+        "modelVersion": model,
+    }
+    record = read_stream("gemini.generate", sse((None, chunk)), collect_text=False).result()[0]
+    assert record is not None and record.web_search_requests == uses
+    # URL context leaves grounding chunks but runs no search: no fee
+    del grounding["webSearchQueries"]
+    record = read_stream("gemini.generate", sse((None, chunk))).result()[0]
+    assert record is not None and record.web_search_requests == 0
+
+
+def test_anthropic_web_searches_from_the_final_delta() -> None:
+    start = {"type": "message_start", "message": {"model": "m", "usage": {"input_tokens": 9}}}
+    delta = {
+        "type": "message_delta",
+        "usage": {"output_tokens": 4, "server_tool_use": {"web_search_requests": 20}},
+    }
+    body = sse(("message_start", start), ("message_delta", delta), ("message_stop", {}))
+    record = read_stream("anthropic.messages", body).result()[0]
+    assert record is not None and record.web_search_requests == 20

@@ -13,6 +13,7 @@ from __future__ import annotations
 from abc import ABC
 from abc import abstractmethod
 from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -193,6 +194,10 @@ class Store(ABC):
     @abstractmethod
     def logs(self, limit: int, user_id: str | None = None) -> list[Document]:
         """Newest first."""
+
+    @abstractmethod
+    def logs_between(self, start: datetime | None, end: datetime) -> Iterator[Document]:
+        """Logs created in ``[start, end)`` (``start`` None: no lower bound), oldest first."""
 
     @abstractmethod
     def purge_logs(self, before: datetime) -> int:

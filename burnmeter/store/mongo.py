@@ -16,6 +16,7 @@ import functools
 from collections.abc import Callable
 from collections.abc import Collection
 from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
@@ -407,6 +408,16 @@ class MongoStore(Store):
         query = {} if user_id is None else {"userId": user_id}
         cursor = self.db[LOGS].find(query).sort([("createdAt", -1), ("_id", -1)]).limit(limit)
         return [_from_bson(doc, LOG_MONEY) for doc in cursor]
+
+    def logs_between(self, start: datetime | None, end: datetime) -> Iterator[Document]:
+        created: dict[str, Any] = {"$lt": extjson.utc(end)}
+        if start is not None:
+            created["$gte"] = extjson.utc(start)
+        try:
+            for doc in self.db[LOGS].find({"createdAt": created}).sort([("createdAt", 1)]):
+                yield _from_bson(doc, LOG_MONEY)
+        except PyMongoError as e:
+            raise StoreError(f"MongoDB: {e}") from e
 
     @_guarded
     def purge_logs(self, before: datetime) -> int:

@@ -30,6 +30,7 @@ from typing import Any
 from typing import Literal
 
 from burnmeter.config import Pool
+from burnmeter.documents import BILLED_DETAIL_FIELDS
 from burnmeter.documents import utcnow
 from burnmeter.money import ZERO
 from burnmeter.money import from_nanos
@@ -95,6 +96,8 @@ LOG_COLUMNS: dict[str, Kind] = {
     "path": "text",
     "stream": "bool",
     "usageSource": "text",
+    **{name: "text" if name == "serviceTier" else "int" for name in BILLED_DETAIL_FIELDS},
+    "routeMultiplier": "text",
 }
 HOLDS = "holds"
 
@@ -284,6 +287,12 @@ class SqliteStore(Store):
             for name in self.user_columns:
                 if name not in existing:
                     conn.execute(f'ALTER TABLE {USERS} ADD COLUMN "{name}" INTEGER')
+            # a store written before a log column existed gets it (its rows read NULL: absent)
+            existing = {row["name"] for row in conn.execute(f"PRAGMA table_info({LOGS})")}
+            for name, kind in LOG_COLUMNS.items():
+                if name not in existing:
+                    sql_type = "TEXT" if kind == "text" else "INTEGER"
+                    conn.execute(f'ALTER TABLE {LOGS} ADD COLUMN "{name}" {sql_type}')
             for sql in INDEXES:
                 conn.execute(sql)
         if log_ttl_days:
@@ -298,6 +307,9 @@ class SqliteStore(Store):
         params: Iterable[Any] = (),
         tail: str = "",
     ) -> list[Document]:
+        if table == LOGS:  # a store not yet given the newer log columns reads them as absent
+            present = {row["name"] for row in self._read(f"PRAGMA table_info({LOGS})")}
+            columns = {name: kind for name, kind in columns.items() if name in present}
         sql = f"SELECT _id, {_names(columns)}, extra FROM {table} {where} {tail}"
         return [_document(row, columns) for row in self._read(sql, params)]
 
@@ -482,6 +494,12 @@ class SqliteStore(Store):
         where, params = ("WHERE userId = ?", [user_id]) if user_id is not None else ("", [])
         tail = "ORDER BY createdAt DESC, _id DESC LIMIT ?"
         return self._find(LOGS, LOG_COLUMNS, where, [*params, limit], tail)
+
+    def logs_between(self, start: datetime | None, end: datetime) -> Iterator[Document]:
+        where, params = "WHERE createdAt < ?", [extjson.to_ms(end)]
+        if start is not None:
+            where, params = f"{where} AND createdAt >= ?", [*params, extjson.to_ms(start)]
+        yield from self._find(LOGS, LOG_COLUMNS, where, params, "ORDER BY createdAt, _id")
 
     def purge_logs(self, before: datetime) -> int:
         """Deletes in chunks, so that the proxy's writes wait for one chunk at most."""
