@@ -57,6 +57,15 @@ def cell(value: Any) -> str:
     return str(value)
 
 
+def exact(value: Any) -> str:
+    """A CSV field: money to the nano-USD as stored (no rounding), other numbers whole."""
+    if isinstance(value, Decimal):
+        return f"{value.normalize():f}" if value else "0"
+    if isinstance(value, float):
+        return repr(value)
+    return cell(value)
+
+
 def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     grid = [list(columns)] + [[cell(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(r[i]) for r in grid) for i in range(len(columns))]
@@ -88,7 +97,7 @@ def emit_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: st
         )
         writer.writeheader()
         for r in rows:
-            writer.writerow({c: cell(r.get(c)) for c in columns})
+            writer.writerow({c: exact(r.get(c)) for c in columns})
         click.echo(buf.getvalue(), nl=False)
     else:
         click.echo(table(rows, columns) if rows else "(no rows)")
