@@ -168,7 +168,7 @@ async def test_upstream_key_replaces_the_client_key(
     assert "authorization" not in other.request.headers, "a client key is never forwarded"
 
 
-def test_running_warns_about_unknown_options_and_sets_proxy_options(
+def test_running_sets_proxy_options_and_says_it_is_ready(
     env: Env, caplog: pytest.LogCaptureFixture
 ) -> None:
     m = Metering()
@@ -179,12 +179,45 @@ def test_running_warns_about_unknown_options_and_sets_proxy_options(
             metering_db=env.db_url,
             metering_journal=str(env.config_path.with_name("second.journal")),
         )
-        tctx.options.set("metering_kyes=1", defer=True)  # a typo: never applied
-        with caplog.at_level(logging.WARNING):
+        with caplog.at_level(logging.INFO):
             m.running()
-        assert "unknown option(s) ignored: metering_kyes" in caplog.text
         assert tctx.options.connection_strategy == "lazy"
         assert tctx.options.keep_host_header is True
+        (ready,) = [r.getMessage() for r in caplog.records if "metering: ready" in r.message]
+        assert f"config {env.config_path}, store {env.db_url}, journal " in ready
+        assert ready.endswith("second.journal, listening on no address")
+        m.done()
+
+
+def test_an_unknown_metering_option_at_start_names_the_closest(env: Env) -> None:
+    m = Metering()
+    with taddons.context(m) as tctx:
+        tctx.options.set("metering_jornal=x.journal", defer=True)  # a typo: never applied
+        with pytest.raises(exceptions.OptionsError) as e:
+            tctx.configure(m, metering_config=str(env.config_path), metering_db=env.db_url)
+        assert str(e.value) == "metering_jornal: no such option (did you mean metering_journal?)"
+        assert m.admission is None
+
+
+def test_a_start_up_error_ends_the_process_with_one_line(env: Env) -> None:
+    m = Metering(exit_on_startup_error=True)
+    with taddons.context(proxyserver.Proxyserver(), m) as tctx:
+        with pytest.raises(SystemExit) as e:
+            tctx.configure(m, metering_config=str(env.config_path) + "x")
+        assert str(e.value).endswith(
+            ": metering_config: " + str(env.config_path) + "x: No such file or directory"
+        )
+        journal = str(env.config_path.with_name("third.journal"))
+        tctx.configure(
+            m,
+            metering_config=str(env.config_path),
+            metering_db=env.db_url,
+            metering_journal=journal,
+        )
+        m.running()
+        with pytest.raises(exceptions.OptionsError):  # once running: refused, proxy goes on
+            tctx.configure(m, metering_config=str(env.config_path) + "x")
+        assert m.admission is not None
         m.done()
 
 
@@ -537,7 +570,7 @@ async def test_json_response_is_charged_and_annotated(env: Env) -> None:
     assert not f.response.stream
     env.metering.response(f)
     record = f.metadata["metering"]
-    assert f.comment == "alice · gpt-4o · 1,200 tok · $0.0090 · openhands"
+    assert f.comment == "alice · gpt-4o · 1,200 tok · $0.00900 · openhands"
     assert record["key"] != KEY and KEY not in json.dumps(record) and KEY not in f.comment
     assert record["billing_tokens"] == 2400
     assert not f.marked
