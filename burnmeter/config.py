@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import tomllib
@@ -234,9 +235,13 @@ DEFAULT_POOLS = {
 }
 
 
+@functools.cache
 def default_config() -> Config:
-    """The built-in config: the original's two pools, no routes, no prices."""
-    return Config.model_validate({"pools": DEFAULT_POOLS})
+    """The built-in config: the original's two pools, no routes, and list prices for the
+    models people call (``burnmeter.builtin``)."""
+    from burnmeter.builtin import builtin_models  # it prices with burnmeter.pricing
+
+    return Config.model_validate({"pools": DEFAULT_POOLS, "models": builtin_models()})
 
 
 def _one_line(error: ValidationError) -> str:

@@ -14,6 +14,7 @@ Cache prices an operator leaves out are never free:
 from __future__ import annotations
 
 import decimal
+import json
 from dataclasses import dataclass
 from datetime import UTC
 from datetime import datetime
@@ -116,8 +117,18 @@ def resolve_price(
     if config.unknown_model == "list-price":
         if listed := list_price(model_name, upstream_url):
             return PriceQuote(model_name, listed, route_multiplier, "list-price")
-        raise UnknownModelError(f"unknown model {model_name!r}: no configured or list price")
-    raise UnknownModelError(f"unknown model {model_name!r}")
+        raise UnknownModelError(
+            f"unknown model {model_name!r}: no list price, and the config does not price it"
+            f" ({_price_key(model_name)})"
+        )
+    raise UnknownModelError(
+        f"unknown model {model_name!r}: the config does not price it ({_price_key(model_name)})"
+    )
+
+
+def _price_key(model_name: str) -> str:
+    """The config table that would price ``model_name``, as TOML spells its key."""
+    return f"[models.{json.dumps(model_name, ensure_ascii=False)}] input, output"
 
 
 def list_price(model_name: str, upstream_url: str | None = None) -> Rate | None:
