@@ -16,7 +16,7 @@ from burnmeter.reports.base import SeriesRow
 from stats.context import UserError
 
 MAX_TICKS = 24
-MAX_HOUR_BARS = 72
+MAX_HOUR_BARS = 96
 WIDTH_INCHES = (8.0, 16.0)
 INCHES_PER_BAR = 0.25
 

@@ -221,6 +221,46 @@ def test_a_start_up_error_ends_the_process_with_one_line(env: Env) -> None:
         m.done()
 
 
+def test_config_is_found_as_the_cli_finds_it(
+    env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BURNMETER_CONFIG", str(env.config_path))
+    m = Metering()
+    with taddons.context(m) as tctx:
+        tctx.configure(m, metering_db=env.db_url, metering_journal=str(tmp_path / "j"))
+        assert m.settings is not None
+        assert m.settings.config_source.describe() == f"{env.config_path} ($BURNMETER_CONFIG)"
+        monkeypatch.delenv("BURNMETER_CONFIG")
+        (tmp_path / "burnmeter.toml").write_text('timezone = "UTC"\n')
+        tctx.configure(m, metering_key_cache_ttl=1)
+        assert m.settings.config_source.describe() == "burnmeter.toml (working directory)"
+        assert m.settings.config.timezone == "UTC"
+        m.done()
+
+
+@pytest.mark.parametrize(
+    "modes, host, port, journal",
+    [
+        (["regular"], "", None, "DB.8080.journal"),
+        (["reverse:https://api.openai.com@8004"], "127.0.0.1", None, "DB.127.0.0.1-8004.journal"),
+        (["reverse:http://a@8004", "reverse:http://b@8005"], "", 9, "DB.8004+8005.journal"),
+        (["regular"], "::1", 8181, "DB.__1-8181.journal"),
+    ],
+)
+def test_default_journal_is_named_after_the_store_and_listen_addresses(
+    env: Env, modes: list[str], host: str, port: int | None, journal: str
+) -> None:
+    m = Metering()
+    with taddons.context(m) as tctx:
+        tctx.options.update(mode=modes, listen_host=host, listen_port=port)
+        tctx.configure(m, metering_config=str(env.config_path), metering_db=env.db_url + "2")
+        assert m.settings is not None
+        db = env.db_url.removeprefix("sqlite:///") + "2"
+        assert m.settings.journal_path == journal.replace("DB", db)
+        m.done()
+
+
 def test_default_store_comes_from_env(env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("BURNMETER_DB", f"sqlite:///{tmp_path / 'other.db'}")
     m = Metering()

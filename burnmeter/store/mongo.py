@@ -13,6 +13,7 @@ conflict the read and the update are retried).
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from collections.abc import Collection
 from collections.abc import Iterable
@@ -97,9 +98,13 @@ def _guarded[**P, R](method: Callable[P, R]) -> Callable[P, R]:
 
 
 def _unreachable(error: ServerSelectionTimeoutError) -> str:
-    hosts = sorted({str(address) for address in getattr(error, "details", {}) or {}})
-    first = str(error).split(",", 1)[0].split(": [", 1)[0]
-    return f"MongoDB unreachable{' at ' + ', '.join(hosts) if hosts else ''}: {first}"
+    """``MongoDB unreachable after 3.0 s: host:port: [Errno 111] Connection refused``,
+    without pymongo's topology description and timeout settings."""
+    text, _, rest = str(error).partition(", Timeout: ")
+    waited = rest.split("s,", 1)[0]
+    servers = re.sub(r" \(configured timeouts:[^)]*\)", "", text).split(",")
+    after = f" after {waited} s" if waited else ""
+    return f"MongoDB unreachable{after}: {'; '.join(s for s in servers if s.strip())}"
 
 
 def _bson(value: Any) -> Any:
