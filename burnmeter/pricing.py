@@ -14,7 +14,6 @@ Cache prices an operator leaves out are never free:
 from __future__ import annotations
 
 import decimal
-import json
 from dataclasses import dataclass
 from datetime import UTC
 from datetime import datetime
@@ -127,8 +126,13 @@ def resolve_price(
 
 
 def _price_key(model_name: str) -> str:
-    """The config table that would price ``model_name``, as TOML spells its key."""
-    return f"[models.{json.dumps(model_name, ensure_ascii=False)}] input, output"
+    """The config table that would price ``model_name``, as TOML spells its key (a basic
+    string: quotes, backslashes and control characters escaped, so it stays one line)."""
+    escaped = "".join(
+        f"\\u{ord(c):04x}" if c in '"\\' or ord(c) < 0x20 or ord(c) == 0x7F else c
+        for c in model_name
+    )
+    return f'[models."{escaped}"] input, output'
 
 
 def list_price(model_name: str, upstream_url: str | None = None) -> Rate | None:
