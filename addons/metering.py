@@ -24,6 +24,10 @@ cached are served without a hold and their settlements wait in the journal; othe
 and every new metered request once the journal is near ``metering_journal_max_kb``, get
 503. ``rate_limit_rpm`` (config, global or per route) answers 429 with ``Retry-After``.
 
+Once it serves, the addon logs one ``metering: ready: config …, store …, journal …,
+listening on …`` line; a problem found at start-up (config, store, journal, a misspelt
+``metering_*`` option) ends mitmdump with one line and exit status 1 instead.
+
 Read streamed bodies in mitmweb with ``--set store_streamed_bodies=true`` (the "LLM
 Stream" view); commands: ``metering.balance USER`` and ``metering.usage @all``.
 """
