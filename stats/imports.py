@@ -65,7 +65,7 @@ class Kind:
 
 STRING = Kind("a string", (str,))
 NUMBER = Kind("a number", (int, float))
-DATE = Kind("a date", (datetime,))
+DATE = Kind('a date ({"$date": ...})', (datetime,))
 BOOLEAN = Kind("a boolean", (bool,))
 MONEY = Kind("a number", (int, float, Decimal))  # made Decimal USD
 LOG_ID = Kind("a string or an ObjectId", (str, ObjectId))
@@ -253,7 +253,7 @@ def _import(
     report = Report(collection)
     for number, raw in enumerate(lines, start=1):
         try:
-            line = raw.decode("utf-8").removeprefix("\ufeff")
+            line = raw.decode("utf-8").removeprefix("\ufeff").rstrip("\r\n")
         except UnicodeDecodeError as e:
             report.rejects.append(Reject(number, f"not UTF-8 (byte {e.start + 1})"))
             continue

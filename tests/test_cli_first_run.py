@@ -336,3 +336,33 @@ def test_mongodb_wait_is_the_urls_or_three_seconds(url: str, seconds: float) -> 
         assert store.db.client.options.server_selection_timeout == seconds
     finally:
         store.close()
+
+
+def test_mongodb_reports_need_the_store_and_create_no_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mongomock
+
+    from burnmeter.store.mongo import MongoStore
+
+    database = mongomock.MongoClient(tz_aware=True)["fproxy"]
+    monkeypatch.setattr(
+        MongoStore, "from_url", classmethod(lambda cls, url, pools: cls(database, pools))
+    )
+    url = ["--db", "mongodb://127.0.0.1:9/fproxy"]
+    missing = run(*url, "summary")
+    assert missing.exit_code == 1
+    assert missing.stderr.splitlines()[-1] == (
+        "burnmeter: error: MongoDB database 'fproxy': no usersNew collection"
+    )
+    assert database.list_collection_names() == []
+
+    database["usersNew"].insert_one({"_id": "alice", "credits": 1.5, "isActive": True})
+    for report in REPORTS:
+        result = run(*url, *report)
+        assert result.exit_code == 0, (report, result.stderr)
+    assert sorted(database.list_collection_names()) == ["usersNew"]
+    assert list(database["usersNew"].index_information()) == ["_id_"]
+
+    assert run(*url, "accounts", "create", "bob").exit_code == 0  # writing sets up indexes
+    assert len(database["request_logs"].index_information()) > 1

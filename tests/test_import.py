@@ -160,12 +160,12 @@ def test_malformed_log_lines_are_reported_and_never_half_written(keeping: Backen
     assert report["rejects"] == [
         {
             "line": 2,
-            "reason": "bad JSON: Expecting property name enclosed in double quotes (column 1)",
+            "reason": "bad JSON: Expecting property name enclosed in double quotes (column 60)",
         },
         {"line": 3, "reason": "not a JSON object but an array"},
         {"line": 5, "reason": "missing _id"},
         {"line": 6, "reason": "creditsCost: expected a number, got a string"},
-        {"line": 7, "reason": "createdAt: expected a date, got a string"},
+        {"line": 7, "reason": 'createdAt: expected a date ({"$date": ...}), got a string'},
         {"line": 8, "reason": "creditsCost: nan is not a finite number"},
         {
             "line": 9,
@@ -254,7 +254,7 @@ def test_malformed_user_lines_from_stdin(keeping: Backend) -> None:
     assert report["rejects"] == [
         {"line": 2, "reason": "missing _id"},
         {"line": 3, "reason": "credits: expected a number, got a string"},
-        {"line": 4, "reason": "createdAt: expected a date, got a string"},
+        {"line": 4, "reason": 'createdAt: expected a date ({"$date": ...}), got a string'},
         {"line": 5, "reason": "not UTF-8 (byte 25)"},
         {"line": 6, "reason": "_id: expected a string, got an ObjectId"},
     ]
@@ -278,7 +278,7 @@ FIELDS = user_fields(default_config().pools)
         ('{"_id": "a", "isActive": "yes"}', "isActive: expected a boolean, got a string"),
         (
             '{"_id": "a", "expiresAtNew": 1735689600000}',
-            "expiresAtNew: expected a date, got a number",
+            'expiresAtNew: expected a date ({"$date": ...}), got a number',
         ),
         (
             '{"_id": "a", "creditsNew": {"$numberDecimal": "1e999999"}}',
