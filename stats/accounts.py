@@ -198,7 +198,7 @@ def topup(
     """
     pool = pool_named(state, pool_name, "--pool")
     expires = expiry([pool], expires_days)
-    store = state.writable_store
+    store = state.store
     with known(user):
         store.topup(user, pool.balance[0], amount)
         if expires:
@@ -218,12 +218,12 @@ def show(state: Context, user: str, fmt: str) -> None:
     JSON uses the document's field names (creditsNew, expiresAtNew, ...); a field the
     document lacks is null.
     """
-    doc = state.store.user(user)
+    doc = state.read_only_store.user(user)
     if doc is None:
         raise unknown(user)
     record = account_record(doc, state.config.pools.values())
     record["balances"] = {
-        pool.name: state.store.balance(user, pool) for pool in state.config.pools.values()
+        pool.name: state.read_only_store.balance(user, pool) for pool in state.config.pools.values()
     }
     if fmt != "json":
         record |= {f"balances.{name}": value for name, value in record.pop("balances").items()}
@@ -253,7 +253,7 @@ def list_command(state: Context, fmt: str) -> None:
             **{pool.name: pool_balance(doc, pool) for pool in pools},
             "createdAt": doc.get("createdAt"),
         }
-        for doc in state.store.users()
+        for doc in state.read_only_store.users()
     ]
     emit_rows(rows, ["user", "active", "role", *(p.name for p in pools), "createdAt"], fmt)
 
@@ -273,7 +273,7 @@ def disable(state: Context, user: str) -> None:
     The proxy answers USER's keys with 401 once its key cache expires
     (`key_cache_seconds` in the config, 30 s by default)."""
     with known(user):
-        state.writable_store.set_fields(user, {"isActive": False})
+        state.store.set_fields(user, {"isActive": False})
     seconds = state.config.key_cache_seconds
     click.echo(f"{user}: disabled; the proxy refuses its keys within {seconds} s")
 
@@ -286,7 +286,7 @@ def enable(state: Context, user: str) -> None:
 
     Takes effect once the proxy's key cache expires (`key_cache_seconds`)."""
     with known(user):
-        state.writable_store.set_fields(user, {"isActive": True})
+        state.store.set_fields(user, {"isActive": True})
     seconds = state.config.key_cache_seconds
     click.echo(f"{user}: enabled; the proxy accepts its keys within {seconds} s")
 
@@ -303,7 +303,7 @@ def rotate_key(state: Context, user: str, fmt: str) -> None:
     (`key_cache_seconds`)."""
     key = new_key()
     with known(user):
-        stopped = state.writable_store.rotate_key(user, hash_key(key))
+        stopped = state.store.rotate_key(user, hash_key(key))
     seconds = state.config.key_cache_seconds
     if fmt == "table":
         click.echo(f"New API key for {user} (shown once, keep it now): {key}")

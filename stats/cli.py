@@ -5,8 +5,10 @@ Every command reads the same store as the proxy (``--db``, $BURNMETER_DB, the co
 ./burnmeter.toml, or the built-in one).
 
 A command lives in a module of its own under ``stats/`` and is registered below with one
-``cli.add_command`` line; it takes the shared ``stats.context.Context`` (``@pass_obj``)
-and raises ``stats.context.UserError`` where it finds a mistake of the user's.
+``cli.add_command`` line; it takes the shared ``stats.context.Context`` (``@pass_obj``:
+``read_only_store`` to read, ``store`` to write) and raises ``stats.context.UserError``
+where it finds a mistake of the user's. Command modules import from ``stats.context``,
+never from this module.
 """
 
 from __future__ import annotations

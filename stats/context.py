@@ -37,7 +37,8 @@ class UserError(click.ClickException):
 @dataclass
 class Context:
     """The global options, and what they name: the config and, opened on first use, the
-    store (read-only for reports, writable for the commands that change data)."""
+    store: ``read_only_store`` for reports, ``store`` for the commands that change data,
+    ``new_store`` for those that may create it."""
 
     db_url: str | None
     config_path: str | None
@@ -64,13 +65,13 @@ class Context:
         return resolve_url(self.db_url, self.config.db if self.config_source.path else None)
 
     @cached_property
-    def store(self) -> Store:
-        """The store, read-only: it must exist, and reading it changes nothing."""
+    def read_only_store(self) -> Store:
+        """The store for commands that only read: it must exist, and nothing is written."""
         return self._open(read_only=True, create=False)
 
     @cached_property
-    def writable_store(self) -> Store:
-        """The store, for commands that change data in a store that must exist."""
+    def store(self) -> Store:
+        """The store for commands that change data in a store that must exist."""
         return self._open(read_only=False, create=False)
 
     @cached_property

@@ -40,7 +40,7 @@ def purge(state: Context, days: int | None, yes: bool, fmt: str) -> None:
         click.echo(f"log_ttl_days = 0 ({where}): logs are kept forever, nothing to purge")
         return
     before = utcnow() - timedelta(days=ttl)
-    store = state.writable_store
+    store = state.store
     count = store.count_logs(before)
     record |= {"before": before, "to_delete": count}
     if fmt == "table":

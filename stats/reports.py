@@ -143,7 +143,7 @@ def summary(state: Context, span: Window, fmt: str) -> None:
     users with a positive balance in some pool, otherwise the users with a request in the
     window. success_rate is the percent of requests with isSuccess, null without requests.
     """
-    report = reports_for(state.store).summary(span)
+    report = reports_for(state.read_only_store).summary(span)
     record = report.as_dict()
     if fmt == "table":
         emit_record(_summary_lines(report), fmt)
@@ -194,7 +194,7 @@ def _summary_lines(s: Summary) -> dict[str, str]:
 @format_option
 def users(state: Context, span: Window, top: int | None, fmt: str) -> None:
     """Spend, tokens and requests per user and pool over the period, biggest spenders first."""
-    rows = reports_for(state.store).users(span, top)
+    rows = reports_for(state.read_only_store).users(span, top)
     emit_rows([asdict(r) for r in rows], USER_COLUMNS, fmt)
 
 
@@ -204,7 +204,7 @@ def users(state: Context, span: Window, top: int | None, fmt: str) -> None:
 @format_option
 def models(state: Context, span: Window, fmt: str) -> None:
     """Requests, the four token counts and cost per model over the period, by cost."""
-    rows = reports_for(state.store).models(span)
+    rows = reports_for(state.read_only_store).models(span)
     emit_rows([asdict(r) for r in rows], MODEL_COLUMNS, fmt)
 
 
@@ -229,7 +229,7 @@ def models(state: Context, span: Window, fmt: str) -> None:
 @format_option
 def series(state: Context, span: Window, unit: Bucket, plot_file: str | None, fmt: str) -> None:
     """Spend per pool in each hour or day of the period (empty buckets included)."""
-    rows = reports_for(state.store).series(span, unit)
+    rows = reports_for(state.read_only_store).series(span, unit)
     pools = list(rows[0].burned) if rows else []
     if plot_file:
         from stats.plot import plot_series
@@ -264,7 +264,7 @@ def series(state: Context, span: Window, unit: Bucket, plot_file: str | None, fm
 @click.pass_obj
 def logs(state: Context, limit: int, user: str | None, fmt: str) -> None:
     """The newest request logs first; JSON prints the whole documents."""
-    docs = state.store.logs(limit, user)
+    docs = state.read_only_store.logs(limit, user)
     if fmt == "json":
         emit_rows(docs, [], fmt)
         return
@@ -294,7 +294,7 @@ def reconcile(state: Context, tolerance: Decimal, fmt: str) -> None:
     either way. The proxy deletes logs after `log_ttl_days`, so a user who spent before
     then shows used > logged without anything being wrong.
     """
-    rows = reports_for(state.store).reconcile(tolerance)
+    rows = reports_for(state.read_only_store).reconcile(tolerance)
     emit_rows([asdict(r) | {"difference": r.difference} for r in rows], RECONCILE_COLUMNS, fmt)
     ttl = state.config.log_ttl_days
     if ttl:
