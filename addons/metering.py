@@ -126,6 +126,16 @@ def open_journal(settings: options.Settings) -> Journal:
         ) from None
 
 
+def ready_line(settings: options.Settings, addresses: Sequence[str]) -> str:
+    """What this process serves with (no password of a store URL)."""
+    return (
+        f"config {settings.config_source.describe()}"
+        f", store {settings.db_url.partition('@')[2] or settings.db_url}"
+        f", journal {settings.journal_path}"
+        f", listening on {', '.join(addresses)}"
+    )
+
+
 def sweep_interval(age: timedelta) -> float:
     """How often the writer looks for abandoned holds: a minute, or half a shorter age."""
     return min(60.0, max(0.5, age.total_seconds() / 2))
@@ -206,20 +216,17 @@ class Metering:
         if changes:
             logger.info("metering: setting %s", changes)
             ctx.options.update(**changes)
-        if self.settings is not None:
-            logger.info("metering: ready: %s", self._describe(self.settings))
-
-    @staticmethod
-    def _describe(settings: options.Settings) -> str:
-        """The ready line: what this process serves with (no password of a store URL)."""
+        if self.settings is None:
+            return
         server = ctx.master.addons.get("proxyserver")
-        addresses = [url.hostport("", host, port) for host, port, *_ in server.listen_addrs()]
-        return (
-            f"config {settings.config_source.describe()}"
-            f", store {settings.db_url.partition('@')[2] or settings.db_url}"
-            f", journal {settings.journal_path}"
-            f", listening on {', '.join(addresses) or 'no address'}"
-        )
+        addresses = [
+            f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            for host, port, *_ in server.listen_addrs()
+        ]
+        if addresses:
+            logger.info("metering: ready: %s", ready_line(self.settings, addresses))
+        else:  # mitmproxy said why (a port in use, say) and runs on without a server
+            logger.error("metering: not ready: the proxy listens on no address")
 
     def done(self) -> None:
         self._settle_in_flight()

@@ -25,6 +25,7 @@ from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 
 from addons.metering import Metering
+from addons.metering import ready_line
 from burnmeter.config import load_config
 from burnmeter.documents import hash_key
 from burnmeter.documents import utcnow
@@ -183,9 +184,15 @@ def test_running_sets_proxy_options_and_says_it_is_ready(
             m.running()
         assert tctx.options.connection_strategy == "lazy"
         assert tctx.options.keep_host_header is True
-        (ready,) = [r.getMessage() for r in caplog.records if "metering: ready" in r.message]
-        assert f"config {env.config_path}, store {env.db_url}, journal " in ready
-        assert ready.endswith("second.journal, listening on no address")
+        # no server runs here: the addon does not claim to be ready
+        assert "metering: not ready: the proxy listens on no address" in caplog.text
+        assert "metering: ready" not in caplog.text
+        assert m.settings is not None
+        ready = ready_line(m.settings, ["127.0.0.1:8004", "[::1]:8004"])
+        assert ready == (
+            f"config {env.config_path}, store {env.db_url}, journal "
+            f"{env.config_path.with_name('second.journal')}, listening on 127.0.0.1:8004, [::1]:8004"
+        )
         m.done()
 
 
