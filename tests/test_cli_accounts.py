@@ -224,3 +224,34 @@ def test_show_prints_a_table_and_csv_with_pool_sums(backend: Backend) -> None:
         io.StringIO(backend.run("accounts", "show", "alice", "--format", "csv").stdout)
     )
     assert (row["_id"], row["refCredits"], row["balances.ohmygpt"]) == ("alice", "0.5", "1.75")
+
+
+def test_rotate_key_gives_a_new_key_and_stops_every_old_one(backend: Backend) -> None:
+    old = create(backend, "alice", "--pool", "openhands=5")
+    backend.store().set_fields("alice", {"apiKey": "sk-legacy-raw-key"})  # the original's
+    result = backend.run("accounts", "rotate-key", "alice", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    rotated = json.loads(result.stdout)
+    assert (rotated["user"], rotated["keys_stopped"]) == ("alice", 2)
+    store = backend.store()
+    for key in (old, "sk-legacy-raw-key"):
+        owner = store.find_key(key)
+        assert owner is None or owner.key_active is False, key
+    new = store.find_key(rotated["key"])
+    assert new is not None and new.key_active and new.user_id == "alice"
+    assert rotated["key"].encode() not in backend.raw_bytes()
+
+
+def test_list_and_enable(backend: Backend) -> None:
+    create(backend, "alice", "--pool", "ohmygpt=1.25")
+    create(backend, "bob")
+    assert backend.run("accounts", "disable", "bob").exit_code == 0
+    listed = list(
+        csv.DictReader(io.StringIO(backend.run("accounts", "list", "--format", "csv").stdout))
+    )
+    assert [(r["user"], r["active"], r["ohmygpt"]) for r in listed] == [
+        ("alice", "True", "1.25"),
+        ("bob", "False", "0"),
+    ]
+    assert backend.run("accounts", "enable", "bob").exit_code == 0
+    assert backend.user("bob")["isActive"] is True
