@@ -222,6 +222,7 @@ def kind(value: Any) -> str:
 
 
 def import_users(lines: Iterable[bytes], store: Store, keep_after: datetime | None) -> Report:
+    """Users, whatever their age (retention is about logs)."""
     fields = user_fields(store.pools)
     return _import("users", lines, lambda line: parse(line, fields), store.import_user)
 
