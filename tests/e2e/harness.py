@@ -133,7 +133,9 @@ class Proxy:
         )
 
     def start(self) -> None:
-        """Start mitmdump; ``options`` add to or replace the ``--set`` values below.
+        """Start mitmdump and wait for the addon's ready line (its store and journal open,
+        its options in force, mitmproxy listening), never for the port alone; ``options``
+        add to or replace the ``--set`` values below.
 
         (mitmdump ignores an addon option given twice and then runs without the addon,
         so each option appears once.)"""
