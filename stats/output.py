@@ -48,8 +48,8 @@ def plain(value: Any) -> Any:
 def cell(value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, Decimal):
-        return f"{value:.6f}".rstrip("0").rstrip(".") if value else "0"
+    if isinstance(value, Decimal):  # money: exact, as stored (nano-USD), no trailing zeros
+        return f"{value.normalize():f}" if value else "0"
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, datetime):
@@ -58,12 +58,8 @@ def cell(value: Any) -> str:
 
 
 def exact(value: Any) -> str:
-    """A CSV field: money to the nano-USD as stored (no rounding), other numbers whole."""
-    if isinstance(value, Decimal):
-        return f"{value.normalize():f}" if value else "0"
-    if isinstance(value, float):
-        return repr(value)
-    return cell(value)
+    """A CSV field: as in a table, but a float whole (``repr``), not to 4 digits."""
+    return repr(value) if isinstance(value, float) else cell(value)
 
 
 def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:

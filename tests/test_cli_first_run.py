@@ -211,13 +211,19 @@ def test_purge_with_keep_forever_does_nothing(elsewhere: Path) -> None:
 
 
 # -- output -----------------------------------------------------------------------------------
-def test_csv_money_is_exact_to_the_nano_usd(elsewhere: Path) -> None:
+def test_money_is_exact_to_the_nano_usd_in_csv_and_tables(elsewhere: Path) -> None:
     db = elsewhere / "burnmeter.db"
     store_with_logs(db, [1, 1, 1])  # 0.000000001 + 0.000000002 + 0.000000003
     (row,) = csv.DictReader(io.StringIO(run("users", "--period", "7d", "--format", "csv").stdout))
     assert row["cost"] == "0.000000006"
     logs = list(csv.DictReader(io.StringIO(run("logs", "--format", "csv").stdout)))
     assert sorted(r["creditsCost"] for r in logs) == ["0.000000001", "0.000000002", "0.000000003"]
+    table = run("logs").stdout.splitlines()
+    assert sorted(line.split()[-1] for line in table[2:]) == [
+        "0.000000001",
+        "0.000000002",
+        "0.000000003",
+    ]
     summary_csv = run("summary", "--period", "7d", "--format", "csv").stdout
     (summary,) = csv.DictReader(io.StringIO(summary_csv))
     assert summary["total_burned"] == "0.000000006"
