@@ -7,14 +7,15 @@ ARGS ?=
 .PHONY: run test check lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
+	@echo "burnmeter: installing into $(VENV) (the first time takes a minute or two)"
 	@python=$$(scripts/find-python) || exit 1; \
 	  [ -x $(PY) ] || $$python -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $@
 
-run: $(VENV)/.installed  ## the proxy on the embedded store (pass more mitmdump flags in ARGS)
-	$(BIN)/mitmdump -s addons/metering.py --set connection_strategy=lazy $(ARGS)
+run: $(VENV)/.installed  ## the proxy on 127.0.0.1:8080, embedded store (more mitmdump flags: ARGS)
+	$(BIN)/mitmdump --listen-host 127.0.0.1 -s addons/metering.py --set connection_strategy=lazy $(ARGS)
 
 check: $(VENV)/.installed  ## lint, format and type checks
 	$(BIN)/ruff check .

@@ -1,8 +1,9 @@
 """What mitmweb and the console show of metering: flow notes, marks and a contentview.
 
 Every metered flow gets ``flow.metadata["metering"]`` (a plain JSON-able record), a
-one-line ``flow.comment`` and, when something needs a look, a mark: rejected locally
-(:no_entry:), failed upstream (:x:) or charged from an estimate (:warning:).
+one-line ``flow.comment`` (mitmweb's Comment column; mitmdump logs it at info level) and,
+when something needs a look, a mark: rejected locally (:no_entry:), failed upstream (:x:)
+or charged from an estimate (:warning:).
 
 The ``LLMStream`` contentview shows a streamed LLM response as its reassembled text plus
 its usage. Streamed bodies are only kept with ``--set store_streamed_bodies=true``.
@@ -10,6 +11,7 @@ its usage. Streamed bodies are only kept with ``--set store_streamed_bodies=true
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from collections.abc import Sequence
 from decimal import Decimal
@@ -25,6 +27,8 @@ from burnmeter.records import UsageRecord
 from burnmeter.store.base import Settlement
 from burnmeter.usage import StreamUsage
 from burnmeter.usage import api_for
+
+logger = logging.getLogger(__name__)
 
 Outcome = Literal["charged", "failed", "rejected", "passthrough"]
 
@@ -74,8 +78,17 @@ def describe(
     return record
 
 
+def usd(amount: Decimal) -> str:
+    """``$0.0123``, ``$0.000213``: four decimals, or three significant digits below a cent
+    (down to nano-USD), so that small costs stay apart."""
+    if not amount:
+        return "$0"
+    places = min(9, max(4, 2 - amount.adjusted()))
+    return f"${amount:,.{places}f}"
+
+
 def comment(record: dict[str, Any]) -> str:
-    """E.g. ``alice · gpt-4o · 1,234 tok · $0.0123 · openhands``."""
+    """E.g. ``alice · gpt-4o · 1,234 tok · $0.000213 · openhands``."""
     parts = [record.get("user") or "anonymous"]
     if record["outcome"] == "rejected":
         return " · ".join([*parts, f"rejected: {record['reason']}"])
@@ -83,7 +96,7 @@ def comment(record: dict[str, Any]) -> str:
         parts.append(record["model"])
     if "cost" in record:
         tokens = sum(record[field] for field in TOKEN_FIELDS if field != "reasoning_tokens")
-        parts += [f"{tokens:,} tok", f"${Decimal(record['cost']):.4f}"]
+        parts += [f"{tokens:,} tok", usd(Decimal(record["cost"]))]
     parts.append(record["pool"])
     if record.get("usage_source") == "estimated":
         parts.append("estimated")
@@ -95,6 +108,8 @@ def comment(record: dict[str, Any]) -> str:
 def annotate(f: http.HTTPFlow, record: dict[str, Any]) -> None:
     f.metadata["metering"] = record
     f.comment = comment(record)
+    if record["outcome"] != "passthrough":
+        logger.info("metering: %s", f.comment)
     kind = "estimated" if record.get("usage_source") == "estimated" else record["outcome"]
     if kind in MARKS:
         f.marked = MARKS[kind]
@@ -110,11 +125,11 @@ def usage_summary(flows: Sequence[flow.Flow]) -> str:
     )
     output_tokens = sum(r["output_tokens"] for r in records)
     cost = sum((Decimal(r["cost"]) for r in records), Decimal(0))
-    return f"{len(records)} flows · {input_tokens:,}/{output_tokens:,} tokens · ${cost:.4f}"
+    return f"{len(records)} flows · {input_tokens:,}/{output_tokens:,} tokens · {usd(cost)}"
 
 
 def format_balances(balances: Iterable[tuple[str, Decimal]]) -> str:
-    return " · ".join(f"{pool}: ${amount:.4f}" for pool, amount in balances)
+    return " · ".join(f"{pool}: {usd(amount)}" for pool, amount in balances)
 
 
 class LLMStreamContentview(contentviews.Contentview):

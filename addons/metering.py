@@ -24,6 +24,10 @@ cached are served without a hold and their settlements wait in the journal; othe
 and every new metered request once the journal is near ``metering_journal_max_kb``, get
 503. ``rate_limit_rpm`` (config, global or per route) answers 429 with ``Retry-After``.
 
+Once it serves, the addon logs one ``metering: ready: config …, store …, journal …,
+listening on …`` line; a problem found at start-up (config, store, journal, a misspelt
+``metering_*`` option) ends mitmdump with one line and exit status 1 instead.
+
 Read streamed bodies in mitmweb with ``--set store_streamed_bodies=true`` (the "LLM
 Stream" view); commands: ``metering.balance USER`` and ``metering.usage @all``.
 """
@@ -31,10 +35,13 @@ Stream" view); commands: ``metering.balance USER`` and ``metering.usage @all``.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 
 from mitmproxy import command
 from mitmproxy import contentviews
@@ -119,6 +126,16 @@ def open_journal(settings: options.Settings) -> Journal:
         ) from None
 
 
+def ready_line(settings: options.Settings, addresses: Sequence[str]) -> str:
+    """What this process serves with (no password of a store URL)."""
+    return (
+        f"config {settings.config_source.describe()}"
+        f", store {settings.db_url.partition('@')[2] or settings.db_url}"
+        f", journal {settings.journal_path}"
+        f", listening on {', '.join(addresses)}"
+    )
+
+
 def sweep_interval(age: timedelta) -> float:
     """How often the writer looks for abandoned holds: a minute, or half a shorter age."""
     return min(60.0, max(0.5, age.total_seconds() / 2))
@@ -134,7 +151,13 @@ def open_checked_store(settings: options.Settings) -> Store:
 
 
 class Metering:
-    def __init__(self) -> None:
+    def __init__(self, *, exit_on_startup_error: bool = False) -> None:
+        """``exit_on_startup_error``: a problem found before the proxy runs (config, store,
+        journal, an unknown ``metering_*`` option) ends the process with one line on stderr
+        and status 1, instead of mitmproxy's traceback and a proxy serving unmetered; later
+        option changes are refused as usual (``OptionsError``)."""
+        self.exit_on_startup_error = exit_on_startup_error
+        self.is_running = False
         self.settings: options.Settings | None = None
         self.store: Store | None = None
         self.writer: SettlementWriter | None = None
@@ -151,6 +174,20 @@ class Metering:
     def configure(self, updated: set[str]) -> None:
         if not updated & options.NAMES:
             return
+        try:
+            if not self.is_running:
+                if unknown := options.unknown_options(ctx.options.deferred):
+                    raise exceptions.OptionsError("; ".join(unknown))
+            self._configure()
+        except exceptions.OptionsError as e:
+            if self.is_running or not self.exit_on_startup_error:
+                raise
+            self._close()
+            # mitmproxy reports its own bad options the same way; SystemExit passes through
+            # its script loader, which would log a traceback and keep the proxy running
+            raise SystemExit(f"{Path(sys.argv[0]).name}: {e}") from None
+
+    def _configure(self) -> None:
         settings = options.read_settings(ctx.options)
         if settings == self.settings:
             return
@@ -172,13 +209,24 @@ class Metering:
         self._start(settings, store, journal)
 
     def running(self) -> None:
-        unknown = sorted(k for k in ctx.options.deferred if k.startswith("metering"))
-        if unknown:
-            logger.warning("metering: unknown option(s) ignored: %s", ", ".join(unknown))
+        self.is_running = True
         changes = {k: v for k, v in REQUIRED_OPTIONS.items() if getattr(ctx.options, k) != v}
+        if "web_columns" in ctx.options and "comment" not in ctx.options.web_columns:
+            changes["web_columns"] = [*ctx.options.web_columns, "comment"]  # mitmweb
         if changes:
             logger.info("metering: setting %s", changes)
             ctx.options.update(**changes)
+        if self.settings is None:
+            return
+        server = ctx.master.addons.get("proxyserver")
+        addresses = [
+            f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            for host, port, *_ in server.listen_addrs()
+        ]
+        if addresses:
+            logger.info("metering: ready: %s", ready_line(self.settings, addresses))
+        else:  # mitmproxy said why (a port in use, say) and runs on without a server
+            logger.error("metering: not ready: the proxy listens on no address")
 
     def done(self) -> None:
         self._settle_in_flight()
@@ -236,11 +284,14 @@ class Metering:
             RateLimiter(),
             in_flight=lambda: len(self.tickets),
         )
-        logger.info(
-            "metering: store %s, journal %s",
-            settings.db_url.partition("@")[2] or settings.db_url,
-            settings.journal_path,
-        )
+        legacy = options.legacy_journal(settings.db_url)
+        if legacy != settings.journal_path and os.path.isfile(legacy) and os.path.getsize(legacy):
+            logger.warning(
+                "metering: %s holds settlements of an earlier version's default journal:"
+                " replay it (burnmeter journal replay %s)",
+                legacy,
+                legacy,
+            )
 
     def _close(self) -> None:
         if self.admission is not None:
@@ -414,4 +465,4 @@ class Metering:
 
 contentviews.add(LLMStreamContentview)
 
-addons = [Metering()]
+addons = [Metering(exit_on_startup_error=True)]

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from mitmproxy import exceptions
+from mitmproxy.proxy.mode_specs import ProxyMode
 
 from burnmeter.config import Config
 from burnmeter.config import ConfigError
+from burnmeter.config import ConfigSource
 from burnmeter.config import Route
+from burnmeter.config import find_config
 from burnmeter.config import load_config
+from burnmeter.store import StoreURLError
 from burnmeter.store import resolve_url
+from burnmeter.store import sqlite_path
 
 NAMES = frozenset(
     {
@@ -25,7 +33,8 @@ NAMES = frozenset(
         "metering_sweep_seconds",
     }
 )
-DEFAULT_JOURNAL = "burnmeter.journal"
+JOURNAL_STEM = "burnmeter"
+"""The journal's name stem when the store is not a file (MongoDB)."""
 DEFAULT_JOURNAL_MAX_KB = 256 * 1024
 MIN_JOURNAL_MAX_KB = 8
 
@@ -35,7 +44,10 @@ def declare(loader: Any) -> None:
         "metering_config",
         str | None,
         None,
-        "burnmeter TOML config file (pools, routes, prices); the built-in default if unset.",
+        """
+        burnmeter TOML config file (pools, routes, prices). Unset: $BURNMETER_CONFIG, then
+        ./burnmeter.toml if it exists, then the built-in config.
+        """,
     )
     loader.add_option(
         "metering_db",
@@ -61,7 +73,9 @@ def declare(loader: Any) -> None:
         None,
         """
         Write-ahead journal of settlements not yet in the store (one process per file).
-        Unset: FILE.journal next to a sqlite:///FILE store, else ./burnmeter.journal.
+        Unset: named after the store and this process's listen addresses, e.g.
+        FILE.8080.journal next to a sqlite:///FILE store (else ./burnmeter.8080.journal),
+        so that processes on one store never share one and a restart finds its own.
         """,
     )
     loader.add_option(
@@ -87,6 +101,7 @@ def declare(loader: Any) -> None:
 @dataclass(frozen=True, slots=True)
 class Settings:
     config: Config
+    config_source: ConfigSource
     db_url: str
     key_cache_ttl: int
     journal_path: str
@@ -95,20 +110,47 @@ class Settings:
     upstream_keys: dict[Route, str]
 
 
-def default_journal(db_url: str) -> str:
-    """FILE.journal next to a sqlite:///FILE store, else ./burnmeter.journal."""
-    if db_url.startswith("sqlite://"):
-        path = db_url.removeprefix("sqlite://")
-        path = path[1:] if path.startswith("/") else path  # as open_store reads it
-        if path:
-            return path + ".journal"
-    return DEFAULT_JOURNAL
+def listen_spec(options: Any) -> str:
+    """This process's listen addresses as a file-name part: ``8080``, ``127.0.0.1-8004+8005``.
+
+    Two processes cannot listen on one address, and a restart listens where it did."""
+    addresses = []
+    for spec in options.mode:
+        try:
+            mode = ProxyMode.parse(spec)
+        except ValueError:
+            continue  # mitmproxy refuses a bad mode itself
+        host, port = mode.listen_host(options.listen_host), mode.listen_port(options.listen_port)
+        addresses.append(f"{host}-{port}" if host else str(port))
+    return re.sub(r"[^A-Za-z0-9.+-]", "_", "+".join(sorted(addresses)) or "proxy")
+
+
+def default_journal(db_url: str, listen: str) -> str:
+    """FILE.LISTEN.journal next to a sqlite:///FILE store, else ./burnmeter.LISTEN.journal."""
+    path = sqlite_path(db_url)
+    return f"{path or JOURNAL_STEM}.{listen}.journal"
+
+
+def legacy_journal(db_url: str) -> str:
+    """Where an earlier version kept the default journal (FILE.journal, ./burnmeter.journal)."""
+    return f"{sqlite_path(db_url) or JOURNAL_STEM}.journal"
+
+
+def unknown_options(names: Iterable[str]) -> list[str]:
+    """A message for each ``metering_*`` name that is no option, with the closest one."""
+    messages = []
+    for name in sorted(n for n in names if n.startswith("metering")):
+        close = difflib.get_close_matches(name, NAMES, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else f"options: {', '.join(sorted(NAMES))}"
+        messages.append(f"{name}: no such option ({hint})")
+    return messages
 
 
 def read_settings(options: Any) -> Settings:
     """Validate the options once; ``OptionsError`` names the bad one."""
+    source = find_config(options.metering_config)
     try:
-        config = load_config(options.metering_config)
+        config = load_config(source.path)
     except ConfigError as e:
         raise exceptions.OptionsError(f"metering_config: {e}") from None
     ttl = options.metering_key_cache_ttl
@@ -134,11 +176,16 @@ def read_settings(options: Any) -> Settings:
             )
         upstream_keys[route] = key
     db_url = resolve_url(options.metering_db, config.db)
+    try:
+        journal = options.metering_journal or default_journal(db_url, listen_spec(options))
+    except StoreURLError as e:
+        raise exceptions.OptionsError(f"metering_db: {e}") from None
     return Settings(
         config=config,
+        config_source=source,
         db_url=db_url,
         key_cache_ttl=ttl,
-        journal_path=options.metering_journal or default_journal(db_url),
+        journal_path=journal,
         journal_max_bytes=options.metering_journal_max_kb * 1024,
         sweep_age=timedelta(seconds=sweep if sweep is not None else config.hold_sweep_minutes * 60),
         upstream_keys=upstream_keys,

@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import tomllib
+from dataclasses import dataclass
 from datetime import UTC
 from datetime import datetime
 from decimal import Decimal
@@ -31,6 +33,8 @@ from burnmeter.price_model import RATE_KEYS
 
 DEFAULT_DB_PATH = "burnmeter.db"
 DEFAULT_DB_URL = f"sqlite:///{DEFAULT_DB_PATH}"
+ENV_CONFIG = "BURNMETER_CONFIG"
+LOCAL_CONFIG = "burnmeter.toml"
 
 FieldName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 PositiveDecimal = Annotated[Decimal, Field(gt=0)]
@@ -332,9 +336,13 @@ DEFAULT_POOLS = {
 }
 
 
+@functools.cache
 def default_config() -> Config:
-    """The built-in config: the original's two pools, no routes, no prices."""
-    return Config.model_validate({"pools": DEFAULT_POOLS})
+    """The built-in config: the original's two pools, no routes, and list prices for the
+    models people call (``burnmeter.builtin``)."""
+    from burnmeter.builtin import builtin_models  # it prices with burnmeter.pricing
+
+    return Config.model_validate({"pools": DEFAULT_POOLS, "models": builtin_models()})
 
 
 def _one_line(error: ValidationError) -> str:
@@ -351,6 +359,38 @@ def parse_config(data: dict[str, object]) -> Config:
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_one_line(e)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSource:
+    """Which config is in force and why: ``path`` None is the built-in config."""
+
+    path: str | None
+    origin: Literal["--config", "$BURNMETER_CONFIG", "working directory", "built-in"]
+
+    @property
+    def implicit(self) -> bool:
+        return self.origin != "--config"
+
+    def describe(self) -> str:
+        if self.path is None:
+            return f"built-in (no --config, ${ENV_CONFIG} or ./{LOCAL_CONFIG})"
+        if self.origin == "--config":
+            return self.path
+        return f"{self.path} ({self.origin})"
+
+
+def find_config(explicit: str | os.PathLike[str] | None) -> ConfigSource:
+    """The config the CLI and the proxy use alike: the one named (``--config``,
+    ``metering_config``), else $BURNMETER_CONFIG, else ./burnmeter.toml if there is one,
+    else the built-in config."""
+    if explicit:
+        return ConfigSource(os.fspath(explicit), "--config")
+    if env := os.environ.get(ENV_CONFIG):
+        return ConfigSource(env, "$BURNMETER_CONFIG")
+    if Path(LOCAL_CONFIG).is_file():
+        return ConfigSource(LOCAL_CONFIG, "working directory")
+    return ConfigSource(None, "built-in")
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:

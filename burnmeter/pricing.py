@@ -84,8 +84,23 @@ def resolve_price(
             return PriceQuote(
                 model_name, listed, route_multiplier, "list-price", None, route_multiplier
             )
-        raise UnknownModelError(f"unknown model {model_name!r}: no configured or list price")
-    raise UnknownModelError(f"unknown model {model_name!r}")
+        raise UnknownModelError(
+            f"unknown model {model_name!r}: no list price, and the config does not price it"
+            f" ({_price_key(model_name)})"
+        )
+    raise UnknownModelError(
+        f"unknown model {model_name!r}: the config does not price it ({_price_key(model_name)})"
+    )
+
+
+def _price_key(model_name: str) -> str:
+    """The config table that would price ``model_name``, as TOML spells its key (a basic
+    string: quotes, backslashes and control characters escaped, so it stays one line)."""
+    escaped = "".join(
+        f"\\u{ord(c):04x}" if c in '"\\' or ord(c) < 0x20 or ord(c) == 0x7F else c
+        for c in model_name
+    )
+    return f'[models."{escaped}"] input, output'
 
 
 def list_price(model_name: str, upstream_url: str | None = None) -> Price | None:

@@ -36,6 +36,21 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], describe: Callable[[
         raise RuntimeError(f"exited with {proc.returncode}:\n{describe()}")
 
 
+def wait_for_line(proc: subprocess.Popen[bytes], output: Callable[[], str], marker: str) -> None:
+    """Until the process's ``output`` has a line containing ``marker`` (the process says it
+    is ready); an exit or ``START_TIMEOUT`` first is an error showing the output."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        text = output()
+        if any(marker in line for line in text.splitlines()):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} before {marker!r}:\n{text}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {marker!r} after {START_TIMEOUT}s:\n{text}")
+        time.sleep(0.05)
+
+
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
     """SIGTERM (mitmdump then runs its addons' ``done()``), SIGKILL after ``timeout``."""
     if proc.poll() is None:

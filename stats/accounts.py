@@ -1,4 +1,5 @@
-"""``burnmeter accounts``: create users and their keys, top up pools, show, disable."""
+"""``burnmeter accounts``: create users and their keys, top up pools, list, show, disable,
+enable, rotate a key."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from datetime import datetime
 from datetime import timedelta
 from decimal import Decimal
 from decimal import InvalidOperation
-from typing import TYPE_CHECKING
 from typing import Any
 
 import click
@@ -20,11 +20,12 @@ from burnmeter.documents import new_key
 from burnmeter.documents import utcnow
 from burnmeter.money import PRECISION
 from burnmeter.store.base import Document
+from burnmeter.store.base import UserExists
+from stats.context import Context
+from stats.context import UserError
 from stats.output import emit_record
+from stats.output import emit_rows
 from stats.output import format_option
-
-if TYPE_CHECKING:
-    from stats.cli import Context
 
 MAX_AMOUNT = Decimal(1_000_000_000)  # keeps nano-USD within a 64-bit integer
 
@@ -109,8 +110,8 @@ def known(user: str) -> Iterator[None]:
         raise unknown(user) from None
 
 
-def unknown(user: str) -> LookupError:
-    return LookupError(f"no user {user!r}")
+def unknown(user: str) -> UserError:
+    return UserError(f"no user {user!r}")
 
 
 def usd(amount: Decimal) -> str:
@@ -120,7 +121,8 @@ def usd(amount: Decimal) -> str:
 
 @click.group()
 def accounts() -> None:
-    """Create users and their API keys, top up credit pools, show and disable users."""
+    """Create users and their API keys, top up credit pools, list, show, disable and
+    enable users, rotate a user's key."""
 
 
 @accounts.command()
@@ -157,9 +159,13 @@ def create(
         balances[pool.balance[0]] = amount
     expires = expiry(pools, expires_days)
     key = new_key()
-    state.store.create_user(user, hash_key(key), balances)
+    store = state.new_store
+    try:
+        store.create_user(user, hash_key(key), balances)
+    except UserExists as e:
+        raise UserError(str(e)) from None
     if expires:
-        state.store.set_fields(user, expires)
+        store.set_fields(user, expires)
     if fmt == "table":
         click.echo(f"API key for {user} (shown once, keep it now): {key}")
     else:
@@ -192,11 +198,12 @@ def topup(
     """
     pool = pool_named(state, pool_name, "--pool")
     expires = expiry([pool], expires_days)
+    store = state.store
     with known(user):
-        state.store.topup(user, pool.balance[0], amount)
+        store.topup(user, pool.balance[0], amount)
         if expires:
-            state.store.set_fields(user, expires)
-    click.echo(f"{user}: {pool.name} balance {usd(state.store.balance(user, pool))} USD")
+            store.set_fields(user, expires)
+    click.echo(f"{user}: {pool.name} balance {usd(store.balance(user, pool))} USD")
 
 
 @accounts.command()
@@ -211,12 +218,12 @@ def show(state: Context, user: str, fmt: str) -> None:
     JSON uses the document's field names (creditsNew, expiresAtNew, ...); a field the
     document lacks is null.
     """
-    doc = state.store.user(user)
+    doc = state.read_only_store.user(user)
     if doc is None:
         raise unknown(user)
     record = account_record(doc, state.config.pools.values())
     record["balances"] = {
-        pool.name: state.store.balance(user, pool) for pool in state.config.pools.values()
+        pool.name: state.read_only_store.balance(user, pool) for pool in state.config.pools.values()
     }
     if fmt != "json":
         record |= {f"balances.{name}": value for name, value in record.pop("balances").items()}
@@ -230,6 +237,31 @@ def account_record(doc: Document, pools: Iterable[Pool]) -> dict[str, Any]:
         names += [*pool.balance, pool.used, pool.tokens or "", pool.expires or ""]
     names += ["totalInputTokens", "totalOutputTokens"]
     return {name: doc.get(name) for name in dict.fromkeys(names) if name}
+
+
+@accounts.command("list")
+@format_option
+@click.pass_obj
+def list_command(state: Context, fmt: str) -> None:
+    """Every user: active or not, role, each pool's balance, when it was created."""
+    pools = list(state.config.pools.values())
+    rows = [
+        {
+            "user": doc["_id"],
+            "active": doc.get("isActive", True) is not False,
+            "role": doc.get("role"),
+            **{pool.name: pool_balance(doc, pool) for pool in pools},
+            "createdAt": doc.get("createdAt"),
+        }
+        for doc in state.read_only_store.users()
+    ]
+    emit_rows(rows, ["user", "active", "role", *(p.name for p in pools), "createdAt"], fmt)
+
+
+def pool_balance(doc: Document, pool: Pool) -> Decimal:
+    """Σ of the pool's balance fields in a user document (what ``Store.balance`` sums)."""
+    values = (doc.get(name) for name in pool.balance)
+    return sum((v for v in values if isinstance(v, Decimal)), Decimal(0))
 
 
 @accounts.command()
@@ -246,4 +278,35 @@ def disable(state: Context, user: str) -> None:
     click.echo(f"{user}: disabled; the proxy refuses its keys within {seconds} s")
 
 
-COMMANDS = [accounts]
+@accounts.command()
+@click.argument("user")
+@click.pass_obj
+def enable(state: Context, user: str) -> None:
+    """Enable USER again (after `disable`): the proxy accepts its active keys.
+
+    Takes effect once the proxy's key cache expires (`key_cache_seconds`)."""
+    with known(user):
+        state.store.set_fields(user, {"isActive": True})
+    seconds = state.config.key_cache_seconds
+    click.echo(f"{user}: enabled; the proxy accepts its keys within {seconds} s")
+
+
+@accounts.command("rotate-key")
+@click.argument("user")
+@format_option
+@click.pass_obj
+def rotate_key(state: Context, user: str, fmt: str) -> None:
+    """Give USER a new API key and print it once; every key USER had stops working.
+
+    The old keys are deactivated (kept with their counters) and the original's
+    usersNew.apiKey is removed. The proxy refuses them once its key cache expires
+    (`key_cache_seconds`)."""
+    key = new_key()
+    with known(user):
+        stopped = state.store.rotate_key(user, hash_key(key))
+    seconds = state.config.key_cache_seconds
+    if fmt == "table":
+        click.echo(f"New API key for {user} (shown once, keep it now): {key}")
+        click.echo(f"{user}: {stopped} old key(s) stop working within {seconds} s", err=True)
+    else:
+        emit_record({"user": user, "key": key, "keys_stopped": stopped}, fmt)

@@ -1,71 +1,58 @@
 """burnmeter: spend reports and account management for the metering proxy.
 
 Every command reads the same store as the proxy (``--db``, $BURNMETER_DB, the config's
-``db``, or ./burnmeter.db).
+``db``, or ./burnmeter.db) and the same config (``--config``, $BURNMETER_CONFIG,
+./burnmeter.toml, or the built-in one).
+
+A command lives in a module of its own under ``stats/`` and is registered below with one
+``cli.add_command`` line; it takes the shared ``stats.context.Context`` (``@pass_obj``:
+``read_only_store`` to read, ``store`` to write) and raises ``stats.context.UserError``
+where it finds a mistake of the user's. Command modules import from ``stats.context``,
+never from this module.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
-from dataclasses import field
-from functools import cached_property
+import traceback
 
 import click
 
-from burnmeter.config import Config
-from burnmeter.config import ConfigError
-from burnmeter.config import load_config
-from burnmeter.store import open_store
-from burnmeter.store import resolve_url
-from burnmeter.store.base import Store
-
-
-@dataclass
-class Context:
-    """What every command shares: the config and, opened on first use, the store."""
-
-    db_url: str | None
-    config_path: str | None
-    _stores: list[Store] = field(default_factory=list)
-
-    @cached_property
-    def config(self) -> Config:
-        return load_config(self.config_path)
-
-    @cached_property
-    def store_url(self) -> str:
-        return resolve_url(self.db_url, self.config.db if self.config_path else None)
-
-    @cached_property
-    def store(self) -> Store:
-        store = open_store(self.store_url, self.config.pools)
-        store.ensure_schema(self.config.log_ttl_days)
-        self._stores.append(store)
-        return store
-
-    def close(self) -> None:
-        for store in self._stores:
-            store.close()
-
-
-pass_context = click.make_pass_decorator(Context)
+from burnmeter.store.base import DocumentError
+from burnmeter.store.base import StoreError
+from stats import accounts
+from stats import imports
+from stats import purge
+from stats import reports
+from stats import reprice
+from stats import serve
+from stats.context import Context
+from stats.context import UserError
 
 
 class OneLineErrors(click.Group):
-    """Runtime errors end the command with one line on stderr and exit status 1."""
+    """Every failure ends the command with one line on stderr and exit status 1: the
+    user's mistakes (``UserError``, raised where they are found), a store that is down or
+    refuses a document, and bugs, which ``--debug`` shows with their traceback."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except (ConfigError, ValueError, KeyError, LookupError, OSError, RuntimeError) as e:
-            message = e.args[0] if isinstance(e, KeyError) and e.args else e
-            click.echo(f"burnmeter: error: {message}", err=True)
-            sys.exit(1)
-        except Exception as e:  # a bug: still one line, named so that it can be reported
-            click.echo(f"burnmeter: internal error: {type(e).__name__}: {e}", err=True)
+        except BrokenPipeError:
+            raise  # the reader stopped (``| head``): click ends quietly
+        except (StoreError, DocumentError) as e:
+            raise UserError(str(e)) from e
+        except Exception as e:
+            if ctx.params.get("debug"):
+                traceback.print_exc()
+            else:
+                click.echo(
+                    f"burnmeter: internal error: {type(e).__name__}: {e}"
+                    " (--debug shows the traceback)",
+                    err=True,
+                )
             sys.exit(1)
 
 
@@ -82,29 +69,29 @@ class OneLineErrors(click.Group):
     "config_path",
     metavar="FILE",
     type=click.Path(dir_okay=False),
-    help="TOML config (pools, routes, prices, time zone); built-in default if omitted.",
+    help="TOML config (pools, routes, prices, time zone). Unset: $BURNMETER_CONFIG, "
+    "then ./burnmeter.toml if it exists, then the built-in one.",
 )
+@click.option("--debug", is_flag=True, help="Show the traceback of an internal error.")
 @click.pass_context
-def cli(ctx: click.Context, db_url: str | None, config_path: str | None) -> None:
+def cli(ctx: click.Context, db_url: str | None, config_path: str | None, debug: bool) -> None:
     """Spend reports and account management for the burnmeter metering proxy."""
-    state = Context(db_url, config_path)
+    state = Context(db_url, config_path, debug)
     ctx.obj = state
     ctx.call_on_close(state.close)
 
 
-def _register() -> None:
-    from stats import accounts
-    from stats import imports
-    from stats import reports
-    from stats import reprice
-    from stats import serve
-
-    for module in (accounts, imports, reports, reprice, serve):
-        for command in module.COMMANDS:
-            cli.add_command(command)
-
-
-_register()
+cli.add_command(accounts.accounts)
+cli.add_command(imports.import_command)
+cli.add_command(purge.purge)
+cli.add_command(reports.summary)
+cli.add_command(reports.users)
+cli.add_command(reports.models)
+cli.add_command(reports.series)
+cli.add_command(reports.logs)
+cli.add_command(reports.reconcile)
+cli.add_command(reprice.reprice_command)
+cli.add_command(serve.serve)
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 
 Each line is decoded (Extended JSON, ``burnmeter.store.extjson``), its known fields
 type-checked, its money made exact ``Decimal`` USD, and handed to the store whole or not
-at all. A document whose ``_id`` is already stored is skipped.
+at all. A document whose ``_id`` is already stored is skipped, and so is a log older than
+the retention (the proxy would delete it): importing a file twice adds nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from dataclasses import field
 from datetime import datetime
 from datetime import timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING
 from typing import Any
 from typing import BinaryIO
 
@@ -38,11 +38,12 @@ from burnmeter.store.base import TOKEN_FIELDS
 from burnmeter.store.base import Document
 from burnmeter.store.base import ImportOutcome
 from burnmeter.store.base import Store
+from stats.context import Context
 from stats.output import emit_record
 from stats.output import format_option
 
-if TYPE_CHECKING:
-    from stats.cli import Context
+SHOWN_LINES = 10
+"""Line numbers an import names in a message before it only counts them."""
 
 
 class Rejected(ValueError):
@@ -64,7 +65,7 @@ class Kind:
 
 STRING = Kind("a string", (str,))
 NUMBER = Kind("a number", (int, float))
-DATE = Kind("a date", (datetime,))
+DATE = Kind('a date ({"$date": ...})', (datetime,))
 BOOLEAN = Kind("a boolean", (bool,))
 MONEY = Kind("a number", (int, float, Decimal))  # made Decimal USD
 LOG_ID = Kind("a string or an ObjectId", (str, ObjectId))
@@ -112,22 +113,20 @@ class Report:
     added: int = 0
     skipped: int = 0
     rejects: list[Reject] = field(default_factory=list)
-    oldest: datetime | None = None  # the earliest createdAt added
+    expired: list[int] = field(default_factory=list)  # lines of logs older than the retention
 
-    def count(self, outcome: ImportOutcome, doc: Document) -> None:
+    def count(self, outcome: ImportOutcome) -> None:
         if outcome == "skipped":
             self.skipped += 1
-            return
-        self.added += 1
-        created = doc.get("createdAt")
-        if isinstance(created, datetime) and (self.oldest is None or created < self.oldest):
-            self.oldest = created
+        else:
+            self.added += 1
 
     def summary(self) -> dict[str, Any]:
         return {
             "collection": self.collection,
             "added": self.added,
             "skipped": self.skipped,
+            "expired": len(self.expired),
             "rejected": len(self.rejects),
         }
 
@@ -173,6 +172,11 @@ def _decode(value: Any, where: str) -> Any:
     except ArithmeticError:
         raise Rejected(f"{where}: number out of range") from None
     except (TypeError, ValueError, BSONError) as e:
+        if isinstance(value, dict) and list(value) == ["$date"]:
+            raise Rejected(
+                f"{where}: {{$date: {json.dumps(value['$date'])}}} is not a date"
+                " (ISO 8601 with an offset, or epoch milliseconds, years 1-9999)"
+            ) from None
         raise Rejected(f"{where}: bad Extended JSON: {e}") from None
     _check_storable(decoded, where)
     return decoded
@@ -217,13 +221,20 @@ def kind(value: Any) -> str:
     return "a number" if isinstance(value, int | float | Decimal) else type(value).__name__
 
 
-def import_users(lines: Iterable[bytes], store: Store) -> Report:
+def import_users(lines: Iterable[bytes], store: Store, keep_after: datetime | None) -> Report:
+    """Users, whatever their age (retention is about logs)."""
     fields = user_fields(store.pools)
     return _import("users", lines, lambda line: parse(line, fields), store.import_user)
 
 
-def import_logs(lines: Iterable[bytes], store: Store) -> Report:
-    return _import("logs", lines, parse_log, store.import_log)
+def import_logs(lines: Iterable[bytes], store: Store, keep_after: datetime | None) -> Report:
+    """Logs created before ``keep_after`` (the retention) are counted as expired, not added."""
+
+    def expired(doc: Document) -> bool:
+        created = doc.get("createdAt")
+        return keep_after is not None and isinstance(created, datetime) and created < keep_after
+
+    return _import("logs", lines, parse_log, store.import_log, expired)
 
 
 def parse_log(line: str) -> Document:
@@ -238,11 +249,12 @@ def _import(
     lines: Iterable[bytes],
     parse_line: Callable[[str], Document],
     put: Callable[[Document], ImportOutcome],
+    expired: Callable[[Document], bool] = lambda doc: False,
 ) -> Report:
     report = Report(collection)
     for number, raw in enumerate(lines, start=1):
         try:
-            line = raw.decode("utf-8").removeprefix("\ufeff")
+            line = raw.decode("utf-8").removeprefix("\ufeff").rstrip("\r\n")
         except UnicodeDecodeError as e:
             report.rejects.append(Reject(number, f"not UTF-8 (byte {e.start + 1})"))
             continue
@@ -253,7 +265,10 @@ def _import(
         except Rejected as e:
             report.rejects.append(Reject(number, str(e)))
             continue
-        report.count(put(doc), doc)
+        if expired(doc):
+            report.expired.append(number)
+            continue
+        report.count(put(doc))
     return report
 
 
@@ -280,28 +295,28 @@ def import_command(state: Context, collection: str, file: BinaryIO, fmt: str) ->
     other lines are still imported. Table and CSV output print rejects on stderr; JSON
     lists them under "rejects".
 
-    Request logs older than the config's log_ttl_days (30 by default) are soon deleted by
-    the TTL: set log_ttl_days = 0 before importing history.
+    Request logs older than the config's log_ttl_days (30 by default) are not imported,
+    since the proxy would delete them: they are counted as "expired" and their lines
+    named. To import a history, set log_ttl_days = 0 (keep forever) in the config that the
+    proxy uses too.
 
     Exit status: 0 when no line was rejected, 1 when some were; the summary is printed
     either way.
     """
-    report = IMPORTERS[collection](file, state.store)
     ttl = state.config.log_ttl_days
-    if (
-        collection == "logs"
-        and ttl
-        and report.oldest
-        and report.oldest < utcnow() - timedelta(days=ttl)
-    ):
+    keep_after = utcnow() - timedelta(days=ttl) if ttl else None
+    report = IMPORTERS[collection](file, state.new_store, keep_after)
+    if report.expired:
         click.echo(
-            f"burnmeter: note: logs older than {ttl} days are deleted by the TTL"
-            " (log_ttl_days = 0 in the config keeps them)",
+            f"burnmeter: {_lines(report.expired)}: logs older than {ttl} days"
+            f" (log_ttl_days of config {state.config_source.describe()}) not imported:"
+            " the proxy would delete them; log_ttl_days = 0 keeps them",
             err=True,
         )
     if fmt == "json":
         rejects = [asdict(r) for r in report.rejects]
-        click.echo(json.dumps({**report.summary(), "rejects": rejects}, indent=2))
+        summary = {**report.summary(), "expired_lines": report.expired, "rejects": rejects}
+        click.echo(json.dumps(summary, indent=2))
     else:
         for reject in report.rejects:
             click.echo(f"burnmeter: line {reject.line}: {reject.reason}", err=True)
@@ -310,4 +325,10 @@ def import_command(state: Context, collection: str, file: BinaryIO, fmt: str) ->
         raise click.exceptions.Exit(1)
 
 
-COMMANDS = [import_command]
+def _lines(numbers: list[int]) -> str:
+    """``line 4``, ``lines 1, 2, 3``, ``lines 1, 2, … (1,200 lines)``."""
+    if len(numbers) == 1:
+        return f"line {numbers[0]}"
+    shown = ", ".join(str(n) for n in numbers[:SHOWN_LINES])
+    more = f", … ({len(numbers):,} lines)" if len(numbers) > SHOWN_LINES else ""
+    return f"lines {shown}{more}"

@@ -48,13 +48,18 @@ def plain(value: Any) -> Any:
 def cell(value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, Decimal):
-        return f"{value:.6f}".rstrip("0").rstrip(".") if value else "0"
+    if isinstance(value, Decimal):  # money: exact, as stored (nano-USD), no trailing zeros
+        return f"{value.normalize():f}" if value else "0"
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, datetime):
         return value.isoformat(timespec="seconds")
     return str(value)
+
+
+def exact(value: Any) -> str:
+    """A CSV field: as in a table, but a float whole (``repr``), not to 4 digits."""
+    return repr(value) if isinstance(value, float) else cell(value)
 
 
 def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
@@ -88,7 +93,7 @@ def emit_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: st
         )
         writer.writeheader()
         for r in rows:
-            writer.writerow({c: cell(r.get(c)) for c in columns})
+            writer.writerow({c: exact(r.get(c)) for c in columns})
         click.echo(buf.getvalue(), nl=False)
     else:
         click.echo(table(rows, columns) if rows else "(no rows)")

@@ -1,14 +1,38 @@
-"""``series --plot``: spend per pool as stacked bars (matplotlib, an optional dependency)."""
+"""``series --plot``: spend per pool as stacked bars (matplotlib, an optional dependency).
+
+The picture stays readable whatever the window: at most ``MAX_HOUR_BARS`` hourly bars
+(longer windows are drawn per local day), a bounded width, at most ``MAX_TICKS`` labels.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from decimal import Decimal
 
+from burnmeter.money import ZERO
 from burnmeter.periods import Bucket
 from burnmeter.periods import Window
 from burnmeter.reports.base import SeriesRow
+from stats.context import UserError
 
 MAX_TICKS = 24
+MAX_HOUR_BARS = 96
+WIDTH_INCHES = (8.0, 16.0)
+INCHES_PER_BAR = 0.25
+
+
+def by_day(rows: Sequence[SeriesRow], pools: Sequence[str]) -> list[SeriesRow]:
+    """Hourly rows summed per local date (the rows' own zone)."""
+    days: dict[object, SeriesRow] = {}
+    for row in rows:
+        day = row.start.date()
+        first = days.get(day)
+        if first is None:
+            days[day] = SeriesRow(row.start, row.end, dict(row.burned))
+            continue
+        burned = {p: first.burned.get(p, ZERO) + row.burned.get(p, ZERO) for p in pools}
+        days[day] = SeriesRow(first.start, row.end, burned)
+    return list(days.values())
 
 
 def plot_series(
@@ -21,9 +45,13 @@ def plot_series(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install 'burnmeter[plot]'") from None
+        raise UserError("--plot needs matplotlib: pip install 'burnmeter[plot]'") from None
 
-    fig, ax = plt.subplots(figsize=(max(8.0, min(24.0, len(rows) * 0.3)), 4.5))
+    if unit == "hour" and len(rows) > MAX_HOUR_BARS:
+        rows, unit = by_day(rows, pools), "day"
+    total = sum((r.total for r in rows), Decimal(0))
+    low, high = WIDTH_INCHES
+    fig, ax = plt.subplots(figsize=(max(low, min(high, len(rows) * INCHES_PER_BAR)), 4.5))
     positions = range(len(rows))
     bottom = [0.0] * len(rows)
     for pool in pools:
@@ -40,11 +68,15 @@ def plot_series(
     )
     ax.set_xlabel(f"{unit} ({span.zone.key})")
     ax.set_ylabel("spend (USD)")
-    ax.set_title(f"Spend per pool per {unit}\n{span.describe()}", fontsize=11)
+    ax.set_title(
+        f"Spend per pool per {unit}: {total:,.6f} USD in all\n{span.describe()}", fontsize=11
+    )
     if pools:
         ax.legend(title="pool", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=100)
+    except OSError as e:
+        raise UserError(f"--plot {path}: {e.strerror or e}") from None
     finally:
         plt.close(fig)

@@ -1,7 +1,9 @@
 """``burnmeter summary|users|models|series|logs|reconcile``: spend over a period.
 
-Every number comes from the request logs the store still holds: logs older than the
-config's ``log_ttl_days`` are purged, so a report reaching further back is incomplete.
+Reports open the store read-only and never delete anything. Every number comes from the
+request logs the store still holds: the proxy deletes logs older than its config's
+``log_ttl_days`` (and ``burnmeter purge`` does on request), so a report reaching further
+back is incomplete.
 """
 
 from __future__ import annotations
@@ -10,11 +12,11 @@ import functools
 from collections.abc import Callable
 from dataclasses import asdict
 from decimal import Decimal
-from typing import TYPE_CHECKING
 from typing import Any
 
 import click
 
+from burnmeter.periods import ALL
 from burnmeter.periods import BUCKETS
 from burnmeter.periods import PERIODS
 from burnmeter.periods import Bucket
@@ -26,12 +28,10 @@ from burnmeter.reports.base import LEGACY_POOL
 from burnmeter.reports.base import NEW_POOL
 from burnmeter.reports.base import Summary
 from stats.accounts import Amount
+from stats.context import Context
 from stats.output import emit_record
 from stats.output import emit_rows
 from stats.output import format_option
-
-if TYPE_CHECKING:
-    from stats.cli import Context
 
 USER_COLUMNS = ["user", "pool", "cost", "input_tokens", "output_tokens", "requests"]
 MODEL_COLUMNS = [
@@ -126,7 +126,7 @@ def summary(state: Context, span: Window, fmt: str) -> None:
     users with a positive balance in some pool, otherwise the users with a request in the
     window. success_rate is the percent of requests with isSuccess, null without requests.
     """
-    report = reports_for(state.store).summary(span)
+    report = reports_for(state.read_only_store).summary(span)
     record = report.as_dict()
     if fmt == "table":
         emit_record(_summary_lines(report), fmt)
@@ -140,13 +140,18 @@ def _usd(amount: Decimal) -> str:
     return f"{amount:,.4f} USD"
 
 
+def _active_word(s: Summary) -> str:
+    """What ``active_users`` counts: for `all`, users with a positive balance somewhere."""
+    return "funded" if s.window.period == ALL else "active"
+
+
 def _summary_lines(s: Summary) -> dict[str, str]:
     by_pool = {f"  {name}": _usd(amount) for name, amount in s.burned_by_pool.items()}
     rate = "—" if s.success_rate is None else f"{s.success_rate:g}% ok"
     latency = "—" if s.avg_latency_ms is None else f"{s.avg_latency_ms:,} ms"
     return {
         "Period": s.window.describe(),
-        "Users": f"{s.total_users:,} ({s.active_users:,} active)",
+        "Users": f"{s.total_users:,} ({s.active_users:,} {_active_word(s)})",
         "Credits": _usd(s.balances["total_credits"]),
         "Ref credits": _usd(s.balances["total_ref_credits"]),
         "New credits": _usd(s.balances["total_creditsNew"]),
@@ -172,7 +177,7 @@ def _summary_lines(s: Summary) -> dict[str, str]:
 @format_option
 def users(state: Context, span: Window, top: int | None, fmt: str) -> None:
     """Spend, tokens and requests per user and pool over the period, biggest spenders first."""
-    rows = reports_for(state.store).users(span, top)
+    rows = reports_for(state.read_only_store).users(span, top)
     emit_rows([asdict(r) for r in rows], USER_COLUMNS, fmt)
 
 
@@ -182,7 +187,7 @@ def users(state: Context, span: Window, top: int | None, fmt: str) -> None:
 @format_option
 def models(state: Context, span: Window, fmt: str) -> None:
     """Requests, the four token counts and cost per model over the period, by cost."""
-    rows = reports_for(state.store).models(span)
+    rows = reports_for(state.read_only_store).models(span)
     emit_rows([asdict(r) for r in rows], MODEL_COLUMNS, fmt)
 
 
@@ -207,12 +212,13 @@ def models(state: Context, span: Window, fmt: str) -> None:
 @format_option
 def series(state: Context, span: Window, unit: Bucket, plot_file: str | None, fmt: str) -> None:
     """Spend per pool in each hour or day of the period (empty buckets included)."""
-    rows = reports_for(state.store).series(span, unit)
+    rows = reports_for(state.read_only_store).series(span, unit)
     pools = list(rows[0].burned) if rows else []
     if plot_file:
         from stats.plot import plot_series
 
         plot_series(rows, pools, span, unit, plot_file)
+        click.echo(f"burnmeter: plot written to {plot_file}", err=True)
     if fmt == "json":
         emit_rows([r.as_dict() for r in rows], [], fmt)
     else:
@@ -237,7 +243,7 @@ def series(state: Context, span: Window, unit: Bucket, plot_file: str | None, fm
 @click.pass_obj
 def logs(state: Context, limit: int, user: str | None, fmt: str) -> None:
     """The newest request logs first; JSON prints the whole documents."""
-    docs = state.store.logs(limit, user)
+    docs = state.read_only_store.logs(limit, user)
     if fmt == "json":
         emit_rows(docs, [], fmt)
         return
@@ -264,18 +270,15 @@ def reconcile(state: Context, tolerance: Decimal, fmt: str) -> None:
     """Per user and pool: the pool's `used` counter against Σ creditsCost of its logs.
 
     Lists the pairs that differ (legacy logs without creditType count as ohmygpt); exits 0
-    either way. Logs are purged after `log_ttl_days`, so a user who spent before then shows
-    used > logged without anything being wrong.
+    either way. The proxy deletes logs after `log_ttl_days`, so a user who spent before
+    then shows used > logged without anything being wrong.
     """
-    rows = reports_for(state.store).reconcile(tolerance)
+    rows = reports_for(state.read_only_store).reconcile(tolerance)
     emit_rows([asdict(r) | {"difference": r.difference} for r in rows], RECONCILE_COLUMNS, fmt)
     ttl = state.config.log_ttl_days
     if ttl:
         click.echo(
-            f"note: logs older than {ttl} days (log_ttl_days) are purged; "
+            f"note: the proxy deletes logs older than {ttl} days (log_ttl_days); "
             "users who spent before then show used > logged",
             err=True,
         )
-
-
-COMMANDS = [summary, users, models, series, logs, reconcile]

@@ -30,7 +30,7 @@ from stats.output import format_option
 from stats.reports import period_options
 
 if TYPE_CHECKING:
-    from stats.cli import Context
+    from stats.context import Context
 
 COLUMNS = ["model", "requests", "logged", "recomputed", "difference", "unpriced"]
 
@@ -120,8 +120,5 @@ def reprice_command(state: Context, span: Window, fmt: str) -> None:
     A log is repriced at the route multiplier it was charged with; `unpriced` counts logs
     whose model has no price today.
     """
-    rows = reprice(state.config, state.store.logs_between(span.start, span.end))
+    rows = reprice(state.config, state.read_only_store.logs_between(span.start, span.end))
     emit_rows([row.row() for row in rows], COLUMNS, fmt)
-
-
-COMMANDS = [reprice_command]

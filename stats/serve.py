@@ -14,12 +14,11 @@ from typing import NoReturn
 
 import click
 
-from burnmeter.store import open_store
 from stats.admin.app import create_app
 from stats.admin.app import log_to_stderr
 
 if TYPE_CHECKING:
-    from stats.cli import Context
+    from stats.context import Context
 
 TOKEN_ENV = "BURNMETER_ADMIN_TOKEN"
 THREADS = 8
@@ -62,7 +61,7 @@ def serve(state: Context, host: str, port: int, token: str | None) -> None:
     if token is not None and not token.strip():
         raise click.BadParameter("the token must not be empty", param_hint="'--token'")
     token = token or secrets.token_urlsafe(24)
-    store = open_store(state.store_url, state.config.pools, read_only=True)
+    store = state.read_only_store
     app = create_app(store, state.config.zone, token)
     log_to_stderr()
     try:
@@ -79,6 +78,3 @@ def serve(state: Context, host: str, port: int, token: str | None) -> None:
     finally:
         app.extensions["burnmeter_workers"].shutdown(cancel_futures=True)
         store.close()
-
-
-COMMANDS = [serve]

@@ -1,5 +1,5 @@
 """The ``burnmeter`` CLI against each real store: SQLite through ``--db``, MongoDB
-(mongomock) put where ``stats.cli`` opens its store. Import ``backend_fixture`` to use
+(mongomock) put where ``stats.context`` opens its store. Import ``backend_fixture`` to use
 the ``backend`` fixture."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from click.testing import Result
 
-import stats.cli
+import stats.context
 from burnmeter.config import default_config
 from burnmeter.store.base import Document
 from burnmeter.store.base import Store
@@ -60,6 +60,9 @@ def backend_fixture(
 ) -> Iterator[Backend]:
     pools = default_config().pools
     monkeypatch.delenv("BURNMETER_DB", raising=False)
+    config = tmp_path / "default.toml"  # the built-in pools, named: no config notice
+    config.write_text("")
+    options = ["--config", str(config)]
     if request.param == "sqlite":
         path = tmp_path / "burnmeter.db"
 
@@ -67,16 +70,21 @@ def backend_fixture(
             return b"".join(p.read_bytes() for p in tmp_path.glob("burnmeter.db*"))
 
         b = Backend(
-            "sqlite", ["--db", f"sqlite:///{path}"], lambda: SqliteStore(path, pools), sqlite_bytes
+            "sqlite",
+            [*options, "--db", f"sqlite:///{path}"],
+            lambda: SqliteStore(path, pools),
+            sqlite_bytes,
         )
     else:
         database: Any = mongomock.MongoClient(tz_aware=True)["fproxy"]
-        monkeypatch.setattr(stats.cli, "open_store", lambda url, pools: MongoStore(database, pools))
+        monkeypatch.setattr(
+            stats.context, "open_store", lambda url, pools, **_: MongoStore(database, pools)
+        )
 
         def mongo_bytes() -> bytes:
             docs = [list(database[name].find()) for name in database.list_collection_names()]
             return json.dumps(docs, default=str).encode()
 
-        b = Backend("mongo", [], lambda: MongoStore(database, pools), mongo_bytes)
+        b = Backend("mongo", options, lambda: MongoStore(database, pools), mongo_bytes)
     yield b
     b.close()

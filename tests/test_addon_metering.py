@@ -25,6 +25,7 @@ from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 
 from addons.metering import Metering
+from addons.metering import ready_line
 from burnmeter.config import load_config
 from burnmeter.documents import hash_key
 from burnmeter.documents import utcnow
@@ -168,7 +169,7 @@ async def test_upstream_key_replaces_the_client_key(
     assert "authorization" not in other.request.headers, "a client key is never forwarded"
 
 
-def test_running_warns_about_unknown_options_and_sets_proxy_options(
+def test_running_sets_proxy_options_and_says_it_is_ready(
     env: Env, caplog: pytest.LogCaptureFixture
 ) -> None:
     m = Metering()
@@ -179,12 +180,91 @@ def test_running_warns_about_unknown_options_and_sets_proxy_options(
             metering_db=env.db_url,
             metering_journal=str(env.config_path.with_name("second.journal")),
         )
-        tctx.options.set("metering_kyes=1", defer=True)  # a typo: never applied
-        with caplog.at_level(logging.WARNING):
+        with caplog.at_level(logging.INFO):
             m.running()
-        assert "unknown option(s) ignored: metering_kyes" in caplog.text
         assert tctx.options.connection_strategy == "lazy"
         assert tctx.options.keep_host_header is True
+        # no server runs here: the addon does not claim to be ready
+        assert "metering: not ready: the proxy listens on no address" in caplog.text
+        assert "metering: ready" not in caplog.text
+        assert m.settings is not None
+        ready = ready_line(m.settings, ["127.0.0.1:8004", "[::1]:8004"])
+        assert ready == (
+            f"config {env.config_path}, store {env.db_url}, journal "
+            f"{env.config_path.with_name('second.journal')}, listening on 127.0.0.1:8004, [::1]:8004"
+        )
+        m.done()
+
+
+def test_an_unknown_metering_option_at_start_names_the_closest(env: Env) -> None:
+    m = Metering()
+    with taddons.context(m) as tctx:
+        tctx.options.set("metering_jornal=x.journal", defer=True)  # a typo: never applied
+        with pytest.raises(exceptions.OptionsError) as e:
+            tctx.configure(m, metering_config=str(env.config_path), metering_db=env.db_url)
+        assert str(e.value) == "metering_jornal: no such option (did you mean metering_journal?)"
+        assert m.admission is None
+
+
+def test_a_start_up_error_ends_the_process_with_one_line(env: Env) -> None:
+    m = Metering(exit_on_startup_error=True)
+    with taddons.context(proxyserver.Proxyserver(), m) as tctx:
+        with pytest.raises(SystemExit) as e:
+            tctx.configure(m, metering_config=str(env.config_path) + "x")
+        assert str(e.value).endswith(
+            ": metering_config: " + str(env.config_path) + "x: No such file or directory"
+        )
+        journal = str(env.config_path.with_name("third.journal"))
+        tctx.configure(
+            m,
+            metering_config=str(env.config_path),
+            metering_db=env.db_url,
+            metering_journal=journal,
+        )
+        m.running()
+        with pytest.raises(exceptions.OptionsError):  # once running: refused, proxy goes on
+            tctx.configure(m, metering_config=str(env.config_path) + "x")
+        assert m.admission is not None
+        m.done()
+
+
+def test_config_is_found_as_the_cli_finds_it(
+    env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BURNMETER_CONFIG", str(env.config_path))
+    m = Metering()
+    with taddons.context(m) as tctx:
+        tctx.configure(m, metering_db=env.db_url, metering_journal=str(tmp_path / "j"))
+        assert m.settings is not None
+        assert m.settings.config_source.describe() == f"{env.config_path} ($BURNMETER_CONFIG)"
+        monkeypatch.delenv("BURNMETER_CONFIG")
+        (tmp_path / "burnmeter.toml").write_text('timezone = "UTC"\n')
+        tctx.configure(m, metering_key_cache_ttl=1)
+        assert m.settings.config_source.describe() == "burnmeter.toml (working directory)"
+        assert m.settings.config.timezone == "UTC"
+        m.done()
+
+
+@pytest.mark.parametrize(
+    "modes, host, port, journal",
+    [
+        (["regular"], "", None, "DB.8080.journal"),
+        (["reverse:https://api.openai.com@8004"], "127.0.0.1", None, "DB.127.0.0.1-8004.journal"),
+        (["reverse:http://a@8004", "reverse:http://b@8005"], "", 9, "DB.8004+8005.journal"),
+        (["regular"], "::1", 8181, "DB.__1-8181.journal"),
+    ],
+)
+def test_default_journal_is_named_after_the_store_and_listen_addresses(
+    env: Env, modes: list[str], host: str, port: int | None, journal: str
+) -> None:
+    m = Metering()
+    with taddons.context(m) as tctx:
+        tctx.options.update(mode=modes, listen_host=host, listen_port=port)
+        tctx.configure(m, metering_config=str(env.config_path), metering_db=env.db_url + "2")
+        assert m.settings is not None
+        db = env.db_url.removeprefix("sqlite:///") + "2"
+        assert m.settings.journal_path == journal.replace("DB", db)
         m.done()
 
 
@@ -537,7 +617,7 @@ async def test_json_response_is_charged_and_annotated(env: Env) -> None:
     assert not f.response.stream
     env.metering.response(f)
     record = f.metadata["metering"]
-    assert f.comment == "alice · gpt-4o · 1,200 tok · $0.0090 · openhands"
+    assert f.comment == "alice · gpt-4o · 1,200 tok · $0.00900 · openhands"
     assert record["key"] != KEY and KEY not in json.dumps(record) and KEY not in f.comment
     assert record["billing_tokens"] == 2400
     assert not f.marked

@@ -9,10 +9,12 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from click.testing import CliRunner
 
 from burnmeter.documents import KEY_PREFIX
 from burnmeter.documents import hash_key
 from burnmeter.documents import utcnow
+from stats.cli import cli
 from tests.cli_backends import Backend
 from tests.cli_backends import backend_fixture  # noqa: F401
 
@@ -156,19 +158,27 @@ def test_runtime_errors_are_one_line_and_exit_1(
     assert show(backend, "alice")["creditsNew"] == 5  # nothing changed
 
 
-def test_an_unexpected_error_is_still_one_line(
-    backend: Backend, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("error", [TypeError, KeyError, ValueError, LookupError])
+def test_a_bug_is_one_line_naming_it_and_debug_shows_the_traceback(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch, error: type[Exception]
 ) -> None:
+    create(backend, "alice")
+
     def broken(*_: object) -> None:
-        raise TypeError("Object of type X is not JSON serializable")
+        raise error("Object of type X is not JSON serializable")
 
     monkeypatch.setattr("burnmeter.store.sqlite.SqliteStore.user", broken)
     monkeypatch.setattr("burnmeter.store.mongo.MongoStore.user", broken)
     result = backend.run("accounts", "show", "alice")
     assert result.exit_code == 1 and result.stdout == ""
-    assert result.stderr == (
-        "burnmeter: internal error: TypeError: Object of type X is not JSON serializable\n"
-    )
+    assert result.stderr.startswith(f"burnmeter: internal error: {error.__name__}: ")
+    assert result.stderr.endswith(" (--debug shows the traceback)\n")
+    assert len(result.stderr.splitlines()) == 1
+
+    debug = CliRunner().invoke(cli, ["--debug", *backend.options, "accounts", "show", "alice"])
+    assert debug.exit_code == 1
+    assert debug.stderr.startswith("Traceback (most recent call last):")
+    assert "in broken" in debug.stderr
 
 
 @pytest.mark.parametrize(
@@ -214,3 +224,34 @@ def test_show_prints_a_table_and_csv_with_pool_sums(backend: Backend) -> None:
         io.StringIO(backend.run("accounts", "show", "alice", "--format", "csv").stdout)
     )
     assert (row["_id"], row["refCredits"], row["balances.ohmygpt"]) == ("alice", "0.5", "1.75")
+
+
+def test_rotate_key_gives_a_new_key_and_stops_every_old_one(backend: Backend) -> None:
+    old = create(backend, "alice", "--pool", "openhands=5")
+    backend.store().set_fields("alice", {"apiKey": "sk-legacy-raw-key"})  # the original's
+    result = backend.run("accounts", "rotate-key", "alice", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    rotated = json.loads(result.stdout)
+    assert (rotated["user"], rotated["keys_stopped"]) == ("alice", 2)
+    store = backend.store()
+    for key in (old, "sk-legacy-raw-key"):
+        owner = store.find_key(key)
+        assert owner is None or owner.key_active is False, key
+    new = store.find_key(rotated["key"])
+    assert new is not None and new.key_active and new.user_id == "alice"
+    assert rotated["key"].encode() not in backend.raw_bytes()
+
+
+def test_list_and_enable(backend: Backend) -> None:
+    create(backend, "alice", "--pool", "ohmygpt=1.25")
+    create(backend, "bob")
+    assert backend.run("accounts", "disable", "bob").exit_code == 0
+    listed = list(
+        csv.DictReader(io.StringIO(backend.run("accounts", "list", "--format", "csv").stdout))
+    )
+    assert [(r["user"], r["active"], r["ohmygpt"]) for r in listed] == [
+        ("alice", "True", "1.25"),
+        ("bob", "False", "0"),
+    ]
+    assert backend.run("accounts", "enable", "bob").exit_code == 0
+    assert backend.user("bob")["isActive"] is True

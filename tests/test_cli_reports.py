@@ -37,17 +37,18 @@ used = "geminiUsed"
 
 
 def _setup(tmp_path: Path, ttl: int = 0, data: bool = True) -> list[str]:
+    """An SQLite store, with test_reports' documents unless ``data`` is false (empty)."""
     config = tmp_path / "burnmeter.toml"
     config.write_text(CONFIG.format(ttl=ttl))
     db = tmp_path / "cli.db"
+    store = SqliteStore(db, load_config(config).pools)
+    store.ensure_schema(0)
     if data:
-        store = SqliteStore(db, load_config(config).pools)
-        store.ensure_schema(0)
         for doc in USER_DOCS:
             store.import_user(doc)
         for doc in LOG_DOCS:
             store.import_log(doc)
-        store.close()
+    store.close()
     return ["--db", f"sqlite:///{db}", "--config", str(config)]
 
 

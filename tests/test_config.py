@@ -10,6 +10,7 @@ from burnmeter.config import ConfigError
 from burnmeter.config import default_config
 from burnmeter.config import load_config
 from burnmeter.config import parse_config
+from burnmeter.pricing import list_price
 
 REPO = Path(__file__).resolve().parents[1]
 POOLS = {"p": {"balance": ["credits"], "used": "creditsUsed"}}
@@ -29,7 +30,7 @@ def test_example_file_loads_with_exact_prices():
     config = load_config(REPO / "burnmeter.example.toml")
     model_id, model = config.model("claude-sonnet-4-5")
     assert model_id == "claude-sonnet-4-5-20250929"
-    assert model.cache_read == Decimal("0.3")
+    assert model.price == list_price(model_id)  # tiers and all, inherited
     assert config.route("chat.trollllm.xyz", 443, None).multiplier == Decimal("1.02")
     assert config.route("CHAT2.trollllm.xyz", None, None).pool == "ohmygpt"
     assert config.route("elsewhere.example", None, None) is None

@@ -78,7 +78,15 @@ def test_users_keep_their_fields_types_and_keys(keeping: Backend) -> None:
     code, report = run_import(keeping, "users", USERS)
     assert (code, report) == (
         0,
-        {"collection": "users", "added": 2, "skipped": 0, "rejected": 0, "rejects": []},
+        {
+            "collection": "users",
+            "added": 2,
+            "skipped": 0,
+            "expired": 0,
+            "rejected": 0,
+            "expired_lines": [],
+            "rejects": [],
+        },
     )
     store = keeping.store()
     money = set(MONEY_FIELDS)
@@ -128,7 +136,15 @@ def test_importing_again_adds_nothing(keeping: Backend) -> None:
 
     assert run_import(keeping, "users", USERS) == (
         0,
-        {"collection": "users", "added": 0, "skipped": 2, "rejected": 0, "rejects": []},
+        {
+            "collection": "users",
+            "added": 0,
+            "skipped": 2,
+            "expired": 0,
+            "rejected": 0,
+            "expired_lines": [],
+            "rejects": [],
+        },
     )
     code, report = run_import(keeping, "logs", LOGS)
     assert (code, report["added"], report["skipped"]) == (0, 0, 4)
@@ -144,12 +160,12 @@ def test_malformed_log_lines_are_reported_and_never_half_written(keeping: Backen
     assert report["rejects"] == [
         {
             "line": 2,
-            "reason": "bad JSON: Expecting property name enclosed in double quotes (column 1)",
+            "reason": "bad JSON: Expecting property name enclosed in double quotes (column 60)",
         },
         {"line": 3, "reason": "not a JSON object but an array"},
         {"line": 5, "reason": "missing _id"},
         {"line": 6, "reason": "creditsCost: expected a number, got a string"},
-        {"line": 7, "reason": "createdAt: expected a date, got a string"},
+        {"line": 7, "reason": 'createdAt: expected a date ({"$date": ...}), got a string'},
         {"line": 8, "reason": "creditsCost: nan is not a finite number"},
         {
             "line": 9,
@@ -171,6 +187,8 @@ def test_malformed_log_lines_are_reported_and_never_half_written(keeping: Backen
         "0",
         "skipped",
         "2",
+        "expired",
+        "0",
         "rejected",
         "9",
     ]
@@ -192,13 +210,35 @@ def test_usage_errors_exit_2(backend: Backend, args: list[str], message: str) ->
     assert message in result.stderr.splitlines()[-1]
 
 
-def test_import_warns_when_the_ttl_will_delete_old_logs(backend: Backend) -> None:
+def test_logs_older_than_the_retention_are_named_and_not_imported(backend: Backend) -> None:
     result = backend.run("import", "logs", str(LOGS))
     assert result.exit_code == 0, result.stderr
     assert result.stderr == (
-        "burnmeter: note: logs older than 30 days are deleted by the TTL"
-        " (log_ttl_days = 0 in the config keeps them)\n"
+        "burnmeter: lines 1, 2, 3, 4: logs older than 30 days (log_ttl_days of config "
+        f"{backend.options[1]}) not imported: the proxy would delete them;"
+        " log_ttl_days = 0 keeps them\n"
     )
+    assert result.stdout.split()[2:8] == ["added", "0", "skipped", "0", "expired", "4"]
+    assert backend.store().logs(100) == []
+
+
+@pytest.mark.parametrize("ttl", [0, 30])
+def test_importing_logs_again_adds_nothing_whatever_the_ttl(
+    backend: Backend, tmp_path: Path, ttl: int
+) -> None:
+    config = tmp_path / f"ttl{ttl}.toml"
+    config.write_text(f"log_ttl_days = {ttl}\n")
+    backend.options += ["--config", str(config)]
+    first = run_import(backend, "logs", LOGS)[1]
+    again = run_import(backend, "logs", LOGS)[1]
+    assert first["added"] + first["expired"] == 4
+    assert (again["added"], again["skipped"], again["expired"]) == (
+        0,
+        first["added"],
+        first["expired"],
+    )
+    assert again["expired_lines"] == first["expired_lines"]
+    assert len(backend.store().logs(100)) == first["added"]
 
 
 def test_no_ttl_warning_when_logs_are_kept(keeping: Backend) -> None:
@@ -214,7 +254,7 @@ def test_malformed_user_lines_from_stdin(keeping: Backend) -> None:
     assert report["rejects"] == [
         {"line": 2, "reason": "missing _id"},
         {"line": 3, "reason": "credits: expected a number, got a string"},
-        {"line": 4, "reason": "createdAt: expected a date, got a string"},
+        {"line": 4, "reason": 'createdAt: expected a date ({"$date": ...}), got a string'},
         {"line": 5, "reason": "not UTF-8 (byte 25)"},
         {"line": 6, "reason": "_id: expected a string, got an ObjectId"},
     ]
@@ -238,7 +278,7 @@ FIELDS = user_fields(default_config().pools)
         ('{"_id": "a", "isActive": "yes"}', "isActive: expected a boolean, got a string"),
         (
             '{"_id": "a", "expiresAtNew": 1735689600000}',
-            "expiresAtNew: expected a date, got a number",
+            'expiresAtNew: expected a date ({"$date": ...}), got a number',
         ),
         (
             '{"_id": "a", "creditsNew": {"$numberDecimal": "1e999999"}}',

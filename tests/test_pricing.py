@@ -1,10 +1,18 @@
+import re
+import tomllib
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from burnmeter import price_model
+from burnmeter.builtin import COMMON_MODELS
 from burnmeter.config import Config
 from burnmeter.config import DefaultPrice
+from burnmeter.config import default_config
+from burnmeter.config import load_config
 from burnmeter.config import parse_config
 from burnmeter.price_model import Price
 from burnmeter.pricing import PriceQuote
@@ -204,7 +212,7 @@ def test_list_price_provider_from_name_or_upstream() -> None:
 
 def test_list_price_unknown_to_genai_prices_is_rejected() -> None:
     config = make_config(unknown_model="list-price")
-    with pytest.raises(UnknownModelError, match="no configured or list price"):
+    with pytest.raises(UnknownModelError, match="no list price, and the config does not price it"):
         resolve_price(config, "no-such-model-xyz", ONE)
 
 
@@ -249,3 +257,35 @@ def test_a_record_whose_parts_exceed_their_wholes_is_priced_clamped() -> None:
     assert hostile.clamped().output_image_tokens == 0
     fine = UsageRecord(input_tokens=10, input_audio_tokens=5)
     assert fine.clamped() is fine
+
+
+@given(st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=40))
+def test_an_unknown_models_error_names_the_config_key_that_prices_it(name: str) -> None:
+    with pytest.raises(UnknownModelError) as e:
+        resolve_price(make_config(), name, ONE)
+    message = str(e.value)
+    assert "\n" not in message and "\r" not in message
+    key = re.search(r"\(\[models\.(\".*\")\] input, output\)$", message)
+    assert key, message
+    priced = tomllib.loads(f"[models.{key.group(1)}]\ninput = 1\noutput = 2\n")
+    assert priced == {"models": {name: {"input": 1, "output": 2}}}
+
+
+def test_the_built_in_config_prices_common_models_at_list_prices() -> None:
+    config = default_config()
+    for model_id, aliases in COMMON_MODELS.items():
+        listed = list_price(model_id)
+        assert listed is not None and listed.rate("input") and listed.rate("output")
+        quote = resolve_price(config, model_id, ONE)
+        assert (quote.price, quote.source) == (listed, "config")
+        for alias in aliases:
+            assert list_price(alias) == listed, alias  # an alias costs what its model does
+            assert resolve_price(config, alias, ONE).model == model_id
+
+
+def test_the_example_config_prices_at_list_prices() -> None:
+    config = load_config(Path(__file__).parents[1] / "burnmeter.example.toml")
+    assert config.models
+    for model_id in config.models:
+        quote = resolve_price(config, model_id, ONE)
+        assert quote.price == list_price(model_id), model_id

@@ -8,8 +8,11 @@ from collections.abc import Mapping
 from burnmeter.config import DEFAULT_DB_URL
 from burnmeter.config import Pool
 from burnmeter.store.base import Store
+from burnmeter.store.base import StoreMissing
 
 ENV_DB = "BURNMETER_DB"
+
+__all__ = ["ENV_DB", "StoreMissing", "StoreURLError", "open_store", "resolve_url", "sqlite_path"]
 
 
 class StoreURLError(ValueError):
@@ -21,20 +24,43 @@ def resolve_url(explicit: str | None, config_db: str | None = None) -> str:
     return explicit or os.environ.get(ENV_DB) or config_db or DEFAULT_DB_URL
 
 
-def open_store(url: str, pools: Mapping[str, Pool], read_only: bool = False) -> Store:
-    """``read_only``: SQLite opens the file with ``mode=ro`` (it must exist); nothing changes
-    for MongoDB, whose readers simply never write."""
-    if url.startswith("sqlite://"):
+def sqlite_path(url: str) -> str | None:
+    """The file of a ``sqlite://`` URL (``sqlite:///rel.db``, ``sqlite:////abs.db``), else None."""
+    if not url.startswith("sqlite://"):
+        return None
+    path = url.removeprefix("sqlite://")
+    path = path[1:] if path.startswith("/") else path
+    if not path:
+        raise StoreURLError(f"{url}: no file path (sqlite:///burnmeter.db)")
+    return path
+
+
+def open_store(
+    url: str, pools: Mapping[str, Pool], *, read_only: bool = False, create: bool = True
+) -> Store:
+    """The store at ``url``.
+
+    ``read_only``: the store must exist (else ``StoreMissing``), and nothing is written to
+    it, not even an index (a read-only SQLite file works). ``create=False``: a writable store
+    that must exist. The caller runs ``ensure_schema`` on a store it writes to."""
+    path = sqlite_path(url)
+    if path is not None:
         from burnmeter.store.sqlite import SqliteStore
 
-        path = url.removeprefix("sqlite://")
-        if path.startswith("/"):
-            path = path[1:]  # sqlite:///rel.db -> rel.db ; sqlite:////abs.db -> /abs.db
-        if not path:
-            raise StoreURLError(f"{url}: no file path (sqlite:///burnmeter.db)")
-        return SqliteStore(path, pools, read_only)
+        if not (create and not read_only) and not os.path.exists(path):
+            raise StoreMissing(
+                f"{path}: no such store (`burnmeter accounts create` or `import` makes one)"
+            )
+        return SqliteStore(path, pools, read_only=read_only)
     if url.startswith(("mongodb://", "mongodb+srv://")):
         from burnmeter.store.mongo import MongoStore
 
-        return MongoStore.from_url(url, pools)
+        store = MongoStore.from_url(url, pools)
+        if not (create and not read_only):
+            try:
+                store.check_exists()
+            except BaseException:
+                store.close()
+                raise
+        return store
     raise StoreURLError(f"{url}: unsupported store URL (sqlite:///FILE or mongodb://HOST/DB)")

@@ -41,6 +41,14 @@ class StoreError(RuntimeError):
     """The store cannot be reached or is not answering (an outage, not a user error)."""
 
 
+class StoreMissing(StoreError):
+    """There is no store where the URL points (opened without creating it)."""
+
+
+class UserExists(ValueError):
+    """``create_user`` for a user id that is taken."""
+
+
 class DocumentError(ValueError):
     """The store answered, but cannot apply an operation to one document (e.g. a legacy
     field holding a string): not an outage, and retrying will not help."""
@@ -116,8 +124,10 @@ class Store(ABC):
 
     # -- set-up -------------------------------------------------------------------------
     @abstractmethod
-    def ensure_schema(self, log_ttl_days: int) -> None:
-        """Create tables/collections and the SPEC's indexes (TTL: 0 = keep forever)."""
+    def ensure_schema(self, log_ttl_days: int | None) -> None:
+        """Create tables/collections and the SPEC's indexes. Never deletes a log itself;
+        a backend with a TTL index sets it to ``log_ttl_days`` (0 = keep forever, None =
+        leave it as it is: only the proxy's config sets retention)."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -141,11 +151,17 @@ class Store(ABC):
     def create_user(self, user_id: str, key_doc_id: str, balances: Mapping[str, Decimal]) -> None:
         """New active user with one user_keys document; ``balances`` by balance field.
 
-        Raises ``ValueError`` when the user exists."""
+        Raises ``UserExists`` when the user exists."""
 
     @abstractmethod
     def topup(self, user_id: str, field_name: str, amount: Decimal) -> Decimal:
         """Add to one balance field; returns its new value. ``KeyError`` for an unknown user."""
+
+    @abstractmethod
+    def rotate_key(self, user_id: str, key_doc_id: str) -> int:
+        """Give the user one new active key (user_keys ``key_doc_id``); every key it had
+        stops working: its user_keys documents are deactivated and usersNew.apiKey removed.
+        Returns how many keys stopped. ``KeyError`` for an unknown user."""
 
     @abstractmethod
     def set_fields(self, user_id: str, values: Mapping[str, Any]) -> None:
@@ -198,6 +214,10 @@ class Store(ABC):
     @abstractmethod
     def logs_between(self, start: datetime | None, end: datetime) -> Iterator[Document]:
         """Logs created in ``[start, end)`` (``start`` None: no lower bound), oldest first."""
+
+    @abstractmethod
+    def count_logs(self, before: datetime) -> int:
+        """How many logs were created before ``before`` (what ``purge_logs`` would delete)."""
 
     @abstractmethod
     def purge_logs(self, before: datetime) -> int:

@@ -13,6 +13,7 @@ conflict the read and the update are retried).
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from collections.abc import Collection
 from collections.abc import Iterable
@@ -21,6 +22,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
+from urllib.parse import parse_qs
+from urllib.parse import urlsplit
 
 import pymongo
 from bson.decimal128 import Decimal128
@@ -31,6 +34,7 @@ from pymongo.errors import ExecutionTimeout
 from pymongo.errors import InvalidOperation
 from pymongo.errors import OperationFailure
 from pymongo.errors import PyMongoError
+from pymongo.errors import ServerSelectionTimeoutError
 from pymongo.errors import WTimeoutError
 
 from burnmeter.config import Pool
@@ -53,6 +57,8 @@ from burnmeter.store.base import Refusal
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
 from burnmeter.store.base import StoreError
+from burnmeter.store.base import StoreMissing
+from burnmeter.store.base import UserExists
 
 DEFAULT_DB = "fproxy"
 HOLDS = "burnmeterHolds"
@@ -60,6 +66,9 @@ SETTLED = "burnmeterSettled"
 LOG_MONEY = frozenset({"creditsCost"})
 ATTEMPTS = 20
 TTL_KEY = [("createdAt", pymongo.ASCENDING)]  # {createdAt: -1} is the SPEC's plain index
+SERVER_TIMEOUT_MS = 3000
+"""How long a call waits for an unreachable server, unless the URL's
+``serverSelectionTimeoutMS`` says otherwise."""
 
 
 OUTAGES = (ConnectionFailure, ExecutionTimeout, WTimeoutError, InvalidOperation)
@@ -75,6 +84,8 @@ def _guarded[**P, R](method: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return method(*args, **kwargs)
+        except ServerSelectionTimeoutError as e:
+            raise StoreError(_unreachable(e)) from e  # pymongo's own message is a topology dump
         except OUTAGES as e:
             raise StoreError(f"MongoDB: {e}") from e
         except OperationFailure as e:
@@ -85,6 +96,16 @@ def _guarded[**P, R](method: Callable[P, R]) -> Callable[P, R]:
             raise StoreError(f"MongoDB: {e}") from e
 
     return wrapper
+
+
+def _unreachable(error: ServerSelectionTimeoutError) -> str:
+    """``MongoDB unreachable after 3.0 s: host:port: [Errno 111] Connection refused``,
+    without pymongo's topology description and timeout settings."""
+    text, _, rest = str(error).partition(", Timeout: ")
+    waited = rest.split("s,", 1)[0]
+    servers = re.sub(r" \(configured timeouts:[^)]*\)", "", text).split(",")
+    after = f" after {waited} s" if waited else ""
+    return f"MongoDB unreachable{after}: {'; '.join(s for s in servers if s.strip())}"
 
 
 def _bson(value: Any) -> Any:
@@ -149,13 +170,27 @@ class MongoStore(Store):
 
     @classmethod
     def from_url(cls, url: str, pools: Mapping[str, Pool]) -> MongoStore:
+        """A client that waits ``SERVER_TIMEOUT_MS`` for the server, or what the URL's
+        ``serverSelectionTimeoutMS`` option says."""
+        query = parse_qs(urlsplit(url).query)
+        timeout: dict[str, Any] = (
+            {}
+            if any(k.lower() == "serverselectiontimeoutms" for k in query)
+            else {"serverSelectionTimeoutMS": SERVER_TIMEOUT_MS}
+        )
         try:
             client: pymongo.MongoClient[Document] = pymongo.MongoClient(
-                url, tz_aware=True, serverSelectionTimeoutMS=3000
+                url, tz_aware=True, **timeout
             )
         except PyMongoError as e:
-            raise StoreError(f"{url}: {e}") from e
+            raise StoreError(f"MongoDB URL: {e}") from e
         return cls(client.get_default_database(DEFAULT_DB), pools, client)
+
+    @_guarded
+    def check_exists(self) -> None:
+        """``StoreMissing`` unless the database holds the users collection."""
+        if USERS not in self.db.list_collection_names():
+            raise StoreMissing(f"MongoDB database {self.db.name!r}: no {USERS} collection")
 
     def close(self) -> None:
         if self._client is not None:
@@ -163,7 +198,7 @@ class MongoStore(Store):
 
     # -- set-up -------------------------------------------------------------------------
     @_guarded
-    def ensure_schema(self, log_ttl_days: int) -> None:
+    def ensure_schema(self, log_ttl_days: int | None) -> None:
         """Creates the SPEC's indexes unless an index on the same keys exists (the original's
         mongoose indexes, e.g. the unique sparse ``apiKey_1``, are kept as they are).
 
@@ -176,6 +211,8 @@ class MongoStore(Store):
         self._index(logs, [("userId", 1), ("createdAt", -1)])
         self._index(logs, [("createdAt", -1)])
         self._index(self.db[USERS], [("apiKey", 1)], sparse=True)
+        if log_ttl_days is None:
+            return
         ttl = self._existing(logs, TTL_KEY)
         seconds = log_ttl_days * 86400
         if ttl is None:
@@ -243,7 +280,7 @@ class MongoStore(Store):
             try:
                 self.db[collection].insert_one(_to_bson(doc, self.money))
             except DuplicateKeyError:
-                raise ValueError(f"{collection} {doc['_id']!r} exists") from None
+                raise UserExists(f"{collection} {doc['_id']!r} exists") from None
 
     @_guarded
     def topup(self, user_id: str, field_name: str, amount: Decimal) -> Decimal:
@@ -258,6 +295,28 @@ class MongoStore(Store):
         if doc is None:
             raise KeyError(user_id)
         return to_decimal(doc[field_name])
+
+    @_guarded
+    def rotate_key(self, user_id: str, key_doc_id: str) -> int:
+        user = self.db[USERS].find_one_and_update(
+            {"_id": user_id}, {"$unset": {"apiKey": ""}}, projection=["apiKey"]
+        )
+        if user is None:
+            raise KeyError(user_id)
+        stopped = (
+            self.db[KEYS]
+            .update_many(
+                {"name": user_id, "isActive": {"$ne": False}}, {"$set": {"isActive": False}}
+            )
+            .modified_count
+        )
+        try:
+            self.db[KEYS].insert_one(
+                _to_bson(rules.new_key_document(user_id, key_doc_id, utcnow()), ())
+            )
+        except DuplicateKeyError:
+            raise UserExists(f"{KEYS} {key_doc_id!r} exists") from None
+        return stopped + bool(user.get("apiKey"))
 
     @_guarded
     def set_fields(self, user_id: str, values: Mapping[str, Any]) -> None:
@@ -418,6 +477,10 @@ class MongoStore(Store):
                 yield _from_bson(doc, LOG_MONEY)
         except PyMongoError as e:
             raise StoreError(f"MongoDB: {e}") from e
+
+    @_guarded
+    def count_logs(self, before: datetime) -> int:
+        return self.db[LOGS].count_documents({"createdAt": {"$lt": extjson.utc(before)}})
 
     @_guarded
     def purge_logs(self, before: datetime) -> int:

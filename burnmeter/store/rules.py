@@ -143,7 +143,12 @@ def new_user_documents(
         **counters,
         "createdAt": now,
     }
-    key = {
+    return user, new_key_document(user_id, key_doc_id, now)
+
+
+def new_key_document(user_id: str, key_doc_id: str, now: datetime) -> Document:
+    """A user_keys document: an active key of ``user_id``, its counters at zero."""
+    return {
         "_id": key_doc_id,
         "name": user_id,
         "isActive": True,
@@ -151,7 +156,6 @@ def new_user_documents(
         "requestsCount": 0,
         "createdAt": now,
     }
-    return user, key
 
 
 def resolve_key_ref(ref: str, key_doc_ids: Iterable[str]) -> str | None:

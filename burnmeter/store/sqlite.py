@@ -17,15 +17,14 @@ import json
 import os
 import sqlite3
 import threading
-import urllib.parse
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from typing import Literal
 
@@ -53,6 +52,7 @@ from burnmeter.store.base import Refusal
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
 from burnmeter.store.base import StoreError
+from burnmeter.store.base import UserExists
 
 Kind = Literal["money", "int", "date", "bool", "text"]
 Columns = Mapping[str, Kind]
@@ -188,8 +188,10 @@ def _names(columns: Iterable[str]) -> str:
 
 class SqliteStore(Store):
     def __init__(
-        self, path: str | os.PathLike[str], pools: Mapping[str, Pool], read_only: bool = False
+        self, path: str | os.PathLike[str], pools: Mapping[str, Pool], *, read_only: bool = False
     ) -> None:
+        """``read_only``: opened with ``mode=ro`` (the file must exist; a read-only file
+        works), and a pool column the file lacks reads as a missing field."""
         super().__init__(pools)
         self.path = os.fspath(path)
         self.read_only = read_only
@@ -210,18 +212,7 @@ class SqliteStore(Store):
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             try:
-                conn = sqlite3.connect(
-                    self._target(),
-                    timeout=10,
-                    isolation_level=None,
-                    check_same_thread=False,
-                    uri=self.read_only,
-                )
-                conn.row_factory = sqlite3.Row
-                conn.execute("PRAGMA busy_timeout=10000")
-                if not self.read_only:  # the journal mode is the writers' to set
-                    conn.execute("PRAGMA journal_mode=WAL")
-                    conn.execute("PRAGMA synchronous=NORMAL")
+                conn = self._connect()
             except sqlite3.Error as e:
                 raise StoreError(f"{self.path}: {e}") from e
             self._local.conn = conn
@@ -229,10 +220,29 @@ class SqliteStore(Store):
                 self._connections.append(conn)
         return conn
 
-    def _target(self) -> str:
-        if not self.read_only:
-            return self.path
-        return "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+    def _connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            uri = f"{Path(self.path).absolute().as_uri()}?mode=ro"
+            conn = sqlite3.connect(
+                uri, uri=True, timeout=10, isolation_level=None, check_same_thread=False
+            )
+        else:
+            conn = sqlite3.connect(
+                self.path, timeout=10, isolation_level=None, check_same_thread=False
+            )
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout=10000")
+        if self.read_only:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+            if not {USERS, LOGS} <= tables:
+                conn.close()
+                raise StoreError(f"{self.path}: not a burnmeter store (no {USERS} table)")
+            present = {row["name"] for row in conn.execute(f"PRAGMA table_info({USERS})")}
+            self.user_columns = {n: k for n, k in self.user_columns.items() if n in present}
+        else:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
 
     def _read(
         self, sql: str, params: Iterable[Any] = (), conn: sqlite3.Connection | None = None
@@ -264,8 +274,8 @@ class SqliteStore(Store):
         self._local = threading.local()
 
     # -- set-up -------------------------------------------------------------------------
-    def ensure_schema(self, log_ttl_days: int) -> None:
-        """Also applies the TTL once (``purge_logs``); the proxy repeats that periodically."""
+    def ensure_schema(self, log_ttl_days: int | None) -> None:
+        """Tables and indexes. SQLite has no TTL: the proxy's writer purges old logs."""
         with self._write() as conn:
             for table, columns in (
                 (USERS, USER_COLUMNS),
@@ -295,8 +305,6 @@ class SqliteStore(Store):
                     conn.execute(f'ALTER TABLE {LOGS} ADD COLUMN "{name}" {sql_type}')
             for sql in INDEXES:
                 conn.execute(sql)
-        if log_ttl_days:
-            self.purge_logs(utcnow() - timedelta(days=log_ttl_days))
 
     # -- documents ----------------------------------------------------------------------
     def _find(
@@ -365,9 +373,9 @@ class SqliteStore(Store):
         )
         with self._write() as conn:
             if not self._insert(conn, USERS, _row(user, self.user_columns)):
-                raise ValueError(f"user {user_id!r} exists")
+                raise UserExists(f"user {user_id!r} exists")
             if not self._insert(conn, KEYS, _row(key, KEY_COLUMNS)):
-                raise ValueError(f"key {key_doc_id!r} exists")
+                raise UserExists(f"key {key_doc_id!r} exists")
 
     def topup(self, user_id: str, field_name: str, amount: Decimal) -> Decimal:
         if self.user_columns.get(field_name) != "money":
@@ -381,6 +389,21 @@ class SqliteStore(Store):
         if row is None:
             raise KeyError(user_id)
         return from_nanos(row[0])
+
+    def rotate_key(self, user_id: str, key_doc_id: str) -> int:
+        key = rules.new_key_document(user_id, key_doc_id, utcnow())
+        with self._write() as conn:
+            row = conn.execute(f"SELECT apiKey FROM {USERS} WHERE _id = ?", (user_id,)).fetchone()
+            if row is None:
+                raise KeyError(user_id)
+            conn.execute(f"UPDATE {USERS} SET apiKey = NULL WHERE _id = ?", (user_id,))
+            stopped = (row[0] is not None) + conn.execute(
+                f"UPDATE {KEYS} SET isActive = 0 WHERE name = ? AND COALESCE(isActive, 1)",
+                (user_id,),
+            ).rowcount
+            if not self._insert(conn, KEYS, _row(key, KEY_COLUMNS)):
+                raise UserExists(f"key {key_doc_id!r} exists")
+        return stopped
 
     def set_fields(self, user_id: str, values: Mapping[str, Any]) -> None:
         with self._write() as conn:
@@ -500,6 +523,12 @@ class SqliteStore(Store):
         if start is not None:
             where, params = f"{where} AND createdAt >= ?", [*params, extjson.to_ms(start)]
         yield from self._find(LOGS, LOG_COLUMNS, where, params, "ORDER BY createdAt, _id")
+
+    def count_logs(self, before: datetime) -> int:
+        rows = self._read(
+            f"SELECT COUNT(*) FROM {LOGS} WHERE createdAt < ?", (extjson.to_ms(before),)
+        )
+        return int(rows[0][0])
 
     def purge_logs(self, before: datetime) -> int:
         """Deletes in chunks, so that the proxy's writes wait for one chunk at most."""

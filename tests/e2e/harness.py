@@ -21,12 +21,14 @@ from burnmeter.store.base import Document
 from burnmeter.store.base import Store
 from scripts.processes import free_port
 from scripts.processes import stop_process
-from scripts.processes import wait_for_port
+from scripts.processes import wait_for_line
 
 ROOT = Path(__file__).resolve().parents[2]
 
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 LOG_TIMEOUT = 10.0
+READY = "metering: ready: "
+"""The addon's line once it serves: config and store open, options in force, listening."""
 
 OPENHANDS_HOST = "openhands.test"
 OHMYGPT_HOST = "ohmygpt.test"
@@ -131,7 +133,9 @@ class Proxy:
         )
 
     def start(self) -> None:
-        """Start mitmdump; ``options`` add to or replace the ``--set`` values below.
+        """Start mitmdump and wait for the addon's ready line (its store and journal open,
+        its options in force, mitmproxy listening), never for the port alone; ``options``
+        add to or replace the ``--set`` values below.
 
         (mitmdump ignores an addon option given twice and then runs without the addon,
         so each option appears once.)"""
@@ -162,8 +166,17 @@ class Proxy:
             **self.env,
         }
         with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
+            start = out.tell()  # a restart appends to the same files: its own lines only
             self.proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=err, env=env)
-        wait_for_port(self.port, self.proc, self.output)
+
+        def since_start() -> str:
+            with self.stdout_path.open("rb") as out:
+                out.seek(start)
+                return out.read().decode(errors="replace") + self.stderr_path.read_text(
+                    errors="replace"
+                )
+
+        wait_for_line(self.proc, since_start, READY)
 
     def stop(self) -> int:
         """SIGTERM: mitmdump runs ``done()``, which drains the settlement writer."""
