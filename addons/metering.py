@@ -52,7 +52,10 @@ from addons import options
 from addons.admission import Admission
 from addons.admission import Rejection
 from addons.admission import Ticket
-from addons.admission import request_api
+from addons.canonical import Ambiguous
+from addons.canonical import forward as forward_request
+from addons.canonical import raw_style
+from addons.canonical import read_request
 from addons.errors import error_response
 from addons.inspection import LLMStreamContentview
 from addons.inspection import Outcome
@@ -65,6 +68,7 @@ from addons.keys import drop_client_key
 from addons.keys import set_upstream_key
 from addons.ratelimit import RateLimiter
 from addons.streamtap import StreamTap
+from addons.trailers import refuse_http1_trailers
 from burnmeter.journal import Journal
 from burnmeter.journal import JournalError
 from burnmeter.journal import JournalLocked
@@ -147,8 +151,24 @@ class Metering:
 
     def load(self, loader) -> None:
         options.declare(loader)
+        refuse_http1_trailers()
+        # In force before mitmproxy listens (it starts listening before scripts' `running`):
+        # a request in between would be routed by the upstream's Host and connect eagerly.
+        changes = {
+            k: v
+            for k, v in REQUIRED_OPTIONS.items()
+            if k in ctx.options and getattr(ctx.options, k) != v
+        }
+        if changes:
+            logger.info("metering: setting %s", changes)
+            ctx.options.update(**changes)
 
     def configure(self, updated: set[str]) -> None:
+        for name in updated & REQUIRED_OPTIONS.keys():
+            if getattr(ctx.options, name) != REQUIRED_OPTIONS[name]:
+                raise exceptions.OptionsError(
+                    f"{name}: metering needs {name}={REQUIRED_OPTIONS[name]}"
+                )
         if not updated & options.NAMES:
             return
         settings = options.read_settings(ctx.options)
@@ -175,10 +195,6 @@ class Metering:
         unknown = sorted(k for k in ctx.options.deferred if k.startswith("metering"))
         if unknown:
             logger.warning("metering: unknown option(s) ignored: %s", ", ".join(unknown))
-        changes = {k: v for k, v in REQUIRED_OPTIONS.items() if getattr(ctx.options, k) != v}
-        if changes:
-            logger.info("metering: setting %s", changes)
-            ctx.options.update(**changes)
 
     def done(self) -> None:
         self._settle_in_flight()
@@ -263,10 +279,16 @@ class Metering:
         if self.admission is None:
             self._reject(f, None, Rejection(errors.UNAVAILABLE, "Metering is not configured"))
             return
+        reverse = isinstance(f.client_conn.proxy_mode, ReverseMode)
         try:
-            ticket = await self.admission.authenticate(f)
+            canonical = read_request(f.request, reverse=reverse)
+        except Ambiguous as e:
+            self._reject(f, None, Rejection(e.problem, str(e)), e.style)
+            return
+        try:
+            ticket = await self.admission.authenticate(f, canonical)
         except Rejection as r:
-            self._reject(f, None, r)
+            self._reject(f, None, r, canonical.style)
             return
         except Exception:
             # Fail closed: mitmproxy would log the error and forward the request unmetered.
@@ -288,6 +310,11 @@ class Metering:
         ticket = self.tickets.get(f)
         if ticket is None or f.response or self.admission is None:
             return
+        if f.request.trailers:  # HTTP/2 and 3 (see addons/trailers.py for HTTP/1)
+            self._reject(
+                f, ticket, Rejection(errors.AMBIGUOUS, "Request trailers are not supported")
+            )
+            return
         try:
             await self.admission.admit(f, ticket)
         except Rejection as r:
@@ -298,6 +325,10 @@ class Metering:
             self._reject(f, ticket, Rejection(errors.UNAVAILABLE, "Metering failed, retry later"))
 
     def responseheaders(self, f: http.HTTPFlow) -> None:
+        if f.response is not None and f.response.status_code == 101 and f.killable:
+            # a protocol switch nobody asked for (upgrades are refused): an unmetered channel
+            f.kill()
+            return
         ticket = self.tickets.get(f)
         if ticket is None or not ticket.admitted or f.response is None:
             return
@@ -335,13 +366,15 @@ class Metering:
         or in other modes (where the client picks the destination) the route's own host."""
         assert self.settings is not None
         reverse = isinstance(f.client_conn.proxy_mode, ReverseMode)
+        forward_request(f.request, ticket.request, reverse=reverse)
         if reverse:
             f.request.host_header = url.hostport(f.request.scheme, f.request.host, f.request.port)
         route = ticket.route
-        upstream_key = self.settings.upstream_keys.get(route) if route else None
-        if not reverse and (route is None or route.host is None):
-            upstream_key = None  # a listen-port route matches any destination
-        set_upstream_key(f.request, ticket.style, upstream_key)
+        upstream_key = self.settings.upstream_keys.get(route)
+        if not reverse and route.host is None:
+            upstream_key = None  # a listen-port or the default route matches any destination
+        set_upstream_key(f.request, ticket.style, upstream_key, ticket.client_key)
+        ticket.client_key = ""
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """Reverse mode over TLS: present the upstream's own name (SNI), not the client's.
@@ -352,12 +385,20 @@ class Metering:
         if isinstance(mode, ReverseMode) and mode.scheme in TLS_SCHEMES:
             data.server.sni = mode.address[0]
 
-    def _reject(self, f: http.HTTPFlow, ticket: Ticket | None, rejection: Rejection) -> None:
-        _, _, style = request_api(f.request)
+    def _reject(
+        self,
+        f: http.HTTPFlow,
+        ticket: Ticket | None,
+        rejection: Rejection,
+        style: errors.Style | None = None,
+    ) -> None:
+        if style is None:
+            style = ticket.style if ticket else raw_style(f.request.path)
         problem = rejection.problem
         f.response = error_response(style, problem, rejection.message, **rejection.extra)
         f.response.headers.update(rejection.headers)
-        drop_client_key(f.request)  # mitmproxy prints the request line (Gemini ?key=) and headers
+        # mitmproxy prints the request line (Gemini ?key=) and headers
+        drop_client_key(f.request, ticket.client_key if ticket else None)
         self.tickets.pop(f, None)
         annotate(f, describe(ticket, "rejected", status=problem.status, reason=problem.code))
 

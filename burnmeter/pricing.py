@@ -93,6 +93,9 @@ def resolve_price(
 ) -> PriceQuote:
     """Price a model by id or alias; unknown models follow ``config.unknown_model``.
 
+    ``route_multiplier`` is the called route's, unless the model bills a pool of its own:
+    then its ``route_multiplier``, or the dearest of the routes that bill that pool.
+
     ``upstream_url`` (where the request goes) helps the list-price policy pick the provider.
     Raises ``UnknownModelError`` when the model has no price.
     """
@@ -101,6 +104,9 @@ def resolve_price(
         rate = Rate.with_defaults(
             model.input, model.output, model.cache_write, model.cache_write_1h, model.cache_read
         )
+        if model.pool is not None:
+            # the pool it bills brings its own multiplier, never the called host's cheaper one
+            route_multiplier = model.route_multiplier or config.pool_multiplier(model.pool)
         return PriceQuote(model_id, rate, route_multiplier * model.multiplier, "config", model.pool)
     if config.unknown_model == "default":
         default = config.default_price

@@ -18,7 +18,9 @@ def test_default_config_has_the_originals_two_pools():
     assert config.pools["openhands"].balance == ["creditsNew"]
     assert config.pools["ohmygpt"].balance == ["credits", "refCredits"]
     assert config.pools["ohmygpt"].name == "ohmygpt"
-    assert config.default_pool == "ohmygpt"
+    default = config.default_route
+    assert default is not None and (default.pool, default.multiplier) == ("ohmygpt", 1)
+    assert config.route("any.example", None, None) is default  # a first request works
     assert config.timezone == "Asia/Ho_Chi_Minh"
     assert config.unknown_model == "reject"
 
@@ -30,14 +32,13 @@ def test_example_file_loads_with_exact_prices():
     assert model.cache_read == Decimal("0.3")
     assert config.route("chat.trollllm.xyz", 443, None).multiplier == Decimal("1.02")
     assert config.route("CHAT2.trollllm.xyz", None, None).pool == "ohmygpt"
-    assert config.route("elsewhere.example", None, None) is None
+    assert config.route("elsewhere.example", None, None) is None  # refused: 421
 
 
 def test_route_by_port_and_host_with_port():
     config = parse_config(
         {
             "pools": POOLS,
-            "default_pool": "p",
             "routes": [{"listen_port": 8005, "pool": "p"}, {"host": "a.test:8443", "pool": "p"}],
         }
     )
@@ -76,15 +77,15 @@ def test_route_by_port_and_host_with_port():
             "routes.0.host: not a host or host:port: 'chat.example:https'",
         ),
         (
-            {"pools": {"p": {"balance": ["_id"], "used": "u"}}, "default_pool": "p"},
+            {"pools": {"p": {"balance": ["_id"], "used": "u"}}},
             "pools.p.balance: '_id' is a user field of its own",
         ),
         (
-            {"pools": {"p": {"balance": ["c"], "used": "createdAt"}}, "default_pool": "p"},
+            {"pools": {"p": {"balance": ["c"], "used": "createdAt"}}},
             "pools.p.used: 'createdAt' is a user field of its own",
         ),
         (
-            {"pools": {"p": {"balance": ["c"], "used": "c"}}, "default_pool": "p"},
+            {"pools": {"p": {"balance": ["c"], "used": "c"}}},
             "pools.p.used: 'c' is also pools.p.balance",
         ),
         (
@@ -93,7 +94,6 @@ def test_route_by_port_and_host_with_port():
                     "a": {"balance": ["credits"], "used": "aUsed"},
                     "b": {"balance": ["credits"], "used": "bUsed"},
                 },
-                "default_pool": "a",
             },
             "pools.b.balance: 'credits' is also pools.a.balance",
         ),
@@ -103,21 +103,42 @@ def test_route_by_port_and_host_with_port():
             "unknown_model: Input should be 'reject', 'default' or 'list-price'",
         ),
         ({"unknown_model": "default"}, "default_price: required when unknown_model = 'default'"),
-        ({"default_pool": "nope"}, "default_pool: no pool named 'nope'"),
+        ({"default_pool": "ohmygpt"}, "default_pool: no longer supported: name a [default_route]"),
+        ({"default_route": {"pool": "ohmygpt"}}, "default_route.multiplier: required"),
         (
-            {"pools": {"p": {"balance": [], "used": "u"}}, "default_pool": "p"},
+            {"default_route": {"pool": "zz", "multiplier": 1}},
+            "default_route.pool: no pool named 'zz'",
+        ),
+        (
+            {"default_route": {"host": "a.test", "pool": "ohmygpt", "multiplier": 1}},
+            "default_route.host: not allowed (it matches every host)",
+        ),
+        (
+            {"models": {"m": {"input": 1, "output": 1, "pool": "openhands"}}},
+            "models.m.route_multiplier: required (no route bills pool 'openhands')",
+        ),
+        (
+            {"models": {"m": {"input": 1, "output": 1, "route_multiplier": 2}}},
+            "models.m.route_multiplier: only with pool",
+        ),
+        (
+            {"models": {"big": {"input": 1, "output": 1}, " Big": {"input": 2, "output": 2}}},
+            "models. Big.aliases: ' Big' is also 'big'",
+        ),
+        (
+            {"pools": {"p": {"balance": [], "used": "u"}}},
             "pools.p.balance: List should have at least 1 item",
         ),
         (
-            {"pools": {"p": {"balance": ["credits"]}}, "default_pool": "p"},
+            {"pools": {"p": {"balance": ["credits"]}}},
             "pools.p.used: Field required",
         ),
         (
-            {"pools": {"p": {"balance": ["bad field"], "used": "u"}}, "default_pool": "p"},
+            {"pools": {"p": {"balance": ["bad field"], "used": "u"}}},
             "pools.p.balance.0: String should match pattern",
         ),
         (
-            {"pools": {"p": {"balance": ["c"], "used": "u", "colour": 1}}, "default_pool": "p"},
+            {"pools": {"p": {"balance": ["c"], "used": "u", "colour": 1}}},
             "pools.p.colour: unknown key",
         ),
         ({"routes": [{"host": "a", "pool": "zz"}]}, "routes.0.pool: no pool named 'zz'"),
