@@ -307,13 +307,13 @@ class Metering:
         self.tickets[f] = ticket
 
     async def request(self, f: http.HTTPFlow) -> None:
+        if f.request.trailers and not f.response:  # addons/trailers.py: HTTP/1's too
+            # never forwarded: not metered, and mitmproxy cannot send them over HTTP/1
+            refusal = Rejection(errors.AMBIGUOUS, "Request trailers are not supported")
+            self._reject(f, self.tickets.get(f), refusal)
+            return
         ticket = self.tickets.get(f)
         if ticket is None or f.response or self.admission is None:
-            return
-        if f.request.trailers:  # HTTP/2 and 3 (see addons/trailers.py for HTTP/1)
-            self._reject(
-                f, ticket, Rejection(errors.AMBIGUOUS, "Request trailers are not supported")
-            )
             return
         try:
             await self.admission.admit(f, ticket)

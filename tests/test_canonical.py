@@ -13,6 +13,7 @@ from urllib.parse import unquote
 
 import h11
 import pytest
+from h11._receivebuffer import ReceiveBuffer
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -310,25 +311,36 @@ field_names = st.text(string.ascii_letters + "-", min_size=1, max_size=12)
 
 
 @given(field_names, st.text(string.ascii_letters + string.digits, max_size=12))
-def test_chunked_trailers_are_a_protocol_error(name: str, value: str) -> None:
-    from h11._receivebuffer import ReceiveBuffer
-
-    buf = ReceiveBuffer()
-    buf += f"3\r\nabc\r\n0\r\n{name}: {value}\r\n\r\n".encode()
+def test_chunked_trailers_go_on_the_request_or_are_a_protocol_error(name: str, value: str) -> None:
+    body = f"3\r\nabc\r\n0\r\n{name}: {value}\r\n\r\n".encode()
+    request = req("/v1/chat/completions")
     reader = NoTrailersReader()
-    assert isinstance(reader(buf), h11.Data)
-    with pytest.raises(h11.RemoteProtocolError):
-        reader(buf)
+    reader.request = request
+    data, end = read_chunked(reader, body)
+    assert isinstance(data, h11.Data) and bytes(data.data) == b"abc"
+    assert end == h11.EndOfMessage()
+    assert request.trailers is not None and request.trailers[name] == value
+    with pytest.raises(h11.RemoteProtocolError):  # an upstream's answer: no request
+        read_chunked(NoTrailersReader(), body)
+
+
+def read_chunked(reader: NoTrailersReader, body: bytes) -> list[object]:
+    buf = ReceiveBuffer()
+    buf += body
+    events = []
+    while (event := reader(buf)) is not None:
+        events.append(event)
+        if isinstance(event, h11.EndOfMessage):
+            break
+    return events
 
 
 def test_a_chunked_body_without_trailers_still_ends() -> None:
-    from h11._receivebuffer import ReceiveBuffer
-
-    buf = ReceiveBuffer()
-    buf += b"3\r\nabc\r\n0\r\n\r\n"
+    request = req("/v1/chat/completions")
     reader = NoTrailersReader()
-    assert isinstance(reader(buf), h11.Data)
-    assert isinstance(reader(buf), h11.EndOfMessage)
+    reader.request = request
+    assert read_chunked(reader, b"3\r\nabc\r\n0\r\n\r\n")[-1] == h11.EndOfMessage()
+    assert not request.trailers
 
 
 # -- class 14: the answer keeps its usage -------------------------------------------------------
