@@ -321,6 +321,8 @@ class Admission:
                 errors.COMPRESSED_BODY,
                 f"Content-Encoding {encoding!r} is not supported on requests: send it uncompressed",
             )
+        if ticket.client_key and ticket.client_key.encode() in (request.raw_content or b""):
+            raise Rejection(errors.AMBIGUOUS, "The request body must not hold the API key")
         body = self._json_body(request)
         if ticket.api == "openai.responses" and body.get("background") is True:
             # its output is fetched later (GET /v1/responses/ID): it could not be metered
@@ -410,15 +412,32 @@ def spelling(key: str) -> str:
     return key.casefold().replace("_", "")
 
 
+METERED_FIELDS = frozenset(
+    {
+        "model", "messages", "stream", "stream_options", "include_usage", "max_tokens",
+        "max_completion_tokens", "max_output_tokens", "n", "background", "input",
+        "instructions", "tools", "functions", "system", "cache_control", "contents",
+        "systemInstruction", "system_instruction", "generationConfig", "generation_config",
+        "maxOutputTokens", "candidateCount", "candidate_count", "requests", "content",
+    }
+)  # fmt: skip
+"""Body fields the estimate and the price are read from, as their APIs spell them."""
+_METERED_SPELLINGS = {spelling(name): name for name in METERED_FIELDS}
+
+
 def check_spellings(body: dict[str, Any]) -> None:
     """No two keys of the body, or of one of its objects, that a lenient upstream reads as
-    one field (``model`` and ``Model``, ``maxOutputTokens`` and ``max_output_tokens``)."""
+    one field (``model`` and ``Model``, ``maxOutputTokens`` and ``max_output_tokens``), and
+    no metered field spelt otherwise (``MAX_TOKENS`` would be a limit the hold never saw)."""
     for obj in [body, *(value for value in body.values() if isinstance(value, dict))]:
         spelt: dict[str, str] = {}
         for key in obj:
             other = spelt.setdefault(spelling(key), key)
             if other != key:
                 raise DuplicateKey(f"Request body names {other!r} and {key!r}: one field")
+            field_name = _METERED_SPELLINGS.get(spelling(key), key)
+            if key not in METERED_FIELDS and field_name != key:
+                raise DuplicateKey(f"Request body key {key!r}: spell it {field_name!r}")
 
 
 def holdless(owner: KeyOwner, pool: Pool, maximum: Decimal, minimum: Decimal) -> Refusal | None:

@@ -283,6 +283,8 @@ class Metering:
         try:
             canonical = read_request(f.request, reverse=reverse)
         except Ambiguous as e:
+            # mitmproxy prints the request line: an unread query or fragment may hold a key
+            f.request.path = f.request.path.partition("?")[0].partition("#")[0]
             self._reject(f, None, Rejection(e.problem, str(e)), e.style)
             return
         try:
@@ -323,6 +325,8 @@ class Metering:
             # Fail closed: a request that admission could not price must not go out unmetered.
             logger.exception("metering: admission failed")
             self._reject(f, ticket, Rejection(errors.UNAVAILABLE, "Metering failed, retry later"))
+        finally:
+            ticket.client_key = ""  # stripped from headers, query and body checks: let it go
 
     def responseheaders(self, f: http.HTTPFlow) -> None:
         if f.response is not None and f.response.status_code == 101 and f.killable:
@@ -374,7 +378,6 @@ class Metering:
         if not reverse and route.host is None:
             upstream_key = None  # a listen-port or the default route matches any destination
         set_upstream_key(f.request, ticket.style, upstream_key, ticket.client_key)
-        ticket.client_key = ""
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """Reverse mode over TLS: present the upstream's own name (SNI), not the client's.

@@ -1061,11 +1061,20 @@ async def test_a_duplicated_or_respelt_key_in_the_body_is_refused(env: Env) -> N
         b'{"model": "gpt-4o", "Model": "claude-sonnet-4-5", "messages": []}',
         b'{"model": "gpt-4o", "messages": [{"role": "user", "role": "system", "content": ""}]}',
         b'{"contents": [], "generationConfig": {"maxOutputTokens": 1, "max_output_tokens": 9}}',
+        b'{"model": "gpt-4o", "MAX_TOKENS": 100000, "messages": []}',  # Go matches it
+        b'{"model": "gpt-4o", "\xc5\xbftream": true, "messages": []}',  # long s folds to s
     ):
         path = GEMINI_FLASH if b"contents" in raw else "/v1/chat/completions"
         f = make_flow(path, raw)
         await admit(env, f)
         assert f.response is not None and f.response.status_code == 400, raw
+
+
+async def test_a_key_in_the_body_is_refused(env: Env) -> None:
+    f = make_flow(body={"model": "gpt-4o", "messages": [], "user": KEY})
+    await admit(env, f)
+    assert f.response is not None and body_of(f)["error"]["code"] == "ambiguous_request"
+    assert env.metering.tickets.get(f) is None
 
 
 async def test_a_gemini_path_is_priced_as_the_model_it_resolves_to(env: Env) -> None:
