@@ -195,13 +195,20 @@ def canonical_path(raw: str) -> str:
 
 
 def _decode(raw: str, allowed: frozenset[str], where: str) -> str:
-    """Percent-decode ``raw``, whose characters and decoded escapes must be in ``allowed``."""
-    if "%" not in raw:
-        if not allowed.issuperset(raw):
-            bad = next(c for c in raw if c not in allowed)
-            raise ValueError(f"Character {bad!r} is not allowed in a request {where}")
-        return raw
-    out: list[str] = []
+    """Percent-decode ``raw``, whose characters, raw or encoded, must be in ``allowed``."""
+    for c in raw:
+        if c not in allowed and c != "%":
+            raise ValueError(f"Character {c!r} is not allowed in a request {where}")
+    decoded = _unescape(raw, where).decode("latin-1") if "%" in raw else raw
+    for c in decoded:
+        if c not in allowed:
+            raise ValueError(f"An escape of {c!r} is ambiguous in a request {where}")
+    return decoded
+
+
+def _unescape(raw: str, where: str, plus: bool = False) -> bytes:
+    """The bytes ``raw`` stands for (``%XX`` escapes; ``+`` a space if ``plus``)."""
+    data = bytearray()
     i = 0
     while i < len(raw):
         c = raw[i]
@@ -209,16 +216,12 @@ def _decode(raw: str, allowed: frozenset[str], where: str) -> str:
             escape = raw[i + 1 : i + 3]
             if len(escape) != 2 or not _HEX.issuperset(escape):
                 raise ValueError(f"Malformed percent-escape in the request {where}")
-            c = chr(int(escape, 16))
-            if c not in allowed:
-                raise ValueError(f"Escape %{escape} is ambiguous in a request {where}")
+            data.append(int(escape, 16))
             i += 3
-        elif c not in allowed:
-            raise ValueError(f"Character {c!r} is not allowed in a request {where}")
-        else:
-            i += 1
-        out.append(c)
-    return "".join(out)
+            continue
+        data += b" " if plus and c == "+" else c.encode()
+        i += 1
+    return bytes(data)
 
 
 def parse_query(raw: str) -> tuple[tuple[str, str | None], ...]:
@@ -241,19 +244,7 @@ def _query_text(raw: str) -> str:
     for c in raw:
         if c not in QUERY_CHARS and c not in "%=":
             raise ValueError(f"Character {c!r} is not allowed in a request query")
-    data = bytearray()
-    i = 0
-    while i < len(raw):
-        c = raw[i]
-        if c == "%":
-            escape = raw[i + 1 : i + 3]
-            if len(escape) != 2 or not _HEX.issuperset(escape):
-                raise ValueError("Malformed percent-escape in the request query")
-            data.append(int(escape, 16))
-            i += 3
-            continue
-        data += b" " if c == "+" else c.encode()
-        i += 1
+    data = _unescape(raw, "query", plus=True)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

@@ -8,11 +8,13 @@ Run it (reverse mode, one ``--mode`` per upstream, is the production shape)::
 Every request needs a client key (``Authorization: Bearer``, or ``x-api-key`` on
 Anthropic paths); LLM requests are priced, held against the pool their host bills,
 forwarded, and settled from the usage the upstream reports. Locally answered requests
-(401/402/400/413/503) never reach the upstream.
+(401/402/400/413/421/503) never reach the upstream.
 
-The addon sets two mitmproxy options itself: ``connection_strategy=lazy`` (so no upstream
-connection is opened for a request answered locally, and an unreachable upstream still
-lets the addon answer) and ``keep_host_header=true`` (in reverse mode mitmproxy would
+Each request is read once (``addons/canonical.py``); what is decided and what is
+forwarded come from that reading. The addon sets two mitmproxy options itself when it
+loads (mitmproxy listens before scripts' ``running`` hook) and refuses a change to them:
+``connection_strategy=lazy`` (so no upstream connection is opened for a request answered
+locally, and an unreachable upstream still lets the addon answer) and ``keep_host_header=true`` (in reverse mode mitmproxy would
 otherwise replace the client's Host header, which picks the pool, before any hook runs;
 the addon reads it and then sets the upstream's Host itself).
 
