@@ -3,11 +3,14 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from burnmeter.config import ConfigError
 from burnmeter.config import default_config
 from burnmeter.config import load_config
 from burnmeter.config import parse_config
+from burnmeter.pricing import resolve_price
 
 REPO = Path(__file__).resolve().parents[1]
 POOLS = {"p": {"balance": ["credits"], "used": "creditsUsed"}}
@@ -207,3 +210,76 @@ def test_world_writable_config_refused(tmp_path):
         load_config(path)
     os.chmod(path, 0o644)
     assert load_config(path).timezone == "UTC"
+
+
+# -- names as clients spell them -------------------------------------------------------------
+MODELS = {
+    "big-model": {"input": 30, "output": 60, "aliases": ["Big"]},
+    "small": {"input": 1, "output": 2},
+}
+
+
+def respelt(name: str) -> st.SearchStrategy[str]:
+    """``name`` in any case, characters percent-encoded or not, with spaces around."""
+    chars = st.tuples(
+        *(st.sampled_from([c.lower(), c.upper(), f"%{ord(c):02X}", f"%{ord(c):02x}"]) for c in name)
+    ).map("".join)
+    spaces = st.sampled_from(["", " ", "\t", "  "])
+    return st.tuples(spaces, chars, spaces).map("".join)
+
+
+NAMES = {"big-model": "big-model", "Big": "big-model", "small": "small"}
+
+
+@given(st.sampled_from(sorted(NAMES)).flatmap(lambda n: st.tuples(st.just(n), respelt(n))))
+def test_a_respelt_model_name_is_priced_as_that_model(names: tuple[str, str]) -> None:
+    name, spelt = names
+    found = parse_config({"models": MODELS}).model(spelt)
+    assert found is not None and found[0] == NAMES[name]
+
+
+@given(
+    st.lists(st.sampled_from(["a.test", "b.test", "c.test"]), min_size=1, max_size=3, unique=True),
+    st.sampled_from(["a.test", "b.test", "c.test", "d.test"]),
+    st.booleans(),
+    st.booleans(),
+)
+def test_a_route_matches_its_host_in_any_case_and_with_a_trailing_dot(
+    hosts: list[str], called: str, upper: bool, dot: bool
+) -> None:
+    config = parse_config(
+        {
+            "routes": [
+                {"host": (h.upper() if upper else h) + ("." if dot else ""), "pool": "ohmygpt"}
+                for h in hosts
+            ]
+        }
+    )
+    route = config.route(called, None, None)
+    if called in hosts:
+        assert route is not None and route.host == called
+    else:
+        assert route is None
+
+
+@given(
+    st.lists(st.decimals("1", "3", places=2), min_size=1, max_size=4),
+    st.sampled_from(["openhands", "ohmygpt"]),
+)
+def test_a_pool_override_bills_at_the_dearest_multiplier_of_its_pool(
+    multipliers: list[Decimal], pool: str
+) -> None:
+    routes = [
+        {"host": f"h{i}.test", "pool": "ohmygpt" if i % 2 else "openhands", "multiplier": m}
+        for i, m in enumerate(multipliers)
+    ]
+    billing = [Decimal(m) for i, m in enumerate(multipliers) if (i % 2 == 1) == (pool == "ohmygpt")]
+    data = {"routes": routes, "models": {"m": {"input": 1, "output": 1, "pool": pool}}}
+    if not billing:
+        with pytest.raises(ConfigError, match="route_multiplier: required"):
+            parse_config(data)
+        return
+    config = parse_config(data)
+    for route in config.routes:  # whichever host is called
+        quote = resolve_price(config, "m", route.multiplier)
+        assert quote.multiplier == max(billing)
