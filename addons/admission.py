@@ -142,6 +142,8 @@ def model_of(request: CanonicalRequest, body: dict[str, Any]) -> str:
         model = body.get("model")
     if not isinstance(model, str) or not model:
         raise Rejection(errors.BAD_REQUEST, "'model' is required and must be a string")
+    if not model.strip().isprintable():  # controls, lone surrogates: no upstream's model
+        raise Rejection(errors.BAD_REQUEST, "'model' must be printable text")
     return model
 
 

@@ -1070,6 +1070,13 @@ async def test_a_duplicated_or_respelt_key_in_the_body_is_refused(env: Env) -> N
         assert f.response is not None and f.response.status_code == 400, raw
 
 
+@pytest.mark.parametrize("raw", [b'"gpt-4o\\udcff"', b'"gpt\\u00004o"', b'"\\ud800"'])
+async def test_a_model_name_that_is_no_text_is_refused(env: Env, raw: bytes) -> None:
+    f = make_flow(body=b'{"model": ' + raw + b', "messages": []}')
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 400
+
+
 async def test_a_key_in_the_body_is_refused(env: Env) -> None:
     f = make_flow(body={"model": "gpt-4o", "messages": [], "user": KEY})
     await admit(env, f)
