@@ -69,6 +69,15 @@ ALT_VALUES = frozenset({"json", "sse"})
 USAGE_MASK_HEADERS = ("x-goog-fieldmask",)
 METHOD_OVERRIDES = ("x-http-method-override", "x-http-method", "x-method-override")
 UPGRADE_HEADERS = ("upgrade", "http2-settings")
+READ_HEADERS = frozenset(
+    {
+        "host", "connection", "trailer", "transfer-encoding", "accept",
+        *USAGE_MASK_HEADERS, *METHOD_OVERRIDES, *UPGRADE_HEADERS,
+    }
+)  # fmt: skip
+"""The headers the reading looks at (gathered in one pass over the request's headers)."""
+
+Fields = dict[str, list[str]]
 
 
 class Ambiguous(ValueError):
@@ -135,10 +144,11 @@ def read_request(request: http.Request, *, reverse: bool) -> CanonicalRequest:
     """The one reading of ``request``; ``reverse``: the client-facing host is its Host
     (reverse mode), else the destination it names (a forward proxy's client)."""
     style = raw_style(request.path)
+    fields = read_fields(request.headers)
     try:
         path, query = split_target(request.path)
-        check_protocol(request)
-        host, port = client_authority(request, reverse=reverse)
+        check_protocol(fields)
+        host, port = client_authority(request, fields, reverse=reverse)
     except ValueError as e:
         raise Ambiguous(str(e), style) from None
     api = api_for(path)
@@ -149,13 +159,23 @@ def read_request(request: http.Request, *, reverse: bool) -> CanonicalRequest:
         raise Ambiguous(f"Method {method!r} is not supported", style)
     try:
         if api is not None:
-            check_metered(method, query, request.headers)
+            check_metered(method, query, fields)
     except UsageMasked as e:
         raise Ambiguous(str(e), style, errors.USAGE_MASKED) from None
     except ValueError as e:
         raise Ambiguous(str(e), style) from None
     free = api is None and is_free(method, path)
     return CanonicalRequest(method, path, query, host, port, api, style, free)
+
+
+def read_fields(headers: http.Headers) -> Fields:
+    """The values of the headers in ``READ_HEADERS``, by lower-case name, every copy."""
+    fields: Fields = {}
+    for raw_name, raw_value in headers.fields:
+        name = raw_name.decode("latin-1").lower()
+        if name in READ_HEADERS:
+            fields.setdefault(name, []).append(raw_value.decode("latin-1"))
+    return fields
 
 
 def is_free(method: str, path: str) -> bool:
@@ -170,7 +190,7 @@ def split_target(target: str) -> tuple[str, tuple[tuple[str, str | None], ...]]:
     """(resolved path, decoded query) of an origin-form request target."""
     if "#" in target:
         raise ValueError("A request target must not contain a fragment ('#')")
-    if not all("!" <= c <= "~" for c in target):
+    if not (target.isascii() and target.isprintable()) or " " in target:
         raise ValueError("A request target must be printable ASCII (escape other bytes)")
     path, _, query = target.partition("?")
     return canonical_path(path), parse_query(query)
@@ -297,13 +317,15 @@ def _port(text: str) -> int:
     return int(text)
 
 
-def client_authority(request: http.Request, *, reverse: bool) -> tuple[str, int | None]:
+def client_authority(
+    request: http.Request, fields: Fields, *, reverse: bool
+) -> tuple[str, int | None]:
     """The host and port the client addressed, read one way only."""
     if not reverse:
         # A forward proxy's client names the destination (absolute URL or CONNECT): that is
         # where mitmproxy connects, so that is what is billed.
         return canonical_host(url.hostport(request.scheme, request.host, request.port))
-    named = list(request.headers.get_all("host"))
+    named = list(fields.get("host", ()))
     if request.authority:
         named.append(request.authority)
     readings = {canonical_host(value) for value in named}
@@ -313,28 +335,25 @@ def client_authority(request: http.Request, *, reverse: bool) -> tuple[str, int 
 
 
 # -- the protocol -----------------------------------------------------------------------------
-def check_protocol(request: http.Request) -> None:
+def check_protocol(fields: Fields) -> None:
     """No protocol switch (an unmetered channel), no trailers, one plain chunked framing."""
-    headers = request.headers
     for name in UPGRADE_HEADERS:
-        if name in headers:
+        if name in fields:
             raise ValueError(f"Protocol upgrades are not supported ({name} header)")
-    for value in headers.get_all("connection"):
+    for value in fields.get("connection", ()):
         if any(token.strip().lower() == "upgrade" for token in value.split(",")):
             raise ValueError("Protocol upgrades are not supported (Connection: upgrade)")
-    if "trailer" in headers:
+    if "trailer" in fields:
         raise ValueError("Request trailers are not supported")
-    framing = headers.get_all("transfer-encoding")
+    framing = fields.get("transfer-encoding")
     if framing and [value.strip().lower() for value in framing] != ["chunked"]:
         raise ValueError("Transfer-Encoding other than one 'chunked' is not supported")
     for name in METHOD_OVERRIDES:
-        if name in headers:
+        if name in fields:
             raise ValueError(f"Method overrides are not supported ({name} header)")
 
 
-def check_metered(
-    method: str, query: Iterable[tuple[str, str | None]], headers: http.Headers
-) -> None:
+def check_metered(method: str, query: Iterable[tuple[str, str | None]], fields: Fields) -> None:
     """A metered request: POST, asking for an answer that carries its usage."""
     if method != "POST":
         raise ValueError(f"{method} is not supported on this path (POST only)")
@@ -345,9 +364,9 @@ def check_metered(
         if folded in ALT_PARAMS and (value or "").lower() not in ALT_VALUES:
             raise UsageMasked(f"{name}={value} is not supported: use alt=json or alt=sse")
     for name in USAGE_MASK_HEADERS:
-        if name in headers:
+        if name in fields:
             raise UsageMasked(f"Header {name!r} is not supported: it hides the usage")
-    for value in headers.get_all("accept"):
+    for value in fields.get("accept", ()):
         if "proto" in value.lower():
             raise UsageMasked("Binary (protobuf) answers are not supported: accept JSON")
 
