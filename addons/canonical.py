@@ -66,7 +66,8 @@ wrap it in JavaScript."""
 ALT_PARAMS = frozenset({"alt", "$alt"})
 ALT_VALUES = frozenset({"json", "sse"})
 """``alt`` values whose answers carry the usage where burnmeter reads it."""
-USAGE_MASK_HEADERS = ("x-goog-fieldmask",)
+USAGE_MASK_HEADERS = ("x-goog-fieldmask", "range", "if-range")
+"""Google's field mask; a byte range of the answer (the usage may lie outside it)."""
 METHOD_OVERRIDES = ("x-http-method-override", "x-http-method", "x-method-override")
 UPGRADE_HEADERS = ("upgrade", "http2-settings")
 READ_HEADERS = frozenset(

@@ -367,7 +367,7 @@ def test_usage_hiding_parameters_are_refused(param: tuple[str, str], path: str) 
 @pytest.mark.parametrize(
     "header",
     [("x-goog-fieldmask", "candidates"), ("X-Goog-FieldMask", "*"),
-     ("accept", "application/x-protobuf")],
+     ("accept", "application/x-protobuf"), ("Range", "bytes=0-100")],
 )  # fmt: skip
 def test_usage_hiding_headers_are_refused(header: tuple[str, str]) -> None:
     with pytest.raises(Ambiguous):
