@@ -113,7 +113,8 @@ class Ticket:
     pool: str
     request: CanonicalRequest
     client_key: str = field(default="", repr=False)
-    """The client's key, until the request is forwarded (to strip it wherever it is)."""
+    """The client's key, until admission is done: to strip it wherever the request holds it
+    and to refuse a body that holds it."""
     model: str | None = None
     quote: PriceQuote | None = None
     estimate: RequestEstimate | None = None

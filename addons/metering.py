@@ -14,9 +14,10 @@ Each request is read once (``addons/canonical.py``); what is decided and what is
 forwarded come from that reading. The addon sets two mitmproxy options itself when it
 loads (mitmproxy listens before scripts' ``running`` hook) and refuses a change to them:
 ``connection_strategy=lazy`` (so no upstream connection is opened for a request answered
-locally, and an unreachable upstream still lets the addon answer) and ``keep_host_header=true`` (in reverse mode mitmproxy would
-otherwise replace the client's Host header, which picks the pool, before any hook runs;
-the addon reads it and then sets the upstream's Host itself).
+locally, and an unreachable upstream still lets the addon answer) and
+``keep_host_header=true`` (in reverse mode mitmproxy would otherwise replace the client's
+Host header, which picks the pool, before any hook runs; the addon reads it and then sets
+the upstream's Host itself).
 
 Charges are never lost or doubled: each settlement is appended to a local write-ahead
 journal (``metering_journal``) before the response ends, and one writer thread applies
