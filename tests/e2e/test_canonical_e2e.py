@@ -16,9 +16,14 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from burnmeter.config import Config
 from burnmeter.store.base import Store
+from burnmeter.usage import api_for
 from tests.e2e.harness import OHMYGPT_HOST
 from tests.e2e.harness import OPENHANDS_HOST
 from tests.e2e.harness import Account
@@ -279,3 +284,32 @@ def load_pools(path: Path):  # type: ignore[no-untyped-def]
     from burnmeter.config import load_config
 
     return load_config(path).pools
+
+
+PIECES = ["/v1/chat/completions", "/v1/messages/count_tokens", "/v1/models", "/..", "/.",
+          "#", "%23", "%2e", "%2F", ";", "%63", "//", "?x=1", "?%6Bey=K", "x"]  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.sampled_from(PIECES), min_size=1, max_size=5).map("".join))
+def test_whatever_the_target_a_generation_upstream_was_metered(
+    proxy: Proxy, upstream: Upstream, accounts: Accounts, store: Store, target: str
+) -> None:
+    account = accounts.new(creditsNew="5")
+    upstream.reset()
+    body = json.dumps(CHAT_BODY).encode()
+    answer = raw(
+        proxy,
+        f"POST {target} HTTP/1.1\r\nHost: {OPENHANDS_HOST}\r\n"
+        f"Authorization: Bearer {account.key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body,
+    )
+    assert answer.startswith(b"HTTP/1.1 "), answer[:100]
+    seen = upstream.stats()["recent"]
+    generations = [s for s in seen if api_for(s["path"]) is not None]
+    if generations:
+        (log,) = wait_logs(store, account.user_id, 1)
+        assert [log["path"]] == [s["path"] for s in generations]
+    for s in seen:
+        assert account.key not in json.dumps(s)
