@@ -45,6 +45,7 @@ from addons.holding import HoldQueue
 from addons.keys import ConflictingKeys
 from addons.keys import KeyCache
 from addons.keys import client_key
+from addons.keys import searchable
 from addons.ratelimit import RateLimiter
 from addons.streamtap import StreamTap
 from burnmeter.config import Config
@@ -252,7 +253,7 @@ class Admission:
             raise Rejection(errors.AMBIGUOUS, str(e)) from None
         if key is None:
             raise Rejection(errors.MISSING_KEY, "Missing API key (Authorization: Bearer KEY)")
-        if key in canonical.path:
+        if searchable(key) and key in canonical.path:
             raise Rejection(errors.AMBIGUOUS, "The request path must not hold the API key")
         found, owner = self.cache.get(key)
         if not found:
@@ -324,7 +325,8 @@ class Admission:
                 errors.COMPRESSED_BODY,
                 f"Content-Encoding {encoding!r} is not supported on requests: send it uncompressed",
             )
-        if ticket.client_key and ticket.client_key.encode() in (request.raw_content or b""):
+        key = ticket.client_key
+        if searchable(key) and key.encode() in (request.raw_content or b""):
             raise Rejection(errors.AMBIGUOUS, "The request body must not hold the API key")
         body = self._json_body(request)
         if ticket.api == "openai.responses" and body.get("background") is True:

@@ -34,6 +34,14 @@ ACCEPTED: dict[Style, frozenset[str]] = {
 """Where each API's clients may put their key."""
 
 Query = Iterable[tuple[str, str | None]]
+MIN_SEARCHED_KEY = 16
+"""Keys shorter than this (a legacy key can be) are not looked for inside other values:
+they would match by chance."""
+
+
+def searchable(key: str | None) -> bool:
+    """A key long enough to be looked for inside other values (paths, headers, bodies)."""
+    return key is not None and len(key) >= MIN_SEARCHED_KEY
 
 
 class ConflictingKeys(ValueError):
@@ -80,8 +88,9 @@ def drop_client_key(request: http.Request, key: str | None = None) -> None:
     for name in CLIENT_KEY_HEADERS:
         if name in headers:
             del headers[name]
-    if key:
-        for name in {name for name, value in headers.items(multi=True) if key in value}:
+    searched = key if searchable(key) else None
+    if searched:
+        for name in {name for name, value in headers.items(multi=True) if searched in value}:
             del headers[name]
     if "?" not in request.path:
         return
@@ -89,7 +98,7 @@ def drop_client_key(request: http.Request, key: str | None = None) -> None:
     kept = [
         (name, value)
         for name, value in pairs
-        if name.casefold() != KEY_PARAM and not (key and key in value)
+        if name.casefold() != KEY_PARAM and not (searched and searched in value)
     ]
     if len(kept) != len(pairs):
         request.query = kept

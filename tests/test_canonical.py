@@ -216,6 +216,12 @@ def test_a_key_elsewhere_in_the_request_is_not_forwarded() -> None:
     assert KEY not in request.path and KEY not in str(request.headers)
 
 
+def test_a_short_legacy_key_is_not_looked_for_inside_other_values() -> None:
+    request = req(f"{GEMINI}?q=abc1", [("host", "api.test"), ("user-agent", "abc1-client")])
+    drop_client_key(request, "abc1")
+    assert request.headers["user-agent"] == "abc1-client" and "q=abc1" in request.path
+
+
 # -- the host: one reading, lower case, no trailing dot ----------------------------------------
 labels = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
 names = st.lists(labels, min_size=1, max_size=4).map(".".join).filter(lambda n: not n[-1].isdigit())
