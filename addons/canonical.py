@@ -96,6 +96,9 @@ class UsageMasked(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class CanonicalRequest:
+    """A request as burnmeter and the upstream both read it; every text field is
+    printable ASCII except query values (decoded UTF-8, no controls)."""
+
     method: str
     path: str
     """Resolved path, without query."""
