@@ -71,6 +71,20 @@ def raw(proxy: Proxy, data: bytes) -> bytes:
                     return answer
 
 
+def head(account: Account, target: str, framing: str) -> str:
+    """A raw HTTP/1.1 request head for ``target`` (not normalised by any client library)."""
+    return (
+        f"POST {target} HTTP/1.1\r\nHost: {OPENHANDS_HOST}\r\n"
+        f"Authorization: Bearer {account.key}\r\nContent-Type: application/json\r\n{framing}"
+    )
+
+
+def raw_post(proxy: Proxy, account: Account, target: str) -> bytes:
+    body = json.dumps(CHAT_BODY).encode()
+    sent = head(account, target, f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    return raw(proxy, sent)
+
+
 def untouched(upstream: Upstream, before: int) -> None:
     assert upstream.stats()["total"] == before, "an ambiguous request reached the upstream"
 
@@ -80,14 +94,7 @@ def test_a_fragment_never_turns_a_completion_into_a_free_path(
 ) -> None:
     account = accounts.new(creditsNew="5")
     before = upstream.stats()["total"]
-    body = json.dumps(CHAT_BODY).encode()
-    answer = raw(
-        proxy,
-        f"POST {CHAT}#/v1/messages/count_tokens HTTP/1.1\r\nHost: {OPENHANDS_HOST}\r\n"
-        f"Authorization: Bearer {account.key}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body,
-    )
+    answer = raw_post(proxy, account, f"{CHAT}#/v1/messages/count_tokens")
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     assert b'"ambiguous_request"' in answer
     with client(proxy) as c:
@@ -156,17 +163,13 @@ def test_http1_request_trailers_are_refused_and_the_proxy_keeps_serving(
     account = accounts.new(creditsNew="5")
     before = upstream.stats()["total"]
     body = json.dumps(CHAT_BODY).encode()
-    head = (
-        f"POST {CHAT} HTTP/1.1\r\nHost: {OPENHANDS_HOST}\r\n"
-        f"Authorization: Bearer {account.key}\r\nContent-Type: application/json\r\n"
-        "Transfer-Encoding: chunked\r\n"
-    )
     chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\nX-Checksum: 1\r\n\r\n"
     # announced or not, refused in the API's shape (mitmproxy's handler used to crash on
     # them, leaving the client waiting), also on a free path
     for announce in ("", "Trailer: X-Checksum\r\n"):
         for path in (CHAT, "/v1/messages/count_tokens"):
-            sent = (head.replace(CHAT, path) + announce + "\r\n").encode() + chunked
+            framing = f"Transfer-Encoding: chunked\r\n{announce}\r\n"
+            sent = head(account, path, framing).encode() + chunked
             answer = raw(proxy, sent)
             assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
             assert b"Request trailers are not supported" in answer
@@ -297,14 +300,7 @@ def test_whatever_the_target_a_generation_upstream_was_metered(
 ) -> None:
     account = accounts.new(creditsNew="5")
     upstream.reset()
-    body = json.dumps(CHAT_BODY).encode()
-    answer = raw(
-        proxy,
-        f"POST {target} HTTP/1.1\r\nHost: {OPENHANDS_HOST}\r\n"
-        f"Authorization: Bearer {account.key}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body,
-    )
+    answer = raw_post(proxy, account, target)
     assert answer.startswith(b"HTTP/1.1 "), answer[:100]
     seen = upstream.stats()["recent"]
     generations = [s for s in seen if api_for(s["path"]) is not None]
