@@ -337,6 +337,7 @@ def small_proxy(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="module")
 def small_store(small_proxy: Proxy, config: Config) -> Iterator[Store]:
     opened = open_store(small_proxy.db_url, config.pools)
+    opened.ensure_schema(config.log_ttl_days)  # the port opens before the addon has made it
     try:
         yield opened
     finally:
