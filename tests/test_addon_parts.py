@@ -6,6 +6,7 @@ import string
 
 import pytest
 from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 from mitmproxy import contentviews
 from mitmproxy import http
@@ -187,6 +188,7 @@ def objects_in(value: object) -> list[dict[str, object]]:
     return found
 
 
+@settings(deadline=None)  # no timing asserted: a loaded machine is slow
 @given(st.dictionaries(json_keys, json_values, min_size=1, max_size=4), st.data())
 def test_a_key_given_twice_at_any_depth_is_refused(body: dict[str, object], data) -> None:
     target = data.draw(st.sampled_from(objects_in(body)))
@@ -200,6 +202,7 @@ def test_a_key_given_twice_at_any_depth_is_refused(body: dict[str, object], data
         json.loads(text, object_pairs_hook=unique_keys)
 
 
+@settings(deadline=None)  # no timing asserted: a loaded machine is slow
 @given(st.sampled_from(sorted(METERED_FIELDS)), st.data())
 def test_a_metered_field_spelt_otherwise_is_refused(name: str, data) -> None:
     respelt = data.draw(

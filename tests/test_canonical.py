@@ -33,8 +33,8 @@ from addons.keys import drop_client_key
 from addons.trailers import NoTrailersReader
 from burnmeter.usage import api_for
 
-settings.register_profile("burnmeter", max_examples=200, deadline=None)
-settings.load_profile("burnmeter")
+EXAMPLES = settings(max_examples=200, deadline=None)
+"""Each property tries 200 generated requests (reading one takes microseconds)."""
 
 KEY = "sk-burn-canonical-0123456789"
 GEMINI = "/v1beta/models/gemini-2.5-flash:generateContent"
@@ -104,6 +104,7 @@ PIECES = [
 targets = st.lists(st.sampled_from(PIECES), min_size=1, max_size=8).map("".join)
 
 
+@EXAMPLES
 @given(targets)
 def test_a_path_is_metered_as_the_upstream_serves_it(target: str) -> None:
     try:
@@ -165,6 +166,7 @@ def spellings(word: str) -> st.SearchStrategy[str]:
     return st.tuples(*(one(c) for c in word)).map("".join)
 
 
+@EXAMPLES
 @given(spellings("key"), st.sampled_from(["", "alt=sse&", "a=1&"]), st.booleans())
 def test_a_query_key_is_found_and_stripped_however_it_is_spelt(
     name: str, before: str, after: bool
@@ -190,6 +192,7 @@ headers_with_keys = st.lists(
 )
 
 
+@EXAMPLES
 @given(headers_with_keys, st.sampled_from(["openai", "anthropic", "gemini"]))
 def test_keys_in_every_header_and_copy_are_seen_and_never_forwarded(
     fields: list[tuple[str, str]], style: str
@@ -227,6 +230,7 @@ labels = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
 names = st.lists(labels, min_size=1, max_size=4).map(".".join).filter(lambda n: not n[-1].isdigit())
 
 
+@EXAMPLES
 @given(names, st.booleans(), st.booleans(), st.one_of(st.none(), st.integers(1, 65535)))
 def test_host_variants_read_as_one_host(
     name: str, upper: bool, dot: bool, port: int | None
@@ -279,6 +283,7 @@ upgrade_headers = st.one_of(
 )
 
 
+@EXAMPLES
 @given(upgrade_headers, st.sampled_from(["/v1/chat/completions", "/v1/models", GEMINI]))
 def test_protocol_upgrades_are_refused_on_every_path(header: tuple[str, str], path: str) -> None:
     with pytest.raises(Ambiguous):
@@ -316,6 +321,7 @@ def test_te_is_not_forwarded() -> None:
 field_names = st.text(string.ascii_letters + "-", min_size=1, max_size=12)
 
 
+@EXAMPLES
 @given(field_names, st.text(string.ascii_letters + string.digits, max_size=12))
 def test_chunked_trailers_go_on_the_request_or_are_a_protocol_error(name: str, value: str) -> None:
     body = f"3\r\nabc\r\n0\r\n{name}: {value}\r\n\r\n".encode()
@@ -362,6 +368,7 @@ masks = st.one_of(
 )
 
 
+@EXAMPLES
 @given(masks, st.sampled_from([GEMINI, "/v1/chat/completions", "/v1/messages"]))
 def test_usage_hiding_parameters_are_refused(param: tuple[str, str], path: str) -> None:
     name, value = param
