@@ -19,11 +19,9 @@ each request in flight: the journal never has to refuse a finished request.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import json
 import logging
-import re
 import time
 from collections.abc import Awaitable
 from collections.abc import Callable
@@ -31,20 +29,23 @@ from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait
 from dataclasses import dataclass
+from dataclasses import field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from mitmproxy import http
 from mitmproxy.net.http import url
-from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addons import errors
+from addons.canonical import CanonicalRequest
 from addons.errors import Problem
 from addons.errors import Style
 from addons.holding import HoldQueue
+from addons.keys import ConflictingKeys
 from addons.keys import KeyCache
 from addons.keys import client_key
+from addons.keys import searchable
 from addons.ratelimit import RateLimiter
 from addons.streamtap import StreamTap
 from burnmeter.config import Config
@@ -65,16 +66,10 @@ from burnmeter.store.base import Refusal
 from burnmeter.store.base import Store
 from burnmeter.store.base import StoreError
 from burnmeter.store.rules import split_hold
-from burnmeter.usage import api_for
 from burnmeter.writer import SettlementWriter
 
 logger = logging.getLogger(__name__)
 
-GEMINI_MODEL = re.compile(r"/(?:tunedModels|models)/([^/:]+):")
-FREE_READS = re.compile(r"/models(?:/[^/]+)?$")
-"""Paths served uncharged to GET: model lists and model details (every API has them)."""
-FREE_POSTS = re.compile(r"/v1/messages/count_tokens$|/models/[^/]+:countTokens$")
-"""Paths served uncharged to POST: token counting (Anthropic, Gemini), which generates nothing."""
 CREDITS_EXPIRED_MESSAGE = "Credits have expired. Please purchase new credits."
 STORE_TIMEOUT = 1.0
 """Seconds admission waits for one store call (key look-up, hold)."""
@@ -111,12 +106,16 @@ class Ticket:
     style: Style
     path: str
     host: str
-    """The client-facing host (Host header), as the client sent it."""
+    """The client-facing host and port, as ``addons.canonical`` reads them."""
     upstream: str
     owner: KeyOwner
     key_mask: str
-    route: Route | None
+    route: Route
     pool: str
+    request: CanonicalRequest
+    client_key: str = field(default="", repr=False)
+    """The client's key, until admission is done: to strip it wherever the request holds it
+    and to refuse a body that holds it."""
     model: str | None = None
     quote: PriceQuote | None = None
     estimate: RequestEstimate | None = None
@@ -136,45 +135,17 @@ class Ticket:
         return self.estimate is not None and self.estimate.stream
 
 
-def client_host(request: http.Request) -> tuple[str, int | None]:
-    """Host and port the client addressed (its Host header, or :authority on HTTP/2)."""
-    host, port = _authority(request.host_header or "")
-    return host or request.host, port
-
-
-@functools.lru_cache(maxsize=1024)
-def _authority(authority: str) -> tuple[str, int | None]:
-    """(lower-case host, port) of a Host header; cached: clients name a handful of hosts."""
-    try:
-        host, port = url.parse_authority(authority, check=False)
-    except ValueError:
-        return "", None
-    return host.lower(), port
-
-
-def request_api(request: http.Request) -> tuple[str, str | None, Style]:
-    """(path without query, metered API or None, error style) of a request."""
-    path = request.path.partition("?")[0]
-    api = api_for(path)
-    return path, api, errors.style_for(api, path)
-
-
-def is_free(method: str, path: str) -> bool:
-    """A path that no metered API covers but that is safe to pass through uncharged."""
-    if method in ("GET", "HEAD"):
-        return FREE_READS.search(path) is not None
-    return method == "POST" and FREE_POSTS.search(path) is not None
-
-
-def model_of(api: str, path: str, body: dict[str, Any]) -> str:
+def model_of(request: CanonicalRequest, body: dict[str, Any]) -> str:
     """The requested model: the body's ``model``, or on Gemini the path's."""
-    if api.startswith("gemini."):
-        found = GEMINI_MODEL.search(path)
-        model: object = found.group(1) if found else None
+    assert request.api is not None
+    if request.api.startswith("gemini."):
+        model: object = request.model_in_path
     else:
         model = body.get("model")
     if not isinstance(model, str) or not model:
         raise Rejection(errors.BAD_REQUEST, "'model' is required and must be a string")
+    if not model.strip().isprintable():  # controls, lone surrogates: no upstream's model
+        raise Rejection(errors.BAD_REQUEST, "'model' must be printable text")
     return model
 
 
@@ -266,12 +237,24 @@ class Admission:
         except StoreError as e:
             logger.warning("metering: late hold %s left to the sweep: %s", hold.request_id, e)
 
-    async def authenticate(self, flow: http.HTTPFlow) -> Ticket:
+    async def authenticate(self, flow: http.HTTPFlow, canonical: CanonicalRequest) -> Ticket:
+        """Who calls (``canonical``: the request as read once) and which route bills it."""
         request = flow.request
-        path, api, style = request_api(request)
-        key = client_key(request, style)
+        route = self.config.route(canonical.host, canonical.port, flow.client_conn.sockname[1])
+        if route is None:
+            # billing it at some default would undercharge every route
+            raise Rejection(
+                errors.UNKNOWN_HOST,
+                f"Host {canonical.authority or '(none)'!r} is not served by this gateway",
+            )
+        try:
+            key = client_key(request, canonical.style, canonical.query)
+        except ConflictingKeys as e:
+            raise Rejection(errors.AMBIGUOUS, str(e)) from None
         if key is None:
             raise Rejection(errors.MISSING_KEY, "Missing API key (Authorization: Bearer KEY)")
+        if searchable(key) and key in canonical.path:
+            raise Rejection(errors.AMBIGUOUS, "The request path must not hold the API key")
         found, owner = self.cache.get(key)
         if not found:
             try:
@@ -280,38 +263,34 @@ class Admission:
                 raise Rejection(errors.UNAVAILABLE, "Metering store unavailable") from e
             self.cache.put(key, owner)
         owner = check_owner(owner, utcnow())
-        if api is None and not is_free(request.method, path):
+        if canonical.api is None and not canonical.free:
             # Anything else would go out on the operator's upstream key, unmetered.
             raise Rejection(
-                errors.UNSUPPORTED, f"{request.method} {path} is not served by this gateway"
+                errors.UNSUPPORTED,
+                f"{canonical.method} {canonical.path} is not served by this gateway",
             )
-        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
-            host, port = client_host(request)
-        else:
-            # A forward proxy's client names the destination itself: that is what is billed
-            # (a Host header naming another host must not pick the route, nor its key).
-            host, port = request.host.lower(), request.port
-        route = self.config.route(host, port, flow.client_conn.sockname[1])
         self.check_rate(key, route)
         return Ticket(
-            api=api,
-            style=style,
-            path=path,
-            host=(request.host_header or host).lower(),
+            api=canonical.api,
+            style=canonical.style,
+            path=canonical.path,
+            host=canonical.authority,
             upstream=url.hostport(request.scheme, request.host, request.port),
             owner=owner,
             key_mask=mask_key(key),
             route=route,
-            pool=route.pool if route else self.config.default_pool,
+            pool=route.pool,
+            request=canonical,
+            client_key=key,
             key_cached=found,
         )
 
-    def check_rate(self, key: str, route: Route | None) -> None:
+    def check_rate(self, key: str, route: Route) -> None:
         """429 past the key's requests per minute: the route's own limit, else the global one.
 
         A route with its own limit has its own budget; the others share one per key."""
-        if route is not None and route.rate_limit_rpm is not None:
-            limit, scope = route.rate_limit_rpm, f"{route.host or route.listen_port}"
+        if route.rate_limit_rpm is not None:
+            limit, scope = route.rate_limit_rpm, f"{route.host or route.listen_port or '*'}"
         elif self.config.rate_limit_rpm is not None:
             limit, scope = self.config.rate_limit_rpm, ""
         else:
@@ -346,6 +325,9 @@ class Admission:
                 errors.COMPRESSED_BODY,
                 f"Content-Encoding {encoding!r} is not supported on requests: send it uncompressed",
             )
+        key = ticket.client_key
+        if searchable(key) and key.encode() in (request.raw_content or b""):
+            raise Rejection(errors.AMBIGUOUS, "The request body must not hold the API key")
         body = self._json_body(request)
         if ticket.api == "openai.responses" and body.get("background") is True:
             # its output is fetched later (GET /v1/responses/ID): it could not be metered
@@ -354,11 +336,10 @@ class Admission:
             ticket.estimate = estimate_request(ticket.api, body, self.config, ticket.path)
         except (ValueError, RecursionError) as e:
             raise Rejection(errors.BAD_REQUEST, str(e)) from e
-        ticket.model = model_of(ticket.api, ticket.path, body)
-        multiplier = ticket.route.multiplier if ticket.route else Decimal(1)
+        ticket.model = model_of(ticket.request, body)
         try:
             ticket.quote = resolve_price(
-                self.config, ticket.model, multiplier, upstream_url=request.url
+                self.config, ticket.model, ticket.route.multiplier, upstream_url=request.url
             )
         except UnknownModelError as e:
             raise Rejection(errors.UNKNOWN_MODEL, str(e)) from e
@@ -400,12 +381,68 @@ class Admission:
     @staticmethod
     def _json_body(request: http.Request) -> dict[str, Any]:
         try:
-            body = json.loads(request.content or b"")
+            body = json.loads(request.content or b"", object_pairs_hook=unique_keys)
+        except DuplicateKey as e:
+            raise Rejection(errors.AMBIGUOUS, str(e)) from None
         except (ValueError, RecursionError) as e:
             raise Rejection(errors.BAD_REQUEST, f"Request body is not valid JSON: {e}") from e
         if not isinstance(body, dict):
             raise Rejection(errors.BAD_REQUEST, "Request body must be a JSON object")
+        try:
+            check_spellings(body)
+        except DuplicateKey as e:
+            raise Rejection(errors.AMBIGUOUS, str(e)) from None
         return body
+
+
+class DuplicateKey(ValueError):
+    """A JSON object naming one key twice: parsers disagree on which value wins."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' object hook: an object, refusing a key given twice (at any depth)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(f"Request body names {key!r} twice")
+            seen.add(key)
+    return obj
+
+
+def spelling(key: str) -> str:
+    """How a lenient decoder matches a key to a field: case-insensitively (Go's encoding/json,
+    Unicode folding included) and camelCase = snake_case (protobuf's JSON mapping)."""
+    return key.casefold().replace("_", "")
+
+
+METERED_FIELDS = frozenset(
+    {
+        "model", "messages", "stream", "stream_options", "include_usage", "max_tokens",
+        "max_completion_tokens", "max_output_tokens", "n", "background", "input",
+        "instructions", "tools", "functions", "system", "cache_control", "contents",
+        "systemInstruction", "system_instruction", "generationConfig", "generation_config",
+        "maxOutputTokens", "candidateCount", "candidate_count", "requests", "content",
+    }
+)  # fmt: skip
+"""Body fields the estimate and the price are read from, as their APIs spell them."""
+_METERED_SPELLINGS = {spelling(name): name for name in METERED_FIELDS}
+
+
+def check_spellings(body: dict[str, Any]) -> None:
+    """No two keys of the body, or of one of its objects, that a lenient upstream reads as
+    one field (``model`` and ``Model``, ``maxOutputTokens`` and ``max_output_tokens``), and
+    no metered field spelt otherwise (``MAX_TOKENS`` would be a limit the hold never saw)."""
+    for obj in [body, *(value for value in body.values() if isinstance(value, dict))]:
+        spelt: dict[str, str] = {}
+        for key in obj:
+            other = spelt.setdefault(spelling(key), key)
+            if other != key:
+                raise DuplicateKey(f"Request body names {other!r} and {key!r}: one field")
+            field_name = _METERED_SPELLINGS.get(spelling(key), key)
+            if key not in METERED_FIELDS and field_name != key:
+                raise DuplicateKey(f"Request body key {key!r}: spell it {field_name!r}")
 
 
 def holdless(owner: KeyOwner, pool: Pool, maximum: Decimal, minimum: Decimal) -> Refusal | None:

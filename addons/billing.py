@@ -2,7 +2,10 @@
 
 Usage the upstream reported wins. When it is missing or a stream was cut short, the charge
 is an estimate flagged ``usageSource: "estimated"``: the request's input estimate plus
-output from the characters generated, never less than what was reported.
+output from the characters generated, never less than what was reported. An answer that
+arrived whole and successful without the usage its API always reports (an upstream talked
+into leaving it out) is charged what was held for it: the estimated input and the whole
+output limit, not the visible text.
 """
 
 from __future__ import annotations
@@ -27,6 +30,16 @@ from burnmeter.usage import usage_from_json
 CLIENT_CLOSED = 499
 """Status logged when the client went away mid-response (nginx's convention)."""
 UPSTREAM_FAILED = 502
+ALWAYS_REPORTED = frozenset(
+    {
+        "openai.chat",
+        "openai.responses",
+        "openai.embeddings",
+        "anthropic.messages",
+        "gemini.generate",
+    }
+)
+"""APIs whose complete answers always carry usage (Gemini's embeddings do not)."""
 
 
 def estimated(ticket: Ticket, reported: UsageRecord | None, text_chars: int) -> UsageRecord:
@@ -42,6 +55,16 @@ def estimated(ticket: Ticket, reported: UsageRecord | None, text_chars: int) -> 
     return dataclasses.replace(reported, output_tokens=output, source="estimated")
 
 
+def held(ticket: Ticket) -> UsageRecord:
+    """The usage the hold was made for: estimated input, the whole output limit."""
+    assert ticket.estimate is not None
+    return UsageRecord(
+        input_tokens=ticket.estimate.input_tokens,
+        output_tokens=ticket.estimate.max_output_tokens,
+        source="estimated",
+    )
+
+
 def response_usage(ticket: Ticket, response: http.Response) -> UsageRecord | None:
     """Usage of a response that arrived whole (``response`` hook)."""
     success = 200 <= response.status_code < 300
@@ -50,6 +73,8 @@ def response_usage(ticket: Ticket, response: http.Response) -> UsageRecord | Non
         reported, _ = stream.result()
         if not success or (stream.done and reported is not None):
             return reported
+        if stream.done and ticket.api in ALWAYS_REPORTED:
+            return held(ticket)
         return estimated(ticket, reported, stream.text_chars)
     content = None if response.stream else response.get_content(strict=False)
     reported = None
@@ -58,6 +83,8 @@ def response_usage(ticket: Ticket, response: http.Response) -> UsageRecord | Non
         reported, _ = usage_from_json(ticket.api, content)
     if reported is not None or not success:
         return reported
+    if ticket.api in ALWAYS_REPORTED:
+        return held(ticket)
     generated = 0 if ticket.api in EMBEDDING_APIS else len(content or b"")
     return estimated(ticket, None, generated)
 

@@ -46,6 +46,22 @@ INSUFFICIENT_CREDITS = Problem(
 BAD_REQUEST = Problem(
     400, "invalid_request", "invalid_request_error", "invalid_request_error", "INVALID_ARGUMENT"
 )
+AMBIGUOUS = Problem(
+    400, "ambiguous_request", "invalid_request_error", "invalid_request_error", "INVALID_ARGUMENT"
+)
+"""A request that two readers could read differently (path, host, keys, framing, JSON)."""
+USAGE_MASKED = Problem(
+    400,
+    "unsupported_parameter",
+    "invalid_request_error",
+    "invalid_request_error",
+    "INVALID_ARGUMENT",
+)
+"""A parameter that makes the upstream leave the usage out of its answer."""
+UNKNOWN_HOST = Problem(
+    421, "unknown_host", "invalid_request_error", "invalid_request_error", "FAILED_PRECONDITION"
+)
+"""A host no route names, and no default route."""
 UNKNOWN_MODEL = Problem(
     400, "model_not_found", "invalid_request_error", "invalid_request_error", "INVALID_ARGUMENT"
 )

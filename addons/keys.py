@@ -1,8 +1,10 @@
 """Client API keys: where requests carry them, swapping in the upstream's, and a TTL cache.
 
 Keys are read from ``Authorization: Bearer`` on every path, ``x-api-key`` on Anthropic
-paths and ``x-goog-api-key`` or ``?key=`` on Gemini paths. A client's key is never
-forwarded: it is a burnmeter secret, replaced by the route's upstream key (if any).
+paths and ``x-goog-api-key`` or ``?key=`` on Gemini paths; every place is looked at on
+every request, so that two different keys are refused rather than read one way here and
+another way upstream. A client's key is never forwarded: it is a burnmeter secret,
+replaced by the route's upstream key (if any).
 
 The key cache holds no raw key: it is keyed by the key's SHA-256 digest, so neither a
 memory dump nor a timing difference in the look-up says anything about the keys it holds.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from collections.abc import Iterable
 
 from mitmproxy import http
 
@@ -21,44 +24,92 @@ from burnmeter.documents import HASHED_PREFIX
 from burnmeter.store.base import KeyOwner
 
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
+KEY_PARAM = "key"
+"""Gemini's query parameter for a key, compared decoded and case-folded (``?%6BEY=``)."""
+ACCEPTED: dict[Style, frozenset[str]] = {
+    "openai": frozenset({"authorization"}),
+    "anthropic": frozenset({"authorization", "x-api-key"}),
+    "gemini": frozenset({"authorization", "x-goog-api-key", KEY_PARAM}),
+}
+"""Where each API's clients may put their key."""
+
+Query = Iterable[tuple[str, str | None]]
+MIN_SEARCHED_KEY = 16
+"""Keys shorter than this (a legacy key can be) are not looked for inside other values:
+they would match by chance."""
 
 
-def client_key(request: http.Request, style: Style) -> str | None:
-    """The key the client authenticated with, or None.
+def searchable(key: str | None) -> bool:
+    """A key long enough to be looked for inside other values (paths, headers, bodies)."""
+    return key is not None and len(key) >= MIN_SEARCHED_KEY
 
-    A stored key hash (``sha256:...``, what ``user_keys._id`` holds for keys burnmeter made)
-    is never a key: whoever can read the database must not be able to use what it holds.
+
+class ConflictingKeys(ValueError):
+    """The request carries two different keys: which one pays would depend on the reader."""
+
+
+def presented_keys(request: http.Request, query: Query | None = None) -> list[tuple[str, str]]:
+    """(place, key) for every place a key can be: each key header, duplicates included (in
+    any case), and every query parameter that decodes to ``key`` in any case."""
+    found: list[tuple[str, str]] = []
+    headers = request.headers
+    for value in headers.get_all("authorization"):
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            found.append(("authorization", token.strip()))
+    for name in CLIENT_KEY_HEADERS[1:]:
+        found += [(name, value.strip()) for value in headers.get_all(name) if value.strip()]
+    pairs = request.query.items(multi=True) if query is None else query
+    found += [(KEY_PARAM, v) for name, v in pairs if name.casefold() == KEY_PARAM and v]
+    return found
+
+
+def client_key(request: http.Request, style: Style, query: Query | None = None) -> str | None:
+    """The key the client authenticated with, or None; ``query``: the decoded query pairs.
+
+    Raises ``ConflictingKeys`` if two places hold different keys. A stored key hash
+    (``sha256:...``, what ``user_keys._id`` holds for keys burnmeter made) is never a key:
+    whoever can read the database must not be able to use what it holds.
     """
-    key = _presented_key(request, style)
-    if key is None or key.startswith(HASHED_PREFIX):
+    found = presented_keys(request, query)
+    if len({key for _, key in found}) > 1:
+        raise ConflictingKeys("The request carries more than one API key")
+    accepted = [key for place, key in found if place in ACCEPTED[style]]
+    if not accepted or accepted[0].startswith(HASHED_PREFIX):
         return None
-    return key
+    return accepted[0]
 
 
-def _presented_key(request: http.Request, style: Style) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    if style == "anthropic":
-        return request.headers.get("x-api-key", "").strip() or None
-    if style == "gemini":
-        return (request.headers.get("x-goog-api-key") or request.query.get("key", "")) or None
-    return None
-
-
-def drop_client_key(request: http.Request) -> None:
-    """Remove every place a client key can be (headers and Gemini's ``?key=``)."""
-    present = {name.lower() for name, _ in request.headers.fields}  # one scan, not one a name
+def drop_client_key(request: http.Request, key: str | None = None) -> None:
+    """Remove every place a client key can be: the key headers (every copy), Gemini's
+    ``key`` parameter however it is spelt, and if ``key`` is known, any other header or
+    query parameter that holds it (the upstream and mitmproxy's flow printout see both)."""
+    headers = request.headers
     for name in CLIENT_KEY_HEADERS:
-        if name.encode() in present:
-            del request.headers[name]
-    if "key=" in request.path and "key" in request.query:  # parsing the query is not free
-        request.query.pop("key")
+        if name in headers:
+            del headers[name]
+    searched = key if searchable(key) else None
+    if searched:
+        for name in {name for name, value in headers.items(multi=True) if searched in value}:
+            del headers[name]
+    if "?" not in request.path:
+        return
+    pairs = request.query.items(multi=True)
+    kept = [
+        (name, value)
+        for name, value in pairs
+        if name.casefold() != KEY_PARAM and not (searched and searched in value)
+    ]
+    if len(kept) != len(pairs):
+        request.query = kept
 
 
-def set_upstream_key(request: http.Request, style: Style, key: str | None) -> None:
-    """Drop the client's credentials and, if the route has one, add the upstream's key."""
-    drop_client_key(request)
+def set_upstream_key(
+    request: http.Request, style: Style, key: str | None, client: str | None = None
+) -> None:
+    """Drop the client's credentials (``client``: its key) and, if the route has one, add
+    the upstream's key."""
+    drop_client_key(request, client)
     if key is None:
         return
     match style:

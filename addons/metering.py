@@ -8,13 +8,16 @@ Run it (reverse mode, one ``--mode`` per upstream, is the production shape)::
 Every request needs a client key (``Authorization: Bearer``, or ``x-api-key`` on
 Anthropic paths); LLM requests are priced, held against the pool their host bills,
 forwarded, and settled from the usage the upstream reports. Locally answered requests
-(401/402/400/413/503) never reach the upstream.
+(401/402/400/413/421/503) never reach the upstream.
 
-The addon sets two mitmproxy options itself: ``connection_strategy=lazy`` (so no upstream
-connection is opened for a request answered locally, and an unreachable upstream still
-lets the addon answer) and ``keep_host_header=true`` (in reverse mode mitmproxy would
-otherwise replace the client's Host header, which picks the pool, before any hook runs;
-the addon reads it and then sets the upstream's Host itself).
+Each request is read once (``addons/canonical.py``); what is decided and what is
+forwarded come from that reading. The addon sets two mitmproxy options itself when it
+loads (mitmproxy listens before scripts' ``running`` hook) and refuses a change to them:
+``connection_strategy=lazy`` (so no upstream connection is opened for a request answered
+locally, and an unreachable upstream still lets the addon answer) and
+``keep_host_header=true`` (in reverse mode mitmproxy would otherwise replace the client's
+Host header, which picks the pool, before any hook runs; the addon reads it and then sets
+the upstream's Host itself).
 
 Charges are never lost or doubled: each settlement is appended to a local write-ahead
 journal (``metering_journal``) before the response ends, and one writer thread applies
@@ -59,7 +62,10 @@ from addons import options
 from addons.admission import Admission
 from addons.admission import Rejection
 from addons.admission import Ticket
-from addons.admission import request_api
+from addons.canonical import Ambiguous
+from addons.canonical import forward as forward_request
+from addons.canonical import raw_style
+from addons.canonical import read_request
 from addons.errors import error_response
 from addons.inspection import LLMStreamContentview
 from addons.inspection import Outcome
@@ -72,6 +78,7 @@ from addons.keys import drop_client_key
 from addons.keys import set_upstream_key
 from addons.ratelimit import RateLimiter
 from addons.streamtap import StreamTap
+from addons.trailers import refuse_http1_trailers
 from burnmeter.journal import Journal
 from burnmeter.journal import JournalError
 from burnmeter.journal import JournalLocked
@@ -170,8 +177,24 @@ class Metering:
 
     def load(self, loader) -> None:
         options.declare(loader)
+        refuse_http1_trailers()
+        # In force before mitmproxy listens (it starts listening before scripts' `running`):
+        # a request in between would be routed by the upstream's Host and connect eagerly.
+        changes = {
+            k: v
+            for k, v in REQUIRED_OPTIONS.items()
+            if k in ctx.options and getattr(ctx.options, k) != v
+        }
+        if changes:
+            logger.debug("metering: setting %s", changes)
+            ctx.options.update(**changes)
 
     def configure(self, updated: set[str]) -> None:
+        for name in updated & REQUIRED_OPTIONS.keys():
+            if getattr(ctx.options, name) != REQUIRED_OPTIONS[name]:
+                raise exceptions.OptionsError(
+                    f"{name}: metering needs {name}={REQUIRED_OPTIONS[name]}"
+                )
         if not updated & options.NAMES:
             return
         try:
@@ -210,12 +233,8 @@ class Metering:
 
     def running(self) -> None:
         self.is_running = True
-        changes = {k: v for k, v in REQUIRED_OPTIONS.items() if getattr(ctx.options, k) != v}
         if "web_columns" in ctx.options and "comment" not in ctx.options.web_columns:
-            changes["web_columns"] = [*ctx.options.web_columns, "comment"]  # mitmweb
-        if changes:
-            logger.info("metering: setting %s", changes)
-            ctx.options.update(**changes)
+            ctx.options.update(web_columns=[*ctx.options.web_columns, "comment"])  # mitmweb
         if self.settings is None:
             return
         server = ctx.master.addons.get("proxyserver")
@@ -314,10 +333,18 @@ class Metering:
         if self.admission is None:
             self._reject(f, None, Rejection(errors.UNAVAILABLE, "Metering is not configured"))
             return
+        reverse = isinstance(f.client_conn.proxy_mode, ReverseMode)
         try:
-            ticket = await self.admission.authenticate(f)
+            canonical = read_request(f.request, reverse=reverse)
+        except Ambiguous as e:
+            # mitmproxy prints the request line: an unread query or fragment may hold a key
+            f.request.path = f.request.path.partition("?")[0].partition("#")[0]
+            self._reject(f, None, Rejection(e.problem, str(e)), e.style)
+            return
+        try:
+            ticket = await self.admission.authenticate(f, canonical)
         except Rejection as r:
-            self._reject(f, None, r)
+            self._reject(f, None, r, canonical.style)
             return
         except Exception:
             # Fail closed: mitmproxy would log the error and forward the request unmetered.
@@ -336,6 +363,11 @@ class Metering:
         self.tickets[f] = ticket
 
     async def request(self, f: http.HTTPFlow) -> None:
+        if f.request.trailers and not f.response:  # addons/trailers.py: HTTP/1's too
+            # never forwarded: not metered, and mitmproxy cannot send them over HTTP/1
+            refusal = Rejection(errors.AMBIGUOUS, "Request trailers are not supported")
+            self._reject(f, self.tickets.get(f), refusal)
+            return
         ticket = self.tickets.get(f)
         if ticket is None or f.response or self.admission is None:
             return
@@ -347,8 +379,14 @@ class Metering:
             # Fail closed: a request that admission could not price must not go out unmetered.
             logger.exception("metering: admission failed")
             self._reject(f, ticket, Rejection(errors.UNAVAILABLE, "Metering failed, retry later"))
+        finally:
+            ticket.client_key = ""  # stripped from headers, query and body checks: let it go
 
     def responseheaders(self, f: http.HTTPFlow) -> None:
+        if f.response is not None and f.response.status_code == 101 and f.killable:
+            # a protocol switch nobody asked for (upgrades are refused): an unmetered channel
+            f.kill()
+            return
         ticket = self.tickets.get(f)
         if ticket is None or not ticket.admitted or f.response is None:
             return
@@ -386,13 +424,14 @@ class Metering:
         or in other modes (where the client picks the destination) the route's own host."""
         assert self.settings is not None
         reverse = isinstance(f.client_conn.proxy_mode, ReverseMode)
+        forward_request(f.request, ticket.request, reverse=reverse)
         if reverse:
             f.request.host_header = url.hostport(f.request.scheme, f.request.host, f.request.port)
         route = ticket.route
-        upstream_key = self.settings.upstream_keys.get(route) if route else None
-        if not reverse and (route is None or route.host is None):
-            upstream_key = None  # a listen-port route matches any destination
-        set_upstream_key(f.request, ticket.style, upstream_key)
+        upstream_key = self.settings.upstream_keys.get(route)
+        if not reverse and route.host is None:
+            upstream_key = None  # a listen-port or the default route matches any destination
+        set_upstream_key(f.request, ticket.style, upstream_key, ticket.client_key)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """Reverse mode over TLS: present the upstream's own name (SNI), not the client's.
@@ -403,12 +442,20 @@ class Metering:
         if isinstance(mode, ReverseMode) and mode.scheme in TLS_SCHEMES:
             data.server.sni = mode.address[0]
 
-    def _reject(self, f: http.HTTPFlow, ticket: Ticket | None, rejection: Rejection) -> None:
-        _, _, style = request_api(f.request)
+    def _reject(
+        self,
+        f: http.HTTPFlow,
+        ticket: Ticket | None,
+        rejection: Rejection,
+        style: errors.Style | None = None,
+    ) -> None:
+        if style is None:
+            style = ticket.style if ticket else raw_style(f.request.path)
         problem = rejection.problem
         f.response = error_response(style, problem, rejection.message, **rejection.extra)
         f.response.headers.update(rejection.headers)
-        drop_client_key(f.request)  # mitmproxy prints the request line (Gemini ?key=) and headers
+        # mitmproxy prints the request line (Gemini ?key=) and headers
+        drop_client_key(f.request, ticket.client_key if ticket else None)
         self.tickets.pop(f, None)
         annotate(f, describe(ticket, "rejected", status=problem.status, reason=problem.code))
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from datetime import UTC
 from datetime import datetime
 from decimal import Decimal
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 from typing import Literal
+from urllib.parse import unquote
 from zoneinfo import ZoneInfo
 from zoneinfo import ZoneInfoNotFoundError
 
@@ -68,7 +70,10 @@ class Pool(_Strict):
 
 
 class Route(_Strict):
-    """Which pool a client-facing host (or listen port) bills, and at what multiplier."""
+    """Which pool a client-facing host (or listen port) bills, and at what multiplier.
+
+    The config's ``default_route`` is a Route with neither ``host`` nor ``listen_port``: it
+    bills every host no route names (without one, such hosts are refused)."""
 
     host: str | None = None
     listen_port: int | None = Field(default=None, ge=1, le=65535)
@@ -80,23 +85,24 @@ class Route(_Strict):
     @field_validator("host")
     @classmethod
     def _host_and_port(cls, value: str | None) -> str | None:
+        """Stored as clients' hosts are read: lower case, no trailing dot."""
         if value is not None:
             name, colon, port = value.partition(":")
             if not name or (colon and not (port.isdigit() and 1 <= int(port) <= 65535)):
                 raise ValueError(f"not a host or host:port: {value!r}")
+            name = name.lower().removesuffix(".")
+            if not name:
+                raise ValueError(f"not a host or host:port: {value!r}")
+            value = name + colon + port
         return value
 
-    @model_validator(mode="after")
-    def _one_matcher(self) -> Route:
-        if (self.host is None) == (self.listen_port is None):
-            raise ValueError("a route needs exactly one of host or listen_port")
-        return self
-
     def matches(self, host: str, port: int | None, listen_port: int | None) -> bool:
+        """``host`` as ``addons.canonical`` reads it (lower case, no trailing dot)."""
         if self.listen_port is not None:
             return self.listen_port == listen_port
-        assert self.host is not None
-        want_host, _, want_port = self.host.lower().partition(":")
+        if self.host is None:
+            return False
+        want_host, _, want_port = self.host.partition(":")
         if want_host != host.lower():
             return False
         return not want_port or (port is not None and int(want_port) == port)
@@ -201,6 +207,9 @@ class ModelPrice(PricedRates):
     """A model genai-prices knows (``claude-sonnet-4-5``, ``google/gemini-2.5-pro``): its
     rates, tiers, fees and service tiers as of the config's loading, under the ones named here."""
     pool: str | None = None
+    route_multiplier: PositiveDecimal | None = None
+    """With ``pool``: the route multiplier this model is billed at, in place of the called
+    route's; unset, the dearest multiplier among the routes that bill ``pool``."""
     multiplier: PositiveDecimal = Decimal(1)
 
     @model_validator(mode="after")
@@ -218,11 +227,18 @@ class ModelPrice(PricedRates):
         return self
 
 
+def model_key(name: str) -> str:
+    """What model names are compared by: percent-decoded, without surrounding spaces, case
+    folded (``"Big "``, ``"big"`` and ``"%42ig"`` are one model to an upstream that
+    normalises names, so they are one price here)."""
+    return unquote(name, errors="strict").strip().casefold()
+
+
 class Config(_Strict):
     db: str = DEFAULT_DB_URL
     timezone: str = "Asia/Ho_Chi_Minh"
     log_ttl_days: int = Field(default=30, ge=0, le=36500)
-    default_pool: str = "ohmygpt"
+    default_route: Route | None = None
     unknown_model: Literal["reject", "default", "list-price"] = "reject"
     default_price: DefaultPrice | None = None
     key_cache_seconds: int = Field(default=30, ge=0)
@@ -237,6 +253,11 @@ class Config(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _default_pools(cls, data: object) -> object:
+        if isinstance(data, dict) and "default_pool" in data:
+            raise ValueError(
+                "default_pool: no longer supported: name a [default_route] with pool and"
+                " multiplier (hosts no route names are refused otherwise)"
+            )
         if isinstance(data, dict) and "pools" not in data:
             return {**data, "pools": DEFAULT_POOLS}
         return data
@@ -255,8 +276,6 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _references(self) -> Config:
-        if self.default_pool not in self.pools:
-            raise ValueError(f"default_pool: no pool named {self.default_pool!r}")
         claimed: dict[str, str] = {}
         for name, pool in self.pools.items():
             for key, field in _pool_fields(pool):
@@ -267,23 +286,45 @@ class Config(_Strict):
                 claimed[field] = f"pools.{name}.{key}"
         matchers: dict[tuple[str, object], int] = {}  # a second route for one match is dead
         for i, route in enumerate(self.routes):
+            if (route.host is None) == (route.listen_port is None):
+                raise ValueError(f"routes.{i}: a route needs exactly one of host or listen_port")
             if route.pool not in self.pools:
                 raise ValueError(f"routes.{i}.pool: no pool named {route.pool!r}")
             key, matcher = (
-                ("host", route.host.lower()) if route.host else ("listen_port", route.listen_port)
+                ("host", route.host) if route.host else ("listen_port", route.listen_port)
             )
             if (key, matcher) in matchers:
                 first = matchers[key, matcher]
                 raise ValueError(f"routes.{i}.{key}: routes.{first} already matches {matcher!r}")
             matchers[key, matcher] = i
+        if (default := self.default_route) is not None:
+            for key in ("host", "listen_port"):
+                if getattr(default, key) is not None:
+                    raise ValueError(f"default_route.{key}: not allowed (it matches every host)")
+            if "multiplier" not in default.model_fields_set:
+                raise ValueError("default_route.multiplier: required")
+            if default.pool not in self.pools:
+                raise ValueError(f"default_route.pool: no pool named {default.pool!r}")
         seen: dict[str, str] = {}
         for model_id, model in self.models.items():
             if model.pool is not None and model.pool not in self.pools:
                 raise ValueError(f"models.{model_id}.pool: no pool named {model.pool!r}")
+            if model.route_multiplier is not None and model.pool is None:
+                raise ValueError(f"models.{model_id}.route_multiplier: only with pool")
+            if model.pool is not None and model.route_multiplier is None:
+                if not any(r.pool == model.pool for r in self._all_routes()):
+                    raise ValueError(
+                        f"models.{model_id}.route_multiplier: required (no route bills"
+                        f" pool {model.pool!r})"
+                    )
             for name in [model_id, *model.aliases]:
-                if name in seen and seen[name] != model_id:
-                    raise ValueError(f"models.{model_id}.aliases: {name!r} is also {seen[name]!r}")
-                seen[name] = model_id
+                try:
+                    key = model_key(name)
+                except UnicodeDecodeError:
+                    raise ValueError(f"models.{model_id}: {name!r} is no model name") from None
+                if key in seen and seen[key] != model_id:
+                    raise ValueError(f"models.{model_id}.aliases: {name!r} is also {seen[key]!r}")
+                seen[key] = model_id
         if self.unknown_model == "default" and self.default_price is None:
             raise ValueError("default_price: required when unknown_model = 'default'")
         return self
@@ -292,20 +333,39 @@ class Config(_Strict):
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
 
+    @cached_property
+    def _model_names(self) -> dict[str, str]:
+        return {
+            model_key(name): model_id
+            for model_id, model in self.models.items()
+            for name in [model_id, *model.aliases]
+        }
+
     def model(self, name: str) -> tuple[str, ModelPrice] | None:
-        """The configured model for an id or alias: (canonical id, prices)."""
+        """The configured model for an id or alias, compared by ``model_key``:
+        (canonical id, prices)."""
         if name in self.models:
             return name, self.models[name]
-        for model_id, model in self.models.items():
-            if name in model.aliases:
-                return model_id, model
-        return None
+        try:
+            model_id = self._model_names.get(model_key(name))
+        except UnicodeDecodeError:  # a percent-escape that is no UTF-8: no model's name
+            return None
+        return (model_id, self.models[model_id]) if model_id is not None else None
 
     def route(self, host: str, port: int | None, listen_port: int | None) -> Route | None:
+        """The route a request bills (``host`` read as ``addons.canonical`` does), else the
+        default route; None: the host is refused."""
         for route in self.routes:
             if route.matches(host, port, listen_port):
                 return route
-        return None
+        return self.default_route
+
+    def _all_routes(self) -> list[Route]:
+        return [*self.routes, *([self.default_route] if self.default_route else [])]
+
+    def pool_multiplier(self, pool: str) -> Decimal:
+        """A pool's own route multiplier: the dearest among the routes that bill it."""
+        return max(r.multiplier for r in self._all_routes() if r.pool == pool)
 
 
 RESERVED_USER_FIELDS = frozenset(
@@ -336,13 +396,19 @@ DEFAULT_POOLS = {
 }
 
 
+DEFAULT_ROUTE = {"pool": "ohmygpt", "multiplier": 1}
+"""The built-in config's default route: any host bills "ohmygpt" at x1."""
+
+
 @functools.cache
 def default_config() -> Config:
-    """The built-in config: the original's two pools, no routes, and list prices for the
-    models people call (``burnmeter.builtin``)."""
+    """The built-in config: the original's two pools, a default route, and list prices for
+    the models people call (``burnmeter.builtin``)."""
     from burnmeter.builtin import builtin_models  # it prices with burnmeter.pricing
 
-    return Config.model_validate({"pools": DEFAULT_POOLS, "models": builtin_models()})
+    return Config.model_validate(
+        {"pools": DEFAULT_POOLS, "default_route": DEFAULT_ROUTE, "models": builtin_models()}
+    )
 
 
 def _one_line(error: ValidationError) -> str:

@@ -66,11 +66,17 @@ def resolve_price(
 ) -> PriceQuote:
     """Price a model by id or alias; unknown models follow ``config.unknown_model``.
 
+    ``route_multiplier`` is the called route's, unless the model bills a pool of its own:
+    then its ``route_multiplier``, or the dearest of the routes that bill that pool.
+
     ``upstream_url`` (where the request goes) helps the list-price policy pick the provider.
     Raises ``UnknownModelError`` when the model has no price.
     """
     if found := config.model(model_name):
         model_id, model = found
+        if model.pool is not None:
+            # the pool it bills brings its own multiplier, never the called host's cheaper one
+            route_multiplier = model.route_multiplier or config.pool_multiplier(model.pool)
         multiplier = route_multiplier * model.multiplier
         return PriceQuote(model_id, model.price, multiplier, "config", model.pool, route_multiplier)
     if config.unknown_model == "default":

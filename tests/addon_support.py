@@ -29,6 +29,10 @@ unknown_model = "reject"
 max_request_bytes = 4096
 key_cache_seconds = 30
 
+[default_route]
+pool = "ohmygpt"
+multiplier = 1
+
 [[routes]]
 host = "{OPENHANDS_HOST}"
 pool = "openhands"

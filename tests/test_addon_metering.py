@@ -13,6 +13,10 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 from mitmproxy import connection
 from mitmproxy import exceptions
 from mitmproxy import flow
@@ -80,8 +84,8 @@ def body_of(f: http.HTTPFlow) -> dict:
 def test_bad_config_is_one_line_options_error(env: Env) -> None:
     with pytest.raises(exceptions.OptionsError, match="metering_config: .*No such file"):
         env.tctx.configure(env.metering, metering_config=str(env.config_path) + "x")
-    env.config_path.write_text('default_pool = "nope"\n')
-    with pytest.raises(exceptions.OptionsError, match="default_pool: no pool named 'nope'"):
+    env.config_path.write_text('[default_route]\npool = "nope"\nmultiplier = 1\n')
+    with pytest.raises(exceptions.OptionsError, match="default_route.pool: no pool named 'nope'"):
         env.tctx.configure(env.metering, metering_key_cache_ttl=5)
 
 
@@ -169,9 +173,22 @@ async def test_upstream_key_replaces_the_client_key(
     assert "authorization" not in other.request.headers, "a client key is never forwarded"
 
 
-def test_running_sets_proxy_options_and_says_it_is_ready(
-    env: Env, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_proxy_options_are_in_force_before_mitmproxy_listens(env: Env) -> None:
+    """mitmproxy starts listening before scripts' ``running``: the options the routing
+    needs are set when the addon loads, and cannot be turned off while it runs."""
+    m = Metering()
+    with taddons.context(proxyserver.Proxyserver(), m) as tctx:
+        assert tctx.options.connection_strategy == "lazy"  # no `running` yet
+        assert tctx.options.keep_host_header is True
+        with pytest.raises(exceptions.OptionsError, match="keep_host_header: metering needs"):
+            tctx.options.update(keep_host_header=False)
+        assert tctx.options.keep_host_header is True
+        with pytest.raises(exceptions.OptionsError, match="connection_strategy: metering"):
+            tctx.options.update(connection_strategy="eager")
+        m.done()
+
+
+def test_running_says_it_is_ready(env: Env, caplog: pytest.LogCaptureFixture) -> None:
     m = Metering()
     with taddons.context(proxyserver.Proxyserver(), m) as tctx:
         tctx.configure(
@@ -1017,3 +1034,174 @@ async def test_shutdown_settles_requests_still_in_flight(env: Env) -> None:
     assert whole["statusCode"] == 200 and whole["usageSource"] == "reported"
     assert whole["creditsCost"] == Decimal("0.009")
     assert env.store.open_holds(utcnow() + timedelta(days=1)) == []
+
+
+# -- hostile requests: each read once, refused or metered as forwarded -----------------------
+GEMINI_FLASH = "/v1beta/models/gemini-2.5-flash:generateContent"
+GEMINI_BODY = {"contents": [{"parts": [{"text": "hi"}]}]}
+
+REVERSE = "reverse:http://upstream.test:80"
+
+
+async def test_a_fragment_cannot_make_a_completion_a_free_path(env: Env) -> None:
+    f = make_flow("/v1/chat/completions#/v1/messages/count_tokens", mode=REVERSE)
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 400
+    assert body_of(f)["error"]["code"] == "ambiguous_request"
+    counted = make_flow("/v1/messages/./count_tokens", {"model": "x"}, mode=REVERSE)
+    await admit(env, counted)
+    assert counted.response is None and counted.request.path == "/v1/messages/count_tokens"
+
+
+async def test_a_protocol_switch_is_refused_and_a_101_is_cut(env: Env) -> None:
+    for headers in ((("upgrade", "websocket"), ("connection", "Upgrade")), (("Upgrade", "h2c"),)):
+        f = make_flow(extra_headers=headers)
+        await admit(env, f)
+        assert f.response is not None and f.response.status_code == 400
+    f = make_flow()
+    await admit(env, f)
+    f.response = http.Response.make(101, b"", {"upgrade": "websocket"})
+    env.metering.responseheaders(f)
+    assert f.error is not None and f.error.msg == flow.Error.KILLED_MESSAGE
+
+
+@given(name=st.sampled_from(["%6Bey", "KEY", "k%65Y", "%4B%45%59"]))
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+async def test_a_gemini_key_under_an_encoded_name_is_stripped(env: Env, name: str) -> None:
+    f = make_flow(f"{GEMINI_FLASH}?alt=sse&{name}={KEY}", GEMINI_BODY, key=None)
+    await admit(env, f)
+    assert f.response is None, body_of(f)
+    assert KEY not in f.request.path and f.request.query.get("alt") == "sse"
+
+
+async def test_two_different_keys_are_refused(env: Env) -> None:
+    f = make_flow(extra_headers=(("x-api-key", BOB_KEY),))
+    await admit(env, f)
+    assert f.response is not None and body_of(f)["error"]["code"] == "ambiguous_request"
+
+
+STRICT = (
+    CONFIG.replace('[default_route]\npool = "ohmygpt"\nmultiplier = 1\n', "")
+    + "route_multiplier = 1.15\n"
+)
+
+
+async def test_a_host_no_route_names_is_421(env: Env) -> None:
+    env.config_path.write_text(STRICT)
+    env.tctx.configure(env.metering, metering_key_cache_ttl=1)
+    for host in ("unknown.example", "chat.trollllm.xyz.evil", "127.0.0.1"):
+        f = make_flow(host=host, mode=REVERSE)
+        await admit(env, f)
+        assert f.response is not None and f.response.status_code == 421, host
+        assert body_of(f)["error"]["code"] == "unknown_host"
+    for host in (f"{OPENHANDS_HOST}.", OPENHANDS_HOST.upper(), f"{OPENHANDS_HOST}:8443"):
+        f = make_flow(host=host, mode=REVERSE)
+        await admit(env, f)
+        assert f.response is None and env.metering.tickets[f].pool == "openhands", host
+
+
+async def test_http2_request_trailers_are_refused(env: Env) -> None:
+    f = make_flow()
+    f.request.http_version = "HTTP/2.0"
+    await env.metering.requestheaders(f)
+    f.request.trailers = http.Headers([(b"x-checksum", b"1")])
+    await env.metering.request(f)
+    assert f.response is not None and f.response.status_code == 400
+
+
+async def test_usage_masks_are_refused(env: Env) -> None:
+    for path, headers in [
+        (f"{GEMINI_FLASH}?fields=candidates", ()),
+        (f"{GEMINI_FLASH}?%24fields=candidates", ()),
+        (f"{GEMINI_FLASH}?alt=proto", ()),
+        (GEMINI_FLASH, (("X-Goog-FieldMask", "candidates"),)),
+    ]:
+        f = make_flow(path, GEMINI_BODY, extra_headers=headers)
+        await admit(env, f)
+        assert f.response is not None and body_of(f)["error"]["status"] == "INVALID_ARGUMENT"
+
+
+async def test_an_answer_without_the_usage_its_api_always_reports_is_charged_the_hold(
+    env: Env,
+) -> None:
+    f = make_flow(body={"model": "gpt-4o", "messages": [], "max_tokens": 1000})
+    await admit(env, f)
+    ticket = env.metering.tickets[f]
+    assert ticket.hold is not None
+    f.response = json_response({"model": "gpt-4o", "choices": [{"message": {"content": "hi"}}]})
+    env.metering.response(f)
+    assert f.metadata["metering"]["output_tokens"] == 1000
+    log = settled(env, f.id)
+    assert log is not None and Decimal(str(log["creditsCost"])) == ticket.hold.amount
+
+
+async def test_a_duplicated_or_respelt_key_in_the_body_is_refused(env: Env) -> None:
+    for raw in (
+        b'{"model": "gpt-4o", "model": "claude-sonnet-4-5", "messages": []}',
+        b'{"model": "gpt-4o", "Model": "claude-sonnet-4-5", "messages": []}',
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "role": "system", "content": ""}]}',
+        b'{"contents": [], "generationConfig": {"maxOutputTokens": 1, "max_output_tokens": 9}}',
+        b'{"model": "gpt-4o", "MAX_TOKENS": 100000, "messages": []}',  # Go matches it
+        b'{"model": "gpt-4o", "\xc5\xbftream": true, "messages": []}',  # long s folds to s
+    ):
+        path = GEMINI_FLASH if b"contents" in raw else "/v1/chat/completions"
+        f = make_flow(path, raw)
+        await admit(env, f)
+        assert f.response is not None and f.response.status_code == 400, raw
+
+
+@pytest.mark.parametrize("raw", [b'"gpt-4o\\udcff"', b'"gpt\\u00004o"', b'"\\ud800"'])
+async def test_a_model_name_that_is_no_text_is_refused(env: Env, raw: bytes) -> None:
+    f = make_flow(body=b'{"model": ' + raw + b', "messages": []}')
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 400
+
+
+async def test_a_key_in_the_body_is_refused(env: Env) -> None:
+    f = make_flow(body={"model": "gpt-4o", "messages": [], "user": KEY})
+    await admit(env, f)
+    assert f.response is not None and body_of(f)["error"]["code"] == "ambiguous_request"
+    assert env.metering.tickets.get(f) is None
+
+
+async def test_a_gemini_path_is_priced_as_the_model_it_resolves_to(env: Env) -> None:
+    f = make_flow(
+        "/v1beta/models/gpt-4o:countTokens/../../models/gemini-2.5-flash:generateContent",
+        GEMINI_BODY,
+    )
+    await admit(env, f)
+    ticket = env.metering.tickets[f]
+    assert ticket.quote is not None and ticket.quote.model == "gemini-2.5-flash"
+    assert f.request.path == GEMINI_FLASH
+
+
+@pytest.mark.parametrize("name", ["GPT-4o", " gpt-4o", "gpt-4o\t", "gpt%2D4o", "GPT%2d4O "])
+async def test_a_model_name_spelt_differently_is_priced_as_that_model(env: Env, name: str) -> None:
+    f = make_flow(body={"model": name, "messages": []})
+    await admit(env, f)
+    ticket = env.metering.tickets[f]
+    assert ticket.quote is not None and ticket.quote.model == "gpt-4o"
+
+
+POOL_PRICED = (
+    CONFIG
+    + f"""
+[[routes]]
+host = "{OHMYGPT_HOST}"
+pool = "ohmygpt"
+multiplier = 3
+"""
+)
+
+
+async def test_a_models_pool_override_bills_at_that_pools_multiplier(env: Env) -> None:
+    env.config_path.write_text(POOL_PRICED)
+    env.tctx.configure(env.metering, metering_key_cache_ttl=1)
+    for host in (OPENHANDS_HOST, OHMYGPT_HOST, "other.test"):  # x2, x3, default x1
+        f = make_flow(body={"model": "special", "messages": []}, host=host)
+        await admit(env, f)
+        ticket = env.metering.tickets[f]
+        assert ticket.pool == "ohmygpt" and ticket.quote is not None
+        assert ticket.quote.multiplier == 3, host  # the dearest route billing ohmygpt

@@ -4,6 +4,9 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from burnmeter import price_model
 from burnmeter.config import ConfigError
@@ -11,6 +14,7 @@ from burnmeter.config import default_config
 from burnmeter.config import load_config
 from burnmeter.config import parse_config
 from burnmeter.pricing import list_price
+from burnmeter.pricing import resolve_price
 
 REPO = Path(__file__).resolve().parents[1]
 POOLS = {"p": {"balance": ["credits"], "used": "creditsUsed"}}
@@ -21,7 +25,9 @@ def test_default_config_has_the_originals_two_pools():
     assert config.pools["openhands"].balance == ["creditsNew"]
     assert config.pools["ohmygpt"].balance == ["credits", "refCredits"]
     assert config.pools["ohmygpt"].name == "ohmygpt"
-    assert config.default_pool == "ohmygpt"
+    default = config.default_route
+    assert default is not None and (default.pool, default.multiplier) == ("ohmygpt", 1)
+    assert config.route("any.example", None, None) is default  # a first request works
     assert config.timezone == "Asia/Ho_Chi_Minh"
     assert config.unknown_model == "reject"
 
@@ -33,7 +39,7 @@ def test_example_file_loads_with_exact_prices():
     assert model.price == list_price(model_id)  # tiers and all, inherited
     assert config.route("chat.trollllm.xyz", 443, None).multiplier == Decimal("1.02")
     assert config.route("CHAT2.trollllm.xyz", None, None).pool == "ohmygpt"
-    assert config.route("elsewhere.example", None, None) is None
+    assert config.route("elsewhere.example", None, None) is None  # refused: 421
 
 
 def test_readme_price_example_loads_with_what_it_says() -> None:
@@ -57,7 +63,6 @@ def test_route_by_port_and_host_with_port():
     config = parse_config(
         {
             "pools": POOLS,
-            "default_pool": "p",
             "routes": [{"listen_port": 8005, "pool": "p"}, {"host": "a.test:8443", "pool": "p"}],
         }
     )
@@ -99,15 +104,15 @@ PRICED = {"input": 1, "output": 2}  # a model's required rates, for cases about 
             "routes.0.host: not a host or host:port: 'chat.example:https'",
         ),
         (
-            {"pools": {"p": {"balance": ["_id"], "used": "u"}}, "default_pool": "p"},
+            {"pools": {"p": {"balance": ["_id"], "used": "u"}}},
             "pools.p.balance: '_id' is a user field of its own",
         ),
         (
-            {"pools": {"p": {"balance": ["c"], "used": "createdAt"}}, "default_pool": "p"},
+            {"pools": {"p": {"balance": ["c"], "used": "createdAt"}}},
             "pools.p.used: 'createdAt' is a user field of its own",
         ),
         (
-            {"pools": {"p": {"balance": ["c"], "used": "c"}}, "default_pool": "p"},
+            {"pools": {"p": {"balance": ["c"], "used": "c"}}},
             "pools.p.used: 'c' is also pools.p.balance",
         ),
         (
@@ -116,7 +121,6 @@ PRICED = {"input": 1, "output": 2}  # a model's required rates, for cases about 
                     "a": {"balance": ["credits"], "used": "aUsed"},
                     "b": {"balance": ["credits"], "used": "bUsed"},
                 },
-                "default_pool": "a",
             },
             "pools.b.balance: 'credits' is also pools.a.balance",
         ),
@@ -126,21 +130,42 @@ PRICED = {"input": 1, "output": 2}  # a model's required rates, for cases about 
             "unknown_model: Input should be 'reject', 'default' or 'list-price'",
         ),
         ({"unknown_model": "default"}, "default_price: required when unknown_model = 'default'"),
-        ({"default_pool": "nope"}, "default_pool: no pool named 'nope'"),
+        ({"default_pool": "ohmygpt"}, "default_pool: no longer supported: name a [default_route]"),
+        ({"default_route": {"pool": "ohmygpt"}}, "default_route.multiplier: required"),
         (
-            {"pools": {"p": {"balance": [], "used": "u"}}, "default_pool": "p"},
+            {"default_route": {"pool": "zz", "multiplier": 1}},
+            "default_route.pool: no pool named 'zz'",
+        ),
+        (
+            {"default_route": {"host": "a.test", "pool": "ohmygpt", "multiplier": 1}},
+            "default_route.host: not allowed (it matches every host)",
+        ),
+        (
+            {"models": {"m": {"input": 1, "output": 1, "pool": "openhands"}}},
+            "models.m.route_multiplier: required (no route bills pool 'openhands')",
+        ),
+        (
+            {"models": {"m": {"input": 1, "output": 1, "route_multiplier": 2}}},
+            "models.m.route_multiplier: only with pool",
+        ),
+        (
+            {"models": {"big": {"input": 1, "output": 1}, " Big": {"input": 2, "output": 2}}},
+            "models. Big.aliases: ' Big' is also 'big'",
+        ),
+        (
+            {"pools": {"p": {"balance": [], "used": "u"}}},
             "pools.p.balance: List should have at least 1 item",
         ),
         (
-            {"pools": {"p": {"balance": ["credits"]}}, "default_pool": "p"},
+            {"pools": {"p": {"balance": ["credits"]}}},
             "pools.p.used: Field required",
         ),
         (
-            {"pools": {"p": {"balance": ["bad field"], "used": "u"}}, "default_pool": "p"},
+            {"pools": {"p": {"balance": ["bad field"], "used": "u"}}},
             "pools.p.balance.0: String should match pattern",
         ),
         (
-            {"pools": {"p": {"balance": ["c"], "used": "u", "colour": 1}}, "default_pool": "p"},
+            {"pools": {"p": {"balance": ["c"], "used": "u", "colour": 1}}},
             "pools.p.colour: unknown key",
         ),
         ({"routes": [{"host": "a", "pool": "zz"}]}, "routes.0.pool: no pool named 'zz'"),
@@ -242,3 +267,79 @@ def test_world_writable_config_refused(tmp_path):
         load_config(path)
     os.chmod(path, 0o644)
     assert load_config(path).timezone == "UTC"
+
+
+# -- names as clients spell them -------------------------------------------------------------
+MODELS = {
+    "big-model": {"input": 30, "output": 60, "aliases": ["Big"]},
+    "small": {"input": 1, "output": 2},
+}
+
+
+def respelt(name: str) -> st.SearchStrategy[str]:
+    """``name`` in any case, characters percent-encoded or not, with spaces around."""
+    chars = st.tuples(
+        *(st.sampled_from([c.lower(), c.upper(), f"%{ord(c):02X}", f"%{ord(c):02x}"]) for c in name)
+    ).map("".join)
+    spaces = st.sampled_from(["", " ", "\t", "  "])
+    return st.tuples(spaces, chars, spaces).map("".join)
+
+
+NAMES = {"big-model": "big-model", "Big": "big-model", "small": "small"}
+
+
+@settings(deadline=None)  # no timing asserted: a loaded machine is slow
+@given(st.sampled_from(sorted(NAMES)).flatmap(lambda n: st.tuples(st.just(n), respelt(n))))
+def test_a_respelt_model_name_is_priced_as_that_model(names: tuple[str, str]) -> None:
+    name, spelt = names
+    found = parse_config({"models": MODELS}).model(spelt)
+    assert found is not None and found[0] == NAMES[name]
+
+
+@settings(deadline=None)  # no timing asserted: a loaded machine is slow
+@given(
+    st.lists(st.sampled_from(["a.test", "b.test", "c.test"]), min_size=1, max_size=3, unique=True),
+    st.sampled_from(["a.test", "b.test", "c.test", "d.test"]),
+    st.booleans(),
+    st.booleans(),
+)
+def test_a_route_matches_its_host_in_any_case_and_with_a_trailing_dot(
+    hosts: list[str], called: str, upper: bool, dot: bool
+) -> None:
+    config = parse_config(
+        {
+            "routes": [
+                {"host": (h.upper() if upper else h) + ("." if dot else ""), "pool": "ohmygpt"}
+                for h in hosts
+            ]
+        }
+    )
+    route = config.route(called, None, None)
+    if called in hosts:
+        assert route is not None and route.host == called
+    else:
+        assert route is None
+
+
+@settings(deadline=None)  # no timing asserted: a loaded machine is slow
+@given(
+    st.lists(st.decimals("1", "3", places=2), min_size=1, max_size=4),
+    st.sampled_from(["openhands", "ohmygpt"]),
+)
+def test_a_pool_override_bills_at_the_dearest_multiplier_of_its_pool(
+    multipliers: list[Decimal], pool: str
+) -> None:
+    routes = [
+        {"host": f"h{i}.test", "pool": "ohmygpt" if i % 2 else "openhands", "multiplier": m}
+        for i, m in enumerate(multipliers)
+    ]
+    billing = [Decimal(m) for i, m in enumerate(multipliers) if (i % 2 == 1) == (pool == "ohmygpt")]
+    data = {"routes": routes, "models": {"m": {"input": 1, "output": 1, "pool": pool}}}
+    if not billing:
+        with pytest.raises(ConfigError, match="route_multiplier: required"):
+            parse_config(data)
+        return
+    config = parse_config(data)
+    for route in config.routes:  # whichever host is called
+        quote = resolve_price(config, "m", route.multiplier)
+        assert quote.multiplier == max(billing)

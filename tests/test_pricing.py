@@ -78,12 +78,10 @@ def test_alias_and_id_resolve_to_the_same_model() -> None:
 
 
 def test_route_and_model_multipliers_multiply() -> None:
-    config = make_config(
-        models={"m": {"input": 1, "output": 2, "multiplier": 2, "pool": "openhands"}}
-    )
+    config = make_config(models={"m": {"input": 1, "output": 2, "multiplier": 2}})
     q = resolve_price(config, "m", Decimal("1.15"))
     assert q.multiplier == Decimal("2.30")
-    assert q.pool == "openhands"
+    assert q.pool is None
     usage = UsageRecord(input_tokens=1_000_000, output_tokens=1_000_000)
     assert cost(usage, q) == Decimal("6.9")
     assert billing_tokens(usage, q) == 4_600_000

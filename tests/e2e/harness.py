@@ -75,6 +75,11 @@ cache_read = 0.3
 [models."fake-embed"]
 input = 0.1
 output = 0.0
+
+[models."fake-pooled"]
+input = 2.0
+output = 8.0
+pool = "ohmygpt"                 # billed at ohmygpt's multiplier whichever host is called
 """
 
 

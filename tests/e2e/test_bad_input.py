@@ -9,8 +9,9 @@ Choices documented here:
 - An upstream error that reports usage (a 500 whose body carries ``usage``) is charged
   that usage, logged ``isSuccess: false``: the upstream did consume (and bill) the tokens.
 - An upstream's non-JSON error page (HTML 502) is passed through as is, logged free.
-- A 200 whose body has no readable usage (truncated, empty, not JSON) is charged an
-  estimate (``usageSource: estimated``): the upstream answered, so tokens were used.
+- A 200 whose body has no readable usage (truncated, empty, not JSON) is charged the hold
+  (``usageSource: estimated``): the upstream answered, so tokens were used, and an API that
+  always reports usage and did not must not be billed the visible text only.
 - Usage with invalid counts (negative, fractional, strings, booleans, > 1e9, infinite) is
   ignored and the request charged an estimate, never the garbage and never nothing.
 """
@@ -336,6 +337,7 @@ def small_proxy(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="module")
 def small_store(small_proxy: Proxy, config: Config) -> Iterator[Store]:
     opened = open_store(small_proxy.db_url, config.pools)
+    opened.ensure_schema(config.log_ttl_days)  # the port opens before the addon has made it
     try:
         yield opened
     finally:

@@ -166,7 +166,7 @@ def start_up_output(tmp_path: Path, *sets: str, **env: str) -> tuple[int, list[s
         (
             "bad config",
             ["metering_config=bad.toml"],
-            r"mitmdump: metering_config: bad\.toml: default_pool: no pool named 'nope'",
+            r"mitmdump: metering_config: bad\.toml: default_route\.pool: no pool named 'nope'",
         ),
         (
             "not a database",
@@ -193,7 +193,7 @@ def start_up_output(tmp_path: Path, *sets: str, **env: str) -> tuple[int, list[s
 def test_a_start_up_error_is_one_line_and_a_non_zero_exit(
     tmp_path: Path, case: str, sets: list[str], expected: str
 ) -> None:
-    (tmp_path / "bad.toml").write_text('default_pool = "nope"\n')
+    (tmp_path / "bad.toml").write_text('[default_route]\npool = "nope"\nmultiplier = 1\n')
     (tmp_path / "notes.txt").write_text("not a database\n")
     code, lines = start_up_output(tmp_path, *sets)
     assert code != 0, case
