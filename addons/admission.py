@@ -266,9 +266,8 @@ class Admission:
         except StoreError as e:
             logger.warning("metering: late hold %s left to the sweep: %s", hold.request_id, e)
 
-    async def authenticate(self, flow: http.HTTPFlow) -> Ticket:
-        request = flow.request
-        path, api, style = request_api(request)
+    async def identify(self, request: http.Request, style: Style) -> tuple[str, KeyOwner, bool]:
+        """The client's key, its (checked) owner, and whether the key cache knew it."""
         key = client_key(request, style)
         if key is None:
             raise Rejection(errors.MISSING_KEY, "Missing API key (Authorization: Bearer KEY)")
@@ -279,7 +278,12 @@ class Admission:
             except StoreError as e:
                 raise Rejection(errors.UNAVAILABLE, "Metering store unavailable") from e
             self.cache.put(key, owner)
-        owner = check_owner(owner, utcnow())
+        return key, check_owner(owner, utcnow()), found
+
+    async def authenticate(self, flow: http.HTTPFlow) -> Ticket:
+        request = flow.request
+        path, api, style = request_api(request)
+        key, owner, found = await self.identify(request, style)
         if api is None and not is_free(request.method, path):
             # Anything else would go out on the operator's upstream key, unmetered.
             raise Rejection(

@@ -53,6 +53,7 @@ from addons.admission import Admission
 from addons.admission import Rejection
 from addons.admission import Ticket
 from addons.admission import request_api
+from addons.alerts import Alerts
 from addons.errors import error_response
 from addons.inspection import LLMStreamContentview
 from addons.inspection import Outcome
@@ -63,8 +64,12 @@ from addons.inspection import usage_summary
 from addons.keys import KeyCache
 from addons.keys import drop_client_key
 from addons.keys import set_upstream_key
+from addons.metrics import Metrics
+from addons.metrics import MetricsAddon
+from addons.metrics import observed
 from addons.ratelimit import RateLimiter
 from addons.streamtap import StreamTap
+from addons.usage_endpoint import UsageEndpoint
 from burnmeter.journal import Journal
 from burnmeter.journal import JournalError
 from burnmeter.journal import JournalLocked
@@ -144,6 +149,9 @@ class Metering:
         self.unjournaled = 0
         """Settlements the journal refused (logged at ERROR for an operator to replay)."""
         self.tickets: weakref.WeakKeyDictionary[http.HTTPFlow, Ticket] = weakref.WeakKeyDictionary()
+        self.metrics: Metrics | None = None
+        """Set by ``MetricsAddon`` while ``metering_metrics`` serves them."""
+        self.alerts: Alerts | None = None
 
     def load(self, loader) -> None:
         options.declare(loader)
@@ -216,6 +224,9 @@ class Metering:
         self.settings = settings
         self.store = store
         self.journal = journal
+        self.alerts = (
+            Alerts(settings.alert_rules, lambda: self.metrics) if settings.alert_rules else None
+        )
         self.writer = SettlementWriter(
             lambda: open_store(settings.db_url, config.pools),  # its own connection
             journal,
@@ -224,6 +235,7 @@ class Metering:
             # MongoDB has a TTL index; SQLite's logs are purged by the writer
             log_ttl=timedelta(days=ttl) if ttl and settings.db_url.startswith("sqlite:") else None,
             purge_interval=PURGE_INTERVAL,
+            on_settled=self.alerts.settled if self.alerts else None,
         )
         self.writer.start()
         self.executor = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="metering-store")
@@ -247,6 +259,8 @@ class Metering:
             self.admission.close(DRAIN_TIMEOUT)  # holds left are swept, as after a crash
         if self.writer is not None:
             self.writer.stop(STOP_TIMEOUT)
+        if self.alerts is not None:
+            self.alerts.stop()
         if self.executor is not None:
             # a store call stuck on a lock must not hold up shutdown
             self.executor.shutdown(wait=False, cancel_futures=True)
@@ -255,8 +269,9 @@ class Metering:
         if self.store is not None:
             self.store.close()
         self.settings = self.store = self.writer = self.executor = self.admission = None
-        self.journal = None
+        self.journal = self.alerts = None
 
+    @observed
     async def requestheaders(self, f: http.HTTPFlow) -> None:
         if f.response or f.error:
             return
@@ -284,6 +299,7 @@ class Metering:
             return
         self.tickets[f] = ticket
 
+    @observed
     async def request(self, f: http.HTTPFlow) -> None:
         ticket = self.tickets.get(f)
         if ticket is None or f.response or self.admission is None:
@@ -297,6 +313,7 @@ class Metering:
             logger.exception("metering: admission failed")
             self._reject(f, ticket, Rejection(errors.UNAVAILABLE, "Metering failed, retry later"))
 
+    @observed
     def responseheaders(self, f: http.HTTPFlow) -> None:
         ticket = self.tickets.get(f)
         if ticket is None or not ticket.admitted or f.response is None:
@@ -308,6 +325,7 @@ class Metering:
             ticket.tap = StreamTap(ticket.api, f.response.headers.get("content-encoding"))
             f.response.stream = ticket.tap
 
+    @observed
     def response(self, f: http.HTTPFlow) -> None:
         ticket = self.tickets.pop(f, None)
         if ticket is None or not ticket.admitted or f.response is None:
@@ -320,6 +338,7 @@ class Metering:
         reason = None if 200 <= status < 300 else f"upstream answered {status}"
         self._settle(f, ticket, usage, status, "charged" if usage else "failed", reason)
 
+    @observed
     def error(self, f: http.HTTPFlow) -> None:
         ticket = self.tickets.pop(f, None)
         if ticket is None or not ticket.admitted or f.error is None:
@@ -392,6 +411,9 @@ class Metering:
         except JournalError as e:
             self.unjournaled += 1
             spill(settlement, str(e))
+            return
+        if self.metrics is not None:
+            self.metrics.settled(settlement)
 
     @command.command("metering.balance")
     def balance(self, user: str) -> str:
@@ -414,4 +436,5 @@ class Metering:
 
 contentviews.add(LLMStreamContentview)
 
-addons = [Metering()]
+metering = Metering()
+addons = [UsageEndpoint(metering), metering, MetricsAddon(metering)]

@@ -52,6 +52,7 @@ from burnmeter.store.base import Refusal
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
 from burnmeter.store.base import StoreError
+from burnmeter.store.base import committed
 
 DEFAULT_DB = "fproxy"
 HOLDS = "burnmeterHolds"
@@ -155,6 +156,17 @@ class MongoStore(Store):
         except PyMongoError as e:
             raise StoreError(f"{url}: {e}") from e
         return cls(client.get_default_database(DEFAULT_DB), pools, client)
+
+    @_guarded
+    def probe_write(self, timeout: float) -> None:
+        """A ``ping`` within ``timeout``; a replica set must also have a primary now."""
+        reply = self.db.command("ping", maxTimeMS=max(1, int(timeout * 1000)))
+        if not reply.get("ok"):
+            raise StoreError("MongoDB: ping failed")
+        if self._client is not None and self._client.topology_description.topology_type_name in (
+            "ReplicaSetNoPrimary",
+        ):
+            raise StoreError("MongoDB: the replica set has no primary")
 
     def close(self) -> None:
         if self._client is not None:
@@ -300,10 +312,16 @@ class MongoStore(Store):
         raise DocumentError(f"hold for {user_id!r}: the balance kept changing, gave up")
 
     @_guarded
-    def settle(self, settlements: Iterable[Settlement]) -> list[bool]:
-        return [self._settle(s) for s in settlements]
+    def settle(
+        self, settlements: Iterable[Settlement], balances: dict[str, Decimal] | None = None
+    ) -> list[bool]:
+        after: dict[str, Decimal] = {}
+        applied = [self._settle(s, after) for s in settlements]
+        if balances is not None:
+            balances |= after
+        return applied
 
-    def _settle(self, s: Settlement) -> bool:
+    def _settle(self, s: Settlement, balances: dict[str, Decimal]) -> bool:
         """(1) a logged request is done; (2) charge and release the hold in one update;
         (3) insert the log; (4) bump the key's counters and drop the settled mark.
 
@@ -315,7 +333,7 @@ class MongoStore(Store):
         """
         if self.db[LOGS].find_one({"_id": s.request_id}, projection=["_id"]):
             return False
-        marked = self._charge(s)
+        marked, balance = self._charge(s)
         try:
             self.db[LOGS].insert_one(_to_bson({**s.log, "_id": s.request_id}, LOG_MONEY))
             applied = True
@@ -333,10 +351,13 @@ class MongoStore(Store):
         if marked:
             mark = _request_path(SETTLED, s.request_id)
             self.db[USERS].update_one({"_id": s.user_id}, {"$unset": {mark: ""}})
+        if applied and balance is not None:
+            balances[s.request_id] = balance
         return applied
 
-    def _charge(self, s: Settlement) -> bool:
-        """Step 2 of ``_settle``; True when the settled mark is in the user document."""
+    def _charge(self, s: Settlement) -> tuple[bool, Decimal | None]:
+        """Step 2 of ``_settle``: whether the settled mark is in the user document, and the
+        pool's committed balance the charge left (None if this call did not charge)."""
         hold_path = _request_path(HOLDS, s.request_id)
         mark = _request_path(SETTLED, s.request_id)
         pool = self.pools[s.pool]
@@ -345,15 +366,15 @@ class MongoStore(Store):
         for _ in range(ATTEMPTS):
             doc = users.find_one({"_id": s.user_id}, projection=[*pool.balance, hold_path, mark])
             if doc is None:
-                return False
+                return False, None
             if s.request_id in doc.get(SETTLED, {}):
-                return True
+                return True, None
             hold = doc.get(HOLDS, {}).get(s.request_id)
             held = {name: to_decimal(v) for name, v in hold["parts"].items()} if hold else {}
             balances = {name: to_decimal(doc.get(name)) for name in pool.balance}
             deltas = rules.settle_deltas(balances, held, s.cost)
             if hold is None and not deltas and not counters:
-                return False  # nothing to charge (a refused request logged at cost 0)
+                return False, None  # nothing to charge (a refused request logged at cost 0)
             query: Document = {"_id": s.user_id, hold_path: {"$exists": hold is not None}}
             if hold is None:
                 query[mark] = {"$exists": False}
@@ -368,9 +389,23 @@ class MongoStore(Store):
             }
             if hold is not None:
                 update["$unset"] = {hold_path: ""}
-            if users.update_one(query, update).modified_count:
-                return True
+            charged = users.find_one_and_update(
+                query,
+                update,
+                projection=[*pool.balance, HOLDS],
+                return_document=pymongo.ReturnDocument.AFTER,
+            )
+            if charged is not None:
+                return True, self._committed(charged, pool)
         raise StoreError(f"settle for {s.user_id!r}: the balance kept changing, gave up")
+
+    @staticmethod
+    def _committed(doc: Document, pool: Pool) -> Decimal:
+        holds = (h for h in doc.get(HOLDS, {}).values() if h.get("pool") == pool.name)
+        return committed(
+            (to_decimal(doc.get(name)) for name in pool.balance),
+            (to_decimal(v) for h in holds for v in h["parts"].values()),
+        )
 
     @_guarded
     def open_holds(self, older_than: datetime) -> list[Hold]:
