@@ -152,11 +152,11 @@ class Metrics:
             what: Counter(f"burnmeter_alerts_{what}", text, ("webhook",), registry=self.registry)
             for what, text in alert_help.items()
         }
-        self.registry.register(GaugeCollector(self))
         self.balances: dict[str, Decimal] = {}
         self._models: set[str] = set()
         self._children: dict[tuple[object, ...], Any] = {}
         self._spent: weakref.WeakKeyDictionary[http.HTTPFlow, float] = weakref.WeakKeyDictionary()
+        self.registry.register(GaugeCollector(self))
 
     # -- fed by the hooks (event loop) -----------------------------------------------------
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -281,6 +281,12 @@ class GaugeCollector(Collector):
             "burnmeter_settlements_unjournaled",
             "Settlements the journal refused, logged at ERROR for an operator to replay.",
             metering.unjournaled,
+        )
+        alerts = metering.alerts
+        yield GaugeMetricFamily(
+            "burnmeter_alerts_pending",
+            "Low-balance alerts waiting for delivery (or for a retry).",
+            alerts.sender.pending if alerts else 0,
         )
         balance = GaugeMetricFamily(
             "burnmeter_pool_balance_usd",

@@ -218,8 +218,14 @@ class AlertSender:
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._stopping = False
+        self._delivering = 0
         self._thread = threading.Thread(target=self._run, name="burnmeter-alerts", daemon=True)
         self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Alerts waiting for their first or next attempt, or being delivered."""
+        return len(self._due) + self._delivering
 
     def send(self, crossing: Crossing) -> None:
         with self._cond:
@@ -256,7 +262,11 @@ class AlertSender:
                 if self._stopping:
                     return
                 _, _, attempt, crossing = heapq.heappop(self._due)
-            self._deliver(crossing, attempt)
+                self._delivering = 1
+            try:
+                self._deliver(crossing, attempt)
+            finally:
+                self._delivering = 0
 
     def _deliver(self, crossing: Crossing, attempt: int) -> None:
         try:
