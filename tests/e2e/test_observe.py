@@ -129,9 +129,11 @@ class Observed:
         """Every settlement applied and every alert delivered."""
         self.wait_until(
             "settled",
-            lambda: self.value("burnmeter_journal_backlog") == 0
-            and self.value("burnmeter_alerts_pending") == 0
-            and self.value("burnmeter_in_flight") == 0,
+            lambda: (
+                self.value("burnmeter_journal_backlog") == 0
+                and self.value("burnmeter_alerts_pending") == 0
+                and self.value("burnmeter_in_flight") == 0
+            ),
         )
 
     def readyz(self) -> httpx.Response:
@@ -236,7 +238,9 @@ def test_counters_equal_the_logs_after_a_mixed_load(
     )
     assert raw.status_code == 200
     with pytest.raises(openai.BadRequestError):
-        client(observed, alice.key).chat.completions.create(model="no-such-model", messages=MESSAGES)
+        client(observed, alice.key).chat.completions.create(
+            model="no-such-model", messages=MESSAGES
+        )
     with pytest.raises(openai.AuthenticationError):
         chat(observed, oaccounts.unknown_key())
     with pytest.raises(openai.APIStatusError):
@@ -263,7 +267,9 @@ def test_counters_equal_the_logs_after_a_mixed_load(
     assert observed.value("burnmeter_requests_total", outcome="charged", **who) == charged
     assert observed.value("burnmeter_requests_total", outcome="failed", code="500", **who) == failed
     assert observed.value("burnmeter_requests_total", outcome="rejected", code="400", **who) == 1
-    assert observed.value("burnmeter_requests_total", outcome="rejected", code="401") == before_401 + 1
+    assert (
+        observed.value("burnmeter_requests_total", outcome="rejected", code="401") == before_401 + 1
+    )
     estimated = sum(1 for log in logs if log["usageSource"] == "estimated")
     assert estimated == 1
     assert observed.value("burnmeter_estimated_total", **who) == estimated
