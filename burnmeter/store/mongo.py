@@ -315,13 +315,9 @@ class MongoStore(Store):
     def settle(
         self, settlements: Iterable[Settlement], balances: dict[str, Decimal] | None = None
     ) -> list[bool]:
-        after: dict[str, Decimal] = {}
-        applied = [self._settle(s, after) for s in settlements]
-        if balances is not None:
-            balances |= after
-        return applied
+        return [self._settle(s, balances) for s in settlements]
 
-    def _settle(self, s: Settlement, balances: dict[str, Decimal]) -> bool:
+    def _settle(self, s: Settlement, balances: dict[str, Decimal] | None = None) -> bool:
         """(1) a logged request is done; (2) charge and release the hold in one update;
         (3) insert the log; (4) bump the key's counters and drop the settled mark.
 
@@ -333,7 +329,8 @@ class MongoStore(Store):
         """
         if self.db[LOGS].find_one({"_id": s.request_id}, projection=["_id"]):
             return False
-        marked, balance = self._charge(s)
+        charged: dict[str, Decimal] | None = {} if balances is not None else None
+        marked = self._charge(s, charged)
         try:
             self.db[LOGS].insert_one(_to_bson({**s.log, "_id": s.request_id}, LOG_MONEY))
             applied = True
@@ -351,13 +348,13 @@ class MongoStore(Store):
         if marked:
             mark = _request_path(SETTLED, s.request_id)
             self.db[USERS].update_one({"_id": s.user_id}, {"$unset": {mark: ""}})
-        if applied and balance is not None:
-            balances[s.request_id] = balance
+        if applied and balances is not None and charged:
+            balances |= charged
         return applied
 
-    def _charge(self, s: Settlement) -> tuple[bool, Decimal | None]:
-        """Step 2 of ``_settle``: whether the settled mark is in the user document, and the
-        pool's committed balance the charge left (None if this call did not charge)."""
+    def _charge(self, s: Settlement, left: dict[str, Decimal] | None = None) -> bool:
+        """Step 2 of ``_settle``; True when the settled mark is in the user document. If this
+        call charged, the pool's committed balance it left goes to ``left``."""
         hold_path = _request_path(HOLDS, s.request_id)
         mark = _request_path(SETTLED, s.request_id)
         pool = self.pools[s.pool]
@@ -366,15 +363,15 @@ class MongoStore(Store):
         for _ in range(ATTEMPTS):
             doc = users.find_one({"_id": s.user_id}, projection=[*pool.balance, hold_path, mark])
             if doc is None:
-                return False, None
+                return False
             if s.request_id in doc.get(SETTLED, {}):
-                return True, None
+                return True
             hold = doc.get(HOLDS, {}).get(s.request_id)
             held = {name: to_decimal(v) for name, v in hold["parts"].items()} if hold else {}
             balances = {name: to_decimal(doc.get(name)) for name in pool.balance}
             deltas = rules.settle_deltas(balances, held, s.cost)
             if hold is None and not deltas and not counters:
-                return False, None  # nothing to charge (a refused request logged at cost 0)
+                return False  # nothing to charge (a refused request logged at cost 0)
             query: Document = {"_id": s.user_id, hold_path: {"$exists": hold is not None}}
             if hold is None:
                 query[mark] = {"$exists": False}
@@ -389,6 +386,11 @@ class MongoStore(Store):
             }
             if hold is not None:
                 update["$unset"] = {hold_path: ""}
+            if left is None:
+                if users.update_one(query, update).modified_count:
+                    return True
+                continue
+            # the balance it left, read in the same atomic update (its post-image)
             charged = users.find_one_and_update(
                 query,
                 update,
@@ -396,7 +398,8 @@ class MongoStore(Store):
                 return_document=pymongo.ReturnDocument.AFTER,
             )
             if charged is not None:
-                return True, self._committed(charged, pool)
+                left[s.request_id] = self._committed(charged, pool)
+                return True
         raise StoreError(f"settle for {s.user_id!r}: the balance kept changing, gave up")
 
     @staticmethod
