@@ -101,7 +101,8 @@ class UsageEndpoint:
             raise Rejection(errors.UNAVAILABLE, "Metering is not configured")
         if request.method != "GET":
             raise Rejection(METHOD_NOT_ALLOWED, f"{request.method} {USAGE_PATH}: use GET")
-        _, owner, _ = await admission.identify(request, style)
+        key, owner, _ = await admission.identify(request, style)
+        admission.check_rate(key, None)  # the key's global budget, as any request's
         cached = self._cache.get(owner.user_id)
         if cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS:
             return cached[1]
