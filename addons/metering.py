@@ -26,6 +26,11 @@ and every new metered request once the journal is near ``metering_journal_max_kb
 
 Read streamed bodies in mitmweb with ``--set store_streamed_bodies=true`` (the "LLM
 Stream" view); commands: ``metering.balance USER`` and ``metering.usage @all``.
+
+Operating it: ``--set metering_metrics=HOST:PORT`` serves Prometheus metrics, ``/healthz``
+and ``/readyz`` (``addons/metrics.py``, which times these hooks); ``GET /burnmeter/usage``
+is answered locally with the client's own balances and spend (``addons/usage_endpoint.py``);
+``[[alerts]]`` in the config post low-balance webhooks (``addons/alerts.py``).
 """
 
 from __future__ import annotations

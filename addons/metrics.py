@@ -94,7 +94,8 @@ class Readiness:
 
 class Metrics:
     """One proxy process's registry, and what feeds it. Counting runs on the event loop:
-    one dict look-up and prometheus_client's own lock per counter, nothing else."""
+    plain dict updates (``Tally``) and a few ``prometheus_client`` histogram observations
+    per request, nothing that waits."""
 
     def __init__(self, metering: Metering, *, users: bool = False) -> None:
         self.metering = metering
