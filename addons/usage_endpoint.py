@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import time
+from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from decimal import Decimal
@@ -76,6 +77,8 @@ class UsageEndpoint:
     def __init__(self, metering: Metering) -> None:
         self.metering = metering
         self._cache: dict[str, tuple[float, bytes]] = {}
+        self._reading: dict[str, Future[bytes]] = {}
+        """One read per user at a time: concurrent asks wait for the same answer."""
         self._executor = ThreadPoolExecutor(2, thread_name_prefix="burnmeter-usage")
 
     async def requestheaders(self, f: http.HTTPFlow) -> None:
@@ -106,13 +109,21 @@ class UsageEndpoint:
         cached = self._cache.get(owner.user_id)
         if cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS:
             return cached[1]
-        future = self._executor.submit(self.read, owner)
+        future = self._reading.get(owner.user_id)
+        if future is None:
+            future = self._reading[owner.user_id] = self._executor.submit(self._read, owner)
+            future.add_done_callback(lambda _: self._reading.pop(owner.user_id, None))
         try:
             async with asyncio.timeout(READ_TIMEOUT):
                 body = await asyncio.wrap_future(future)
         except (TimeoutError, StoreError) as e:
             logger.warning("metering: usage of %s not read: %s", owner.user_id, e or "timeout")
             raise Rejection(errors.UNAVAILABLE, "Metering store unavailable, retry later") from e
+        return body
+
+    def _read(self, owner: KeyOwner) -> bytes:
+        """``read``, cached before the read is done (an ask arriving then finds the answer)."""
+        body = self.read(owner)
         if len(self._cache) >= MAX_CACHED:
             self._cache.clear()
         self._cache[owner.user_id] = (time.monotonic(), body)

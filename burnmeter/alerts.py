@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 from urllib.parse import urlsplit
 
 from burnmeter.config import Config
@@ -173,6 +174,16 @@ def crossings(
     return list(found.values())
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirected POST would arrive as a GET without its body: a failure, not a delivery."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirects)
+
+
 def post_json(url: str, body: bytes, timeout: float) -> None:
     """POST ``body``; raises ``OSError`` (``urllib.error.URLError``) unless answered 2xx."""
     request = urllib.request.Request(
@@ -181,7 +192,7 @@ def post_json(url: str, body: bytes, timeout: float) -> None:
         method="POST",
         headers={"Content-Type": "application/json", "User-Agent": "burnmeter-alerts"},
     )
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (http(s) only)
+    with _opener.open(request, timeout=timeout) as response:
         response.read()
 
 

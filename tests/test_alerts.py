@@ -6,9 +6,12 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
 from datetime import UTC
 from datetime import datetime
 from decimal import Decimal as D
+from http.server import BaseHTTPRequestHandler
+from http.server import ThreadingHTTPServer
 
 import pytest
 
@@ -19,11 +22,13 @@ from burnmeter.alerts import Rule
 from burnmeter.alerts import crossed
 from burnmeter.alerts import crossing_id
 from burnmeter.alerts import crossings
+from burnmeter.alerts import post_json
 from burnmeter.alerts import rules
 from burnmeter.alerts import webhook_origin
 from burnmeter.config import ConfigError
 from burnmeter.config import parse_config
 from burnmeter.store.base import Settlement
+from scripts.processes import free_port
 
 URL = "https://hooks.example:8443/T0/B1/secret?x=1"
 AT = datetime(2025, 5, 1, tzinfo=UTC)
@@ -268,3 +273,49 @@ def test_stop_drops_what_is_waiting_for_a_retry() -> None:
     sender.stop(5)
     assert outcomes.seen["dropped"] == [crossing().id]
     assert sender.pending == 0
+
+
+# -- the HTTP POST ----------------------------------------------------------------------------
+@pytest.fixture
+def server() -> Iterator[tuple[str, list[bytes]]]:
+    """A local receiver: /ok answers 204, /fail 500, /moved redirects to /ok."""
+    bodies: list[bytes] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+            status = {"/ok": 204, "/fail": 500, "/moved": 307}[self.path]
+            self.send_response(status)
+            if status == 307:
+                self.send_header("Location", "/ok")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", bodies
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_post_json_delivers_on_2xx(server: tuple[str, list[bytes]]) -> None:
+    base, bodies = server
+    post_json(base + "/ok", b'{"id": "x"}', 5)
+    assert bodies == [b'{"id": "x"}']
+
+
+@pytest.mark.parametrize("path", ["/fail", "/moved"])
+def test_post_json_fails_otherwise(server: tuple[str, list[bytes]], path: str) -> None:
+    base, bodies = server
+    with pytest.raises(OSError):
+        post_json(base + path, b"{}", 5)
+    assert len(bodies) == 1  # a redirect is not followed (it would lose the body)
+
+
+def test_post_json_fails_when_nobody_listens() -> None:
+    with pytest.raises(OSError):
+        post_json(f"http://127.0.0.1:{free_port()}/x", b"{}", 5)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from collections.abc import Iterator
 from datetime import UTC
 from datetime import datetime
@@ -29,6 +31,7 @@ from burnmeter.documents import hash_key
 from burnmeter.documents import request_log
 from burnmeter.records import UsageRecord
 from burnmeter.store import open_store
+from burnmeter.store.base import KeyOwner
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
 
@@ -198,3 +201,29 @@ async def test_other_paths_are_left_to_metering(endpoint: tuple[UsageEndpoint, S
     f = make_flow()
     await usage.requestheaders(f)
     assert f.response is None and "metering" not in f.metadata
+
+
+async def test_concurrent_asks_share_one_read(
+    endpoint: tuple[UsageEndpoint, Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    usage, _ = endpoint
+    await usage.requestheaders(usage_flow())  # the key is cached: asking takes no thread hop
+    monkeypatch.setattr(usage_endpoint, "CACHE_SECONDS", 0)  # answers are not reused
+    reads: list[str] = []
+    gate = threading.Event()
+    real_read = usage.read
+
+    def slow_read(owner: KeyOwner) -> bytes:
+        reads.append(owner.user_id)
+        gate.wait(10)
+        return real_read(owner)
+
+    monkeypatch.setattr(usage, "read", slow_read)
+    flows = [usage_flow() for _ in range(5)]
+    asks = asyncio.gather(*(usage.requestheaders(f) for f in flows))
+    await asyncio.sleep(0)  # one loop pass: each ask runs until it waits for the read
+    gate.set()
+    await asks
+    assert reads == ["alice"]
+    bodies = {f.response.content for f in flows if f.response is not None}
+    assert len(bodies) == 1 and len(flows) == 5
