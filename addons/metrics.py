@@ -8,7 +8,8 @@ summed from the store every ``BALANCE_INTERVAL`` seconds by another thread.
 
 Labels stay bounded: pools come from the config, APIs and outcomes are fixed sets, HTTP
 codes are at most a few hundred, and models past ``MAX_MODELS`` different names share the
-label ``other`` (a client can name any model). A ``user`` label is only added with
+label ``other``, as does a name over ``MAX_MODEL_LABEL`` characters (a client can name any
+model, and with ``unknown_model = "default"`` it is priced and logged). A ``user`` label is only added with
 ``metering_metrics_users=true``.
 """
 
@@ -61,6 +62,8 @@ PROBE_TIMEOUT = 1.0
 READY_MAX_BACKLOG = 1000
 """Settlements waiting in the journal past which the process is not ready."""
 MAX_MODELS = 200
+MAX_MODEL_LABEL = 128
+"""Characters of a model label: a longer name (a client's, priced by default) is ``other``."""
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 TOKEN_KINDS = {
@@ -157,7 +160,7 @@ class Metrics:
         label = name if isinstance(name, str) else ""
         if label in self._models:
             return label
-        if len(self._models) >= MAX_MODELS:
+        if len(self._models) >= MAX_MODELS or len(label) > MAX_MODEL_LABEL:
             return "other"
         self._models.add(label)
         return label

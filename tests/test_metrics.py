@@ -18,6 +18,7 @@ from mitmproxy.test import taddons
 
 from addons import metrics as metrics_module
 from addons.metering import Metering
+from addons.metrics import MAX_MODEL_LABEL
 from addons.metrics import MAX_MODELS
 from addons.metrics import Metrics
 from addons.metrics import MetricsAddon
@@ -171,6 +172,11 @@ def test_models_past_the_bound_share_one_label(env: Env) -> None:
     assert names[:MAX_MODELS] == [f"model-{i}" for i in range(MAX_MODELS)]
     assert set(names[MAX_MODELS:]) == {"other"}
     assert env.metrics._model("model-3") == "model-3"
+
+
+def test_a_long_model_name_is_no_label(env: Env) -> None:
+    assert env.metrics._model("m" * (MAX_MODEL_LABEL + 1)) == "other"
+    assert env.metrics._model("m" * MAX_MODEL_LABEL) == "m" * MAX_MODEL_LABEL
 
 
 def test_gauges_read_the_running_addon(env: Env) -> None:
