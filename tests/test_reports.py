@@ -381,3 +381,14 @@ def test_reconcile(make_reports: Callable[..., Reports]) -> None:
     tight = reports.reconcile(D("0.0000001"))
     assert Mismatch("dave", "ohmygpt", D("1.0000005"), D("1.00")) in tight
     assert tight[-1].difference == D("0.0000005")
+
+
+def test_user_usage_of_one_user(make_reports: Callable[..., Reports]) -> None:
+    """The usage endpoint's query: one user's rows, as the all-users query has them."""
+    backend = make_reports().backend
+    for span in (at("24h"), at("all"), None):
+        everyone = backend.user_usage(span)
+        for user in ("alice", "bob", "nobody"):
+            mine = sorted(backend.user_usage(span, user), key=str)
+            assert mine == sorted((r for r in everyone if r.user == user), key=str)
+            assert bool(mine) is (user != "nobody")
