@@ -9,8 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from addon_support import CONFIG
-from addon_support import KEY
+from addon_support import alice_store
 from addon_support import json_response
 from addon_support import make_flow
 from mitmproxy import exceptions
@@ -25,9 +24,6 @@ from addons.metrics import MetricsAddon
 from addons.metrics import ReadinessCheck
 from addons.metrics import observed
 from addons.metrics import parse_address
-from burnmeter.config import load_config
-from burnmeter.documents import hash_key
-from burnmeter.store import open_store
 from scripts.processes import free_port
 
 CHAT_USAGE = {"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200}
@@ -51,12 +47,7 @@ class Env:
 @pytest.fixture
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     monkeypatch.delenv("BURNMETER_DB", raising=False)
-    config_path = tmp_path / "burnmeter.toml"
-    config_path.write_text(CONFIG)
-    db_url = f"sqlite:///{tmp_path / 'burnmeter.db'}"
-    store = open_store(db_url, load_config(config_path).pools)
-    store.ensure_schema(0)
-    store.create_user("alice", hash_key(KEY), {"creditsNew": Decimal(5), "credits": Decimal(3)})
+    config_path, db_url, store = alice_store(tmp_path, creditsNew=Decimal(5), credits=Decimal(3))
     store.close()
     metering = Metering()
     addon = MetricsAddon(metering)

@@ -13,8 +13,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from addon_support import CONFIG
 from addon_support import KEY
+from addon_support import alice_store
 from addon_support import make_flow
 from mitmproxy import http
 from mitmproxy.test import taddons
@@ -26,11 +26,8 @@ from addons.usage_endpoint import UsageEndpoint
 from addons.usage_endpoint import is_usage_request
 from addons.usage_endpoint import key_style
 from burnmeter import periods
-from burnmeter.config import load_config
-from burnmeter.documents import hash_key
 from burnmeter.documents import request_log
 from burnmeter.records import UsageRecord
-from burnmeter.store import open_store
 from burnmeter.store.base import KeyOwner
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
@@ -43,12 +40,9 @@ def endpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[UsageEndpoint, Store]]:
     monkeypatch.delenv("BURNMETER_DB", raising=False)
-    config_path = tmp_path / "burnmeter.toml"
-    config_path.write_text(CONFIG)
-    db_url = f"sqlite:///{tmp_path / 'burnmeter.db'}"
-    store = open_store(db_url, load_config(config_path).pools)
-    store.ensure_schema(0)
-    store.create_user("alice", hash_key(KEY), {"creditsNew": Decimal("5.5"), "credits": Decimal(3)})
+    config_path, db_url, store = alice_store(
+        tmp_path, creditsNew=Decimal("5.5"), credits=Decimal(3)
+    )
     store.set_fields("alice", {"expiresAtNew": datetime(2030, 1, 2, tzinfo=UTC)})
     metering = Metering()
     usage = UsageEndpoint(metering)
