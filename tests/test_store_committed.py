@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import random
+import socket
 import sqlite3
 from decimal import Decimal as D
+from typing import Any
 
+import pymongo
 import pytest
 from stores import POOLS
 from test_store_contract import alice
@@ -14,6 +17,7 @@ from test_store_contract import settlement
 from burnmeter.store.base import Store
 from burnmeter.store.base import StoreError
 from burnmeter.store.base import committed
+from burnmeter.store.mongo import MongoStore
 from burnmeter.store.sqlite import SqliteStore
 
 OPENHANDS = POOLS["openhands"]
@@ -93,3 +97,18 @@ def test_probe_write_does_not_create_a_missing_file(tmp_path) -> None:
     with pytest.raises(StoreError):
         store.probe_write(0.05)
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_probe_write_fails_when_mongodb_is_unreachable() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again before the client tries it
+    client: pymongo.MongoClient[Any] = pymongo.MongoClient(
+        f"mongodb://127.0.0.1:{port}/fproxy", tz_aware=True, serverSelectionTimeoutMS=100
+    )
+    store = MongoStore(client["fproxy"], POOLS, client)
+    try:
+        with pytest.raises(StoreError, match="MongoDB"):
+            store.probe_write(0.1)
+    finally:
+        store.close()
