@@ -321,13 +321,10 @@ class ScrapeCollector(Collector):
 
 
 def _snapshot[K, V](mapping: weakref.WeakKeyDictionary[K, V]) -> list[V]:
-    """The values, read from another thread than the one changing the mapping."""
-    for _ in range(10):
-        try:
-            return list(mapping.values())
-        except RuntimeError:  # changed size during iteration
-            continue
-    return []
+    """The values, read from another thread than the one changing the mapping: a copy of
+    the underlying dict's values is one C call under the GIL (iterating the mapping itself
+    would not be, and would commit its pending removals from this thread)."""
+    return list(mapping.data.values())  # type: ignore[attr-defined]
 
 
 def observed[**P, R](hook: Callable[P, R]) -> Callable[P, R]:
