@@ -224,3 +224,14 @@ async def test_observed_passes_through_without_metrics() -> None:
 
     assert Hooks().response(None) == "sync"
     assert await Hooks().request(None) == "async"
+
+
+async def test_requests_in_flight_and_their_holds(env: Env) -> None:
+    f = make_flow()
+    await env.metering.requestheaders(f)
+    await env.metering.request(f)
+    assert (env.sample("burnmeter_in_flight"), env.sample("burnmeter_holds_open")) == (1, 1)
+    f.response = json_response({"model": "gpt-4o", "usage": CHAT_USAGE})
+    env.metering.responseheaders(f)
+    env.metering.response(f)
+    assert (env.sample("burnmeter_in_flight"), env.sample("burnmeter_holds_open")) == (0, 0)
