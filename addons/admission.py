@@ -44,6 +44,7 @@ from addons.errors import Style
 from addons.holding import HoldQueue
 from addons.keys import ConflictingKeys
 from addons.keys import KeyCache
+from addons.keys import Query
 from addons.keys import client_key
 from addons.keys import searchable
 from addons.ratelimit import RateLimiter
@@ -237,6 +238,26 @@ class Admission:
         except StoreError as e:
             logger.warning("metering: late hold %s left to the sweep: %s", hold.request_id, e)
 
+    async def identify(
+        self, request: http.Request, style: Style, query: Query | None = None
+    ) -> tuple[str, KeyOwner, bool]:
+        """The client's key, its (checked) owner, and whether the key cache knew it
+        (``query``: the decoded query pairs of the canonical request)."""
+        try:
+            key = client_key(request, style, query)
+        except ConflictingKeys as e:
+            raise Rejection(errors.AMBIGUOUS, str(e)) from None
+        if key is None:
+            raise Rejection(errors.MISSING_KEY, "Missing API key (Authorization: Bearer KEY)")
+        found, owner = self.cache.get(key)
+        if not found:
+            try:
+                owner = await self._store_call(lambda: self._in_thread(self.store.find_key, key))
+            except StoreError as e:
+                raise Rejection(errors.UNAVAILABLE, "Metering store unavailable") from e
+            self.cache.put(key, owner)
+        return key, check_owner(owner, utcnow()), found
+
     async def authenticate(self, flow: http.HTTPFlow, canonical: CanonicalRequest) -> Ticket:
         """Who calls (``canonical``: the request as read once) and which route bills it."""
         request = flow.request
@@ -247,22 +268,9 @@ class Admission:
                 errors.UNKNOWN_HOST,
                 f"Host {canonical.authority or '(none)'!r} is not served by this gateway",
             )
-        try:
-            key = client_key(request, canonical.style, canonical.query)
-        except ConflictingKeys as e:
-            raise Rejection(errors.AMBIGUOUS, str(e)) from None
-        if key is None:
-            raise Rejection(errors.MISSING_KEY, "Missing API key (Authorization: Bearer KEY)")
+        key, owner, found = await self.identify(request, canonical.style, canonical.query)
         if searchable(key) and key in canonical.path:
             raise Rejection(errors.AMBIGUOUS, "The request path must not hold the API key")
-        found, owner = self.cache.get(key)
-        if not found:
-            try:
-                owner = await self._store_call(lambda: self._in_thread(self.store.find_key, key))
-            except StoreError as e:
-                raise Rejection(errors.UNAVAILABLE, "Metering store unavailable") from e
-            self.cache.put(key, owner)
-        owner = check_owner(owner, utcnow())
         if canonical.api is None and not canonical.free:
             # Anything else would go out on the operator's upstream key, unmetered.
             raise Rejection(
@@ -285,11 +293,12 @@ class Admission:
             key_cached=found,
         )
 
-    def check_rate(self, key: str, route: Route) -> None:
-        """429 past the key's requests per minute: the route's own limit, else the global one.
+    def check_rate(self, key: str, route: Route | None) -> None:
+        """429 past the key's requests per minute: the route's own limit, else the global one
+        (``route`` None: a request no route bills, such as the usage endpoint's).
 
         A route with its own limit has its own budget; the others share one per key."""
-        if route.rate_limit_rpm is not None:
+        if route is not None and route.rate_limit_rpm is not None:
             limit, scope = route.rate_limit_rpm, f"{route.host or route.listen_port or '*'}"
         elif self.config.rate_limit_rpm is not None:
             limit, scope = self.config.rate_limit_rpm, ""

@@ -33,6 +33,11 @@ listening on …`` line; a problem found at start-up (config, store, journal, a 
 
 Read streamed bodies in mitmweb with ``--set store_streamed_bodies=true`` (the "LLM
 Stream" view); commands: ``metering.balance USER`` and ``metering.usage @all``.
+
+Operating it: ``--set metering_metrics=HOST:PORT`` serves Prometheus metrics, ``/healthz``
+and ``/readyz`` (``addons/metrics.py``, which times these hooks); ``GET /burnmeter/usage``
+is answered locally with the client's own balances and spend (``addons/usage_endpoint.py``);
+``[[alerts]]`` in the config post low-balance webhooks (``addons/alerts.py``).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ from addons import options
 from addons.admission import Admission
 from addons.admission import Rejection
 from addons.admission import Ticket
+from addons.alerts import Alerts
 from addons.canonical import Ambiguous
 from addons.canonical import forward as forward_request
 from addons.canonical import raw_style
@@ -76,9 +82,13 @@ from addons.inspection import usage_summary
 from addons.keys import KeyCache
 from addons.keys import drop_client_key
 from addons.keys import set_upstream_key
+from addons.metrics import Metrics
+from addons.metrics import MetricsAddon
+from addons.metrics import observed
 from addons.ratelimit import RateLimiter
 from addons.streamtap import StreamTap
 from addons.trailers import refuse_http1_trailers
+from addons.usage_endpoint import UsageEndpoint
 from burnmeter.journal import Journal
 from burnmeter.journal import JournalError
 from burnmeter.journal import JournalLocked
@@ -174,6 +184,9 @@ class Metering:
         self.unjournaled = 0
         """Settlements the journal refused (logged at ERROR for an operator to replay)."""
         self.tickets: weakref.WeakKeyDictionary[http.HTTPFlow, Ticket] = weakref.WeakKeyDictionary()
+        self.metrics: Metrics | None = None
+        """Set by ``MetricsAddon`` while ``metering_metrics`` serves them."""
+        self.alerts: Alerts | None = None
 
     def load(self, loader) -> None:
         options.declare(loader)
@@ -283,6 +296,9 @@ class Metering:
         self.settings = settings
         self.store = store
         self.journal = journal
+        self.alerts = (
+            Alerts(settings.alert_rules, lambda: self.metrics) if settings.alert_rules else None
+        )
         self.writer = SettlementWriter(
             lambda: open_store(settings.db_url, config.pools),  # its own connection
             journal,
@@ -291,6 +307,7 @@ class Metering:
             # MongoDB has a TTL index; SQLite's logs are purged by the writer
             log_ttl=timedelta(days=ttl) if ttl and settings.db_url.startswith("sqlite:") else None,
             purge_interval=PURGE_INTERVAL,
+            on_settled=self.alerts.settled if self.alerts else None,
         )
         self.writer.start()
         self.executor = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="metering-store")
@@ -317,6 +334,8 @@ class Metering:
             self.admission.close(DRAIN_TIMEOUT)  # holds left are swept, as after a crash
         if self.writer is not None:
             self.writer.stop(STOP_TIMEOUT)
+        if self.alerts is not None:
+            self.alerts.stop()
         if self.executor is not None:
             # a store call stuck on a lock must not hold up shutdown
             self.executor.shutdown(wait=False, cancel_futures=True)
@@ -325,8 +344,9 @@ class Metering:
         if self.store is not None:
             self.store.close()
         self.settings = self.store = self.writer = self.executor = self.admission = None
-        self.journal = None
+        self.journal = self.alerts = None
 
+    @observed
     async def requestheaders(self, f: http.HTTPFlow) -> None:
         if f.response or f.error:
             return
@@ -362,6 +382,7 @@ class Metering:
             return
         self.tickets[f] = ticket
 
+    @observed
     async def request(self, f: http.HTTPFlow) -> None:
         if f.request.trailers and not f.response:  # addons/trailers.py: HTTP/1's too
             # never forwarded: not metered, and mitmproxy cannot send them over HTTP/1
@@ -382,6 +403,7 @@ class Metering:
         finally:
             ticket.client_key = ""  # stripped from headers, query and body checks: let it go
 
+    @observed
     def responseheaders(self, f: http.HTTPFlow) -> None:
         if f.response is not None and f.response.status_code == 101 and f.killable:
             # a protocol switch nobody asked for (upgrades are refused): an unmetered channel
@@ -397,6 +419,7 @@ class Metering:
             ticket.tap = StreamTap(ticket.api, f.response.headers.get("content-encoding"))
             f.response.stream = ticket.tap
 
+    @observed
     def response(self, f: http.HTTPFlow) -> None:
         ticket = self.tickets.pop(f, None)
         if ticket is None or not ticket.admitted or f.response is None:
@@ -409,6 +432,7 @@ class Metering:
         reason = None if 200 <= status < 300 else f"upstream answered {status}"
         self._settle(f, ticket, usage, status, "charged" if usage else "failed", reason)
 
+    @observed
     def error(self, f: http.HTTPFlow) -> None:
         ticket = self.tickets.pop(f, None)
         if ticket is None or not ticket.admitted or f.error is None:
@@ -490,6 +514,9 @@ class Metering:
         except JournalError as e:
             self.unjournaled += 1
             spill(settlement, str(e))
+            return
+        if self.metrics is not None:
+            self.metrics.settled(settlement)
 
     @command.command("metering.balance")
     def balance(self, user: str) -> str:
@@ -512,4 +539,5 @@ class Metering:
 
 contentviews.add(LLMStreamContentview)
 
-addons = [Metering(exit_on_startup_error=True)]
+metering = Metering(exit_on_startup_error=True)
+addons = [UsageEndpoint(metering), metering, MetricsAddon(metering)]

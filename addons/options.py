@@ -13,6 +13,9 @@ from typing import Any
 from mitmproxy import exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode
 
+from burnmeter.alerts import AlertConfigError
+from burnmeter.alerts import Rule
+from burnmeter.alerts import rules
 from burnmeter.config import Config
 from burnmeter.config import ConfigError
 from burnmeter.config import ConfigSource
@@ -108,6 +111,7 @@ class Settings:
     journal_max_bytes: int
     sweep_age: timedelta
     upstream_keys: dict[Route, str]
+    alert_rules: tuple[Rule, ...] = ()
 
 
 def listen_spec(options: Any) -> str:
@@ -175,6 +179,10 @@ def read_settings(options: Any) -> Settings:
                 f"metering_config: routes.{i}.upstream_key_env: ${route.upstream_key_env} is not set"
             )
         upstream_keys[route] = key
+    try:
+        alert_rules = rules(config, os.environ)
+    except AlertConfigError as e:
+        raise exceptions.OptionsError(f"metering_config: {e}") from None
     db_url = resolve_url(options.metering_db, config.db)
     try:
         journal = options.metering_journal or default_journal(db_url, listen_spec(options))
@@ -189,4 +197,5 @@ def read_settings(options: Any) -> Settings:
         journal_max_bytes=options.metering_journal_max_kb * 1024,
         sweep_age=timedelta(seconds=sweep if sweep is not None else config.hold_sweep_minutes * 60),
         upstream_keys=upstream_keys,
+        alert_rules=alert_rules,
     )

@@ -234,6 +234,17 @@ def model_key(name: str) -> str:
     return unquote(name, errors="strict").strip().casefold()
 
 
+class Alert(_Strict):
+    """A webhook called when a settlement takes a user's pool below ``threshold`` (and
+    when it takes it to 0); ``pools`` empty: every pool."""
+
+    kind: Literal["balance_below"]
+    threshold: Annotated[Decimal, Field(ge=0)]
+    pools: list[str] = []
+    webhook_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """The environment variable holding the webhook URL (URLs often carry a secret)."""
+
+
 class Config(_Strict):
     db: str = DEFAULT_DB_URL
     timezone: str = "Asia/Ho_Chi_Minh"
@@ -249,6 +260,7 @@ class Config(_Strict):
     pools: dict[str, Pool] = Field(default_factory=dict, min_length=1, validate_default=True)
     routes: list[Route] = []
     models: dict[str, ModelPrice] = {}
+    alerts: list[Alert] = []
 
     @model_validator(mode="before")
     @classmethod
@@ -325,6 +337,10 @@ class Config(_Strict):
                 if key in seen and seen[key] != model_id:
                     raise ValueError(f"models.{model_id}.aliases: {name!r} is also {seen[key]!r}")
                 seen[key] = model_id
+        for i, alert in enumerate(self.alerts):
+            for pool_name in alert.pools:
+                if pool_name not in self.pools:
+                    raise ValueError(f"alerts.{i}.pools: no pool named {pool_name!r}")
         if self.unknown_model == "default" and self.default_price is None:
             raise ValueError("default_price: required when unknown_model = 'default'")
         return self

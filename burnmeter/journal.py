@@ -122,6 +122,8 @@ class Journal:
         self.fsync = fsync
         self._checkpoint_path = path + ".checkpoint"
         self._lock = threading.Lock()
+        self.set_aside_count = 0
+        """Records this object moved to ``path + ".rejected"``."""
         self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -307,4 +309,5 @@ class Journal:
         )
         with open(self.path + ".rejected", "ab") as f:
             f.write(line + b"\n")
+        self.set_aside_count += 1
         self.advance(end)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
+from decimal import Decimal
 
 from burnmeter.journal import Journal
 from burnmeter.store.base import Settlement
@@ -26,13 +27,17 @@ from burnmeter.store.base import StoreError
 logger = logging.getLogger(__name__)
 
 OnApplied = Callable[[Settlement, bool], None]
+OnSettled = Callable[[Settlement, Decimal], None]
 
 
 class SettlementWriter:
     """``store_factory`` runs in the writer thread (SQLite connections are per thread).
 
     ``on_applied(settlement, applied)`` also runs in the writer thread, after the
-    checkpoint moved; ``applied`` is False for a record the store already had.
+    checkpoint moved; ``applied`` is False for a record the store already had. So does
+    ``on_settled(settlement, balance)``, for each record this writer applied, with its
+    pool's committed balance right after it (``Store.settle``'s ``balances``); it must
+    not block.
 
     ``backlog`` and ``healthy`` are for admission decisions and the status line. Every
     ``sweep_interval`` seconds, holds older than ``sweep_age`` whose request has no journaled
@@ -51,6 +56,7 @@ class SettlementWriter:
         batch_size: int = 200,
         batch_window: float = 0.02,
         on_applied: OnApplied | None = None,
+        on_settled: OnSettled | None = None,
         backoff: tuple[float, float] = (0.2, 5.0),
         sweep_interval: float = 60.0,
         sweep_age: timedelta = timedelta(hours=1),
@@ -63,6 +69,7 @@ class SettlementWriter:
         self._batch_size = batch_size
         self._batch_window = batch_window
         self._on_applied = on_applied
+        self._on_settled = on_settled
         self._backoff_min, self._backoff_max = backoff
         self._sweep_interval = sweep_interval
         self._sweep_age = sweep_age
@@ -128,10 +135,11 @@ class SettlementWriter:
                 if store is None:
                     store = self._store_factory()
                 batch = self.journal.pending(self._batch_size)
+                balances: dict[str, Decimal] | None = {} if self._on_settled else None
                 if batch:
                     self._settling_since = time.monotonic()
                     try:
-                        applied = self._settle(store, batch)
+                        applied = self._settle(store, batch, balances)
                     finally:
                         self._settling_since = None
                 # also under a steady load, when the journal is never found empty
@@ -167,10 +175,22 @@ class SettlementWriter:
                         self._on_applied(settlement, was_applied)
                     except Exception:
                         logger.exception("on_applied failed for %s", settlement.request_id)
+            if self._on_settled is not None and balances:
+                for _, settlement in batch:
+                    if settlement.request_id in balances:
+                        try:
+                            self._on_settled(settlement, balances[settlement.request_id])
+                        except Exception:
+                            logger.exception("on_settled failed for %s", settlement.request_id)
         if store is not None:
             store.close()
 
-    def _settle(self, store: Store, batch: list[tuple[int, Settlement]]) -> list[bool]:
+    def _settle(
+        self,
+        store: Store,
+        batch: list[tuple[int, Settlement]],
+        balances: dict[str, Decimal] | None = None,
+    ) -> list[bool]:
         """Apply a batch, then advance the journal past it.
 
         A failure that is no outage (``StoreError``) is a record the store can never apply
@@ -178,7 +198,7 @@ class SettlementWriter:
         the batch is applied one record at a time and such a record is set aside
         (``Journal.set_aside``, which advances past it), logged at ERROR for an operator."""
         try:
-            applied = store.settle([s for _, s in batch])
+            applied = self._apply(store, [s for _, s in batch], balances)
         except StoreError:
             raise
         except Exception:
@@ -191,7 +211,7 @@ class SettlementWriter:
         for end, settlement in batch:
             set_aside = False
             try:
-                applied += store.settle([settlement])
+                applied += self._apply(store, [settlement], balances)
             except StoreError:
                 raise
             except Exception as e:
@@ -203,6 +223,15 @@ class SettlementWriter:
         if not set_aside:
             self.journal.advance(batch[-1][0])
         return applied
+
+    @staticmethod
+    def _apply(
+        store: Store, settlements: list[Settlement], balances: dict[str, Decimal] | None
+    ) -> list[bool]:
+        """``Store.settle``, asking for the balances only when ``on_settled`` wants them."""
+        if balances is None:
+            return store.settle(settlements)
+        return store.settle(settlements, balances)
 
     def _past_deadline(self) -> bool:
         return time.monotonic() >= self._deadline

@@ -1,6 +1,7 @@
 """Metering overhead against bare mitmproxy, measured side by side on 127.0.0.1.
 
     python scripts/bench_proxy.py [--quick] [--pairs N] [--format table|json] [--scale-out]
+        [--metrics]
 
 Starts the fake upstream (scripts/fake_upstream.py), then in turn (a) mitmdump in reverse mode
 with a stream-passthrough script (the honest baseline: SSE streamed, nothing parsed) and (b)
@@ -10,6 +11,8 @@ SSE at concurrency 16 after a warm-up, sequential SSE for time to first byte, an
 slow streams for memory). mitmdump is pinned to CPU 1, the upstream and this load generator to
 CPU 0. After every metered run the store is checked: one log per request that got a 200, and
 Σ creditsCost equal to the balance change; a run that drops writes is reported as failed.
+With ``--metrics`` each pair gains a third run, (c) metered with ``metering_metrics`` on (scraped
+once at the end, its Σ burnmeter_cost_usd_total checked against the logs), compared with (b).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict
 from dataclasses import dataclass
 from dataclasses import field
@@ -92,6 +96,8 @@ class RunResult:
     requests_ok: int = 0
     logs: int | None = None
     cost_matches: bool | None = None
+    scraped_cost: float | None = None
+    """Σ burnmeter_cost_usd_total (runs with metrics)."""
 
 
 @dataclass
@@ -258,29 +264,47 @@ def check_store(db_url: str, workdir: Path, user: str, expected_logs: int, resul
         logs = store.logs(expected_logs + 1000, user)
         charged = BALANCE - store.balance(user, config.pools["openhands"])
         result.logs = len(logs)
-        result.cost_matches = sum((log["creditsCost"] for log in logs), Decimal(0)) == charged
+        logged = sum((log["creditsCost"] for log in logs), Decimal(0))
+        result.cost_matches = logged == charged
+        if result.scraped_cost is not None:  # float sums: equal to 1e-9
+            result.cost_matches &= abs(result.scraped_cost - float(logged)) <= 1e-9 * float(logged)
     finally:
         store.close()
+
+
+def scraped_cost(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        lines = r.read().decode().splitlines()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith("burnmeter_cost_usd_total")
+    )
 
 
 def run(kind: str, load: Load, upstream_port: int, workdir: Path) -> RunResult:
     result = RunResult(kind)
     port = free_port()
     db_url = f"sqlite:///{workdir / f'bench-{port}.db'}"
+    metrics_port = free_port()
     if kind == "baseline":
         args = ["-s", str(ROOT / "scripts" / "stream_passthrough.py")]
         key = "unused"
     else:
         args = metered_args(workdir, db_url)
+    if kind == "metrics":
+        args += ["--set", f"metering_metrics=127.0.0.1:{metrics_port}"]
     proc = start_mitmdump(args, upstream_port, port, workdir)
-    if kind == "metered":
+    if kind != "baseline":
         user, key = new_account(db_url, workdir)
     try:
         result.requests_ok = asyncio.run(measure(port, key, load, result))
         result.peak_rss_mb = peak_rss_mb(proc.pid)
+        if kind == "metrics":
+            result.scraped_cost = scraped_cost(metrics_port)
     finally:
         stop_process(proc)
-    if kind == "metered":
+    if kind != "baseline":
         check_store(db_url, workdir, user, result.requests_ok, result)
     return result
 
@@ -348,7 +372,7 @@ async def scale_out(load: Load, upstream_port: int, workdir: Path) -> dict[str, 
     }
 
 
-def table(pairs: list[tuple[RunResult, RunResult]], summary: dict[str, Any]) -> str:
+def table(pairs: list[tuple[RunResult, ...]], summary: dict[str, Any]) -> str:
     cols = [
         ("kind", "kind", "{}"),
         ("json_rps", "JSON req/s", "{:.0f}"),
@@ -382,12 +406,16 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, help="interleaved baseline/metered pairs (default 5)")
     parser.add_argument("--format", choices=("table", "json"), default="table")
     parser.add_argument("--scale-out", action="store_true", help="also 2 metered processes, 1 file")
+    parser.add_argument(
+        "--metrics", action="store_true", help="also metered with metering_metrics on, per pair"
+    )
     args = parser.parse_args()
     load = QUICK if args.quick else FULL
     n_pairs = args.pairs or (2 if args.quick else 5)
     upstream, upstream_port = start_upstream()
     pin(os.getpid(), 0)
     pairs: list[tuple[RunResult, RunResult]] = []
+    with_metrics: list[tuple[RunResult, RunResult]] = []  # (metered, metered with metrics)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
             workdir = Path(tmp)
@@ -395,19 +423,27 @@ def main() -> int:
                 base = run("baseline", load, upstream_port, workdir)
                 metered = run("metered", load, upstream_port, workdir)
                 pairs.append((base, metered))
+                if args.metrics:
+                    with_metrics.append((metered, run("metrics", load, upstream_port, workdir)))
             summary: dict[str, Any] = {"ratios_metered_over_baseline": ratios(pairs)}
+            if with_metrics:
+                summary["ratios_metrics_over_metered"] = ratios(with_metrics)
             if args.scale_out:
                 summary["scale_out"] = asyncio.run(scale_out(load, upstream_port, workdir))
     finally:
         stop_process(upstream)
-    complete = all(m.errors == 0 and m.logs == m.requests_ok and m.cost_matches for _, m in pairs)
+    metered_runs = [m for _, m in pairs] + [m for _, m in with_metrics]
+    complete = all(
+        m.errors == 0 and m.logs == m.requests_ok and m.cost_matches for m in metered_runs
+    )
     summary["load"] = asdict(load)
     summary["writes_complete"] = complete
     if args.format == "json":
-        out = {"runs": [[asdict(b), asdict(m)] for b, m in pairs], **summary}
+        runs = [[asdict(b), asdict(m)] for b, m in pairs]
+        out = {"runs": runs, "metrics_runs": [asdict(m) for _, m in with_metrics], **summary}
         print(json.dumps(out, indent=2))
     else:
-        print(table(pairs, summary))
+        print(table([*pairs, *((m,) for _, m in with_metrics)], summary))
     return 0 if complete else 1
 
 

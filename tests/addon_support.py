@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,9 @@ from mitmproxy.test import tflow
 from mitmproxy.test import tutils
 
 from addons.metering import Metering
+from burnmeter.config import load_config
+from burnmeter.documents import hash_key
+from burnmeter.store import open_store
 from burnmeter.store.base import Store
 
 KEY = "sk-burn-alice-0123456789abcdef"
@@ -133,3 +137,15 @@ def settled(env: Env, request_id: str) -> dict[str, Any] | None:
     """Drain the writer, then the request log written for ``request_id``."""
     env.metering.done()
     return env.store.log(request_id)
+
+
+def alice_store(tmp_path: Path, **balances: Decimal) -> tuple[Path, str, Store]:
+    """CONFIG written to ``tmp_path`` and a SQLite store there holding alice (key ``KEY``)
+    with ``balances``: (config path, store URL, the open store)."""
+    config_path = tmp_path / "burnmeter.toml"
+    config_path.write_text(CONFIG)
+    db_url = f"sqlite:///{tmp_path / 'burnmeter.db'}"
+    store = open_store(db_url, load_config(config_path).pools)
+    store.ensure_schema(0)
+    store.create_user("alice", hash_key(KEY), balances)
+    return config_path, db_url, store

@@ -417,3 +417,14 @@ def test_balances_count_a_field_that_is_no_number_as_zero(tmp_path: Path) -> Non
     )
     balances = reports_for(store).backend.balances(list(CONFIG.pools.values()))
     assert balances["old"] == {"openhands": D(0), "ohmygpt": D("1.5"), "gemini": D(0)}
+
+
+def test_user_usage_of_one_user(make_reports: Callable[..., Reports]) -> None:
+    """The usage endpoint's query: one user's rows, as the all-users query has them."""
+    backend = make_reports().backend
+    for span in (at("24h"), at("all"), None):
+        everyone = backend.user_usage(span)
+        for user in ("alice", "bob", "nobody"):
+            mine = sorted(backend.user_usage(span, user), key=str)
+            assert mine == sorted((r for r in everyone if r.user == user), key=str)
+            assert bool(mine) is (user != "nobody")

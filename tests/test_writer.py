@@ -446,3 +446,35 @@ def test_a_record_set_aside_last_does_not_swallow_one_appended_meanwhile(
     wait_for(lambda: writer.backlog == 0)
     assert writer.stop(5) == 0
     assert log_count(url) == 2, "req-1 and req-7"
+
+
+def test_on_settled_gets_the_balance_each_applied_settlement_left(
+    url: str, journal: Journal
+) -> None:
+    journal.append(settlement(0))
+    store = make_store(url)
+    store.settle([settlement(0)])  # applied by an earlier run: not reported again
+    store.close()
+    seen: list[tuple[str, Decimal]] = []
+    writer = SettlementWriter(
+        lambda: make_store(url),
+        journal,
+        batch_size=3,
+        on_settled=lambda s, balance: seen.append((s.request_id, balance)),
+    )
+    writer.start()
+    for i in range(1, 8):
+        writer.submit(settlement(i))
+    assert writer.stop(5) == 0
+    assert seen == [(f"req-{i}", START - charged(i + 1)) for i in range(1, 8)]
+
+
+def test_a_store_without_balances_serves_a_writer_that_wants_none(
+    url: str, journal: Journal
+) -> None:
+    """``settle(batch)`` as before unless ``on_settled`` asks for the balances."""
+    writer = SettlementWriter(lambda: FlakyStore(make_store(url)), journal)  # type: ignore[arg-type,return-value]
+    writer.start()
+    writer.submit(settlement(0))
+    assert writer.stop(5) == 0
+    assert spent(url) == charged(1)

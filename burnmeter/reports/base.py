@@ -107,8 +107,9 @@ class Backend(ABC):
         """Distinct userId with a log in the window."""
 
     @abstractmethod
-    def user_usage(self, window: Window | None) -> list[UserUsage]:
-        """Per user and pool; ``None``: every log, whenever it was written."""
+    def user_usage(self, window: Window | None, user: str | None = None) -> list[UserUsage]:
+        """Per user and pool; ``None``: every log, whenever it was written. With ``user``,
+        that user's rows only."""
 
     @abstractmethod
     def model_usage(self, window: Window) -> list[ModelUsage]: ...

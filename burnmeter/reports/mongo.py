@@ -128,7 +128,8 @@ class MongoReports(Backend):
         found = list(self.logs.aggregate(pipeline))
         return int(found[0]["n"]) if found else 0
 
-    def user_usage(self, window: Window | None) -> list[UserUsage]:
+    def user_usage(self, window: Window | None, user: str | None = None) -> list[UserUsage]:
+        who = WITH_USER if user is None else {"$match": {"userId": user}}
         group = {
             "_id": {"user": "$userId", "pool": POOL},
             "cost": _sum("creditsCost"),
@@ -145,7 +146,7 @@ class MongoReports(Backend):
                 int(d["output"]),
                 int(d["requests"]),
             )
-            for d in self.logs.aggregate([_match(window), WITH_USER, {"$group": group}])
+            for d in self.logs.aggregate([_match(window), who, {"$group": group}])
         ]
 
     def model_usage(self, window: Window) -> list[ModelUsage]:

@@ -45,9 +45,11 @@ class SqliteReports(Backend):
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
 
-    def _rows(self, sql: str, window: Window | None = None) -> list[Any]:
+    def _rows(
+        self, sql: str, window: Window | None = None, params: dict[str, Any] | None = None
+    ) -> list[Any]:
         """Runs ``sql``; ``{where}`` in it becomes the window's bounds on ``createdAt``."""
-        params: dict[str, int] = {}
+        params = dict(params or {})
         where = "1"
         if window is not None:
             params["end"] = window.end_ms
@@ -96,14 +98,17 @@ class SqliteReports(Backend):
         sql = "SELECT COUNT(DISTINCT userId) FROM {logs} WHERE {where}"
         return int(self._rows(sql, window)[0][0])
 
-    def user_usage(self, window: Window | None) -> list[UserUsage]:
+    def user_usage(self, window: Window | None, user: str | None = None) -> list[UserUsage]:
+        # one user: the userId index; everyone: +userId keeps the planner off it (see above)
+        who = "userId = :user" if user is not None else "userId IS NOT NULL"
+        group = "userId" if user is not None else "+userId"
         sql = f"""
             SELECT userId, {POOL}, COALESCE(SUM(creditsCost), 0), COALESCE(SUM(inputTokens), 0),
                    COALESCE(SUM(outputTokens), 0), COUNT(*)
-              FROM {{logs}} WHERE {{where}} AND userId IS NOT NULL GROUP BY +userId, 2"""
+              FROM {{logs}} WHERE {{where}} AND {who} GROUP BY {group}, 2"""
         return [
-            UserUsage(user, pool, from_nanos(cost), *counts)
-            for user, pool, cost, *counts in self._rows(sql, window)
+            UserUsage(user_id, pool, from_nanos(cost), *counts)
+            for user_id, pool, cost, *counts in self._rows(sql, window, {"user": user})
         ]
 
     def model_usage(self, window: Window) -> list[ModelUsage]:

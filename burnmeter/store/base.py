@@ -116,6 +116,13 @@ class Settlement:
     log: Document = field(default_factory=dict)  # the request_logs document, _id = request_id
 
 
+def committed(balances: Iterable[Decimal], holds: Iterable[Decimal]) -> Decimal:
+    """A pool's balance fields plus the parts of the user's open holds on it: what is left
+    once the requests in flight settle at nothing. Holds and releases leave it as it is;
+    each settlement lowers it by exactly its cost (a top-up raises it)."""
+    return sum(balances, Decimal(0)) + sum(holds, Decimal(0))
+
+
 class Store(ABC):
     """One backend. ``pools`` are the config's pools: they name the balance fields."""
 
@@ -131,6 +138,11 @@ class Store(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def probe_write(self, timeout: float) -> None:
+        """Raise ``StoreError`` unless a write (a hold) could start now, within ``timeout``
+        seconds: a readiness check, not only a read. Changes nothing."""
+        raise NotImplementedError
 
     # -- keys and users -----------------------------------------------------------------
     @abstractmethod
@@ -190,11 +202,16 @@ class Store(ABC):
         return outcomes
 
     @abstractmethod
-    def settle(self, settlements: Iterable[Settlement]) -> list[bool]:
+    def settle(
+        self, settlements: Iterable[Settlement], balances: dict[str, Decimal] | None = None
+    ) -> list[bool]:
         """Apply each settlement once (idempotent by request id); True where it was applied.
 
         Charges ``cost`` to the pool (from the hold first), releases the rest of the hold,
-        bumps used/token counters and the key's counters, and inserts the log document."""
+        bumps used/token counters and the key's counters, and inserts the log document.
+
+        ``balances``, if given, receives for each settlement applied (by request id) its
+        pool's ``committed`` balance right after it, read atomically with the charge."""
 
     @abstractmethod
     def open_holds(self, older_than: datetime) -> list[Hold]: ...

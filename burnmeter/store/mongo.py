@@ -59,6 +59,7 @@ from burnmeter.store.base import Store
 from burnmeter.store.base import StoreError
 from burnmeter.store.base import StoreMissing
 from burnmeter.store.base import UserExists
+from burnmeter.store.base import committed
 
 DEFAULT_DB = "fproxy"
 HOLDS = "burnmeterHolds"
@@ -191,6 +192,17 @@ class MongoStore(Store):
         """``StoreMissing`` unless the database holds the users collection."""
         if USERS not in self.db.list_collection_names():
             raise StoreMissing(f"MongoDB database {self.db.name!r}: no {USERS} collection")
+
+    @_guarded
+    def probe_write(self, timeout: float) -> None:
+        """A ``ping`` within ``timeout``; a replica set must also have a primary now."""
+        reply = self.db.command("ping", maxTimeMS=max(1, int(timeout * 1000)))
+        if not reply.get("ok"):
+            raise StoreError("MongoDB: ping failed")
+        if self._client is not None and self._client.topology_description.topology_type_name in (
+            "ReplicaSetNoPrimary",
+        ):
+            raise StoreError("MongoDB: the replica set has no primary")
 
     def close(self) -> None:
         if self._client is not None:
@@ -360,10 +372,12 @@ class MongoStore(Store):
         raise DocumentError(f"hold for {user_id!r}: the balance kept changing, gave up")
 
     @_guarded
-    def settle(self, settlements: Iterable[Settlement]) -> list[bool]:
-        return [self._settle(s) for s in settlements]
+    def settle(
+        self, settlements: Iterable[Settlement], balances: dict[str, Decimal] | None = None
+    ) -> list[bool]:
+        return [self._settle(s, balances) for s in settlements]
 
-    def _settle(self, s: Settlement) -> bool:
+    def _settle(self, s: Settlement, balances: dict[str, Decimal] | None = None) -> bool:
         """(1) a logged request is done; (2) charge and release the hold in one update;
         (3) insert the log; (4) bump the key's counters and drop the settled mark.
 
@@ -375,7 +389,8 @@ class MongoStore(Store):
         """
         if self.db[LOGS].find_one({"_id": s.request_id}, projection=["_id"]):
             return False
-        marked = self._charge(s)
+        charged: dict[str, Decimal] | None = {} if balances is not None else None
+        marked = self._charge(s, charged)
         try:
             self.db[LOGS].insert_one(_to_bson({**s.log, "_id": s.request_id}, LOG_MONEY))
             applied = True
@@ -393,10 +408,13 @@ class MongoStore(Store):
         if marked:
             mark = _request_path(SETTLED, s.request_id)
             self.db[USERS].update_one({"_id": s.user_id}, {"$unset": {mark: ""}})
+        if applied and balances is not None and charged:
+            balances |= charged
         return applied
 
-    def _charge(self, s: Settlement) -> bool:
-        """Step 2 of ``_settle``; True when the settled mark is in the user document."""
+    def _charge(self, s: Settlement, left: dict[str, Decimal] | None = None) -> bool:
+        """Step 2 of ``_settle``; True when the settled mark is in the user document. If this
+        call charged, the pool's committed balance it left goes to ``left``."""
         hold_path = _request_path(HOLDS, s.request_id)
         mark = _request_path(SETTLED, s.request_id)
         pool = self.pools[s.pool]
@@ -428,9 +446,29 @@ class MongoStore(Store):
             }
             if hold is not None:
                 update["$unset"] = {hold_path: ""}
-            if users.update_one(query, update).modified_count:
+            if left is None:
+                if users.update_one(query, update).modified_count:
+                    return True
+                continue
+            # the balance it left, read in the same atomic update (its post-image)
+            charged = users.find_one_and_update(
+                query,
+                update,
+                projection=[*pool.balance, HOLDS],
+                return_document=pymongo.ReturnDocument.AFTER,
+            )
+            if charged is not None:
+                left[s.request_id] = self._committed(charged, pool)
                 return True
         raise StoreError(f"settle for {s.user_id!r}: the balance kept changing, gave up")
+
+    @staticmethod
+    def _committed(doc: Document, pool: Pool) -> Decimal:
+        holds = (h for h in doc.get(HOLDS, {}).values() if h.get("pool") == pool.name)
+        return committed(
+            (to_decimal(doc.get(name)) for name in pool.balance),
+            (to_decimal(v) for h in holds for v in h["parts"].values()),
+        )
 
     @_guarded
     def open_holds(self, older_than: datetime) -> list[Hold]:

@@ -17,6 +17,7 @@ import json
 import os
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
@@ -53,6 +54,7 @@ from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
 from burnmeter.store.base import StoreError
 from burnmeter.store.base import UserExists
+from burnmeter.store.base import committed
 
 Kind = Literal["money", "int", "date", "bool", "text"]
 Columns = Mapping[str, Kind]
@@ -266,6 +268,22 @@ class SqliteStore(Store):
         except sqlite3.OperationalError as e:
             raise StoreError(f"{self.path}: {e}") from e
 
+    def probe_write(self, timeout: float) -> None:
+        """Takes SQLite's write lock (``BEGIN IMMEDIATE``) on a connection of its own and
+        rolls back: a file another connection holds write-locked is not writable now."""
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=rw"
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: {e}") from e
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: {e}") from e
+        finally:
+            conn.close()
+
     def close(self) -> None:
         with self._lock:
             for conn in self._connections:
@@ -451,10 +469,24 @@ class SqliteStore(Store):
         )
         return Hold(r.request_id, r.user_id, r.pool.name, parts, now)
 
-    def settle(self, settlements: Iterable[Settlement]) -> list[bool]:
+    def settle(
+        self, settlements: Iterable[Settlement], balances: dict[str, Decimal] | None = None
+    ) -> list[bool]:
         now = utcnow()
+        applied = []
         with self._write() as conn:
-            return [self._settle(conn, s, now) for s in settlements]
+            for s in settlements:
+                applied.append(self._settle(conn, s, now))
+                if applied[-1] and balances is not None:
+                    balances[s.request_id] = self._committed(conn, s.user_id, self.pools[s.pool])
+        return applied
+
+    def _committed(self, conn: sqlite3.Connection, user_id: str, pool: Pool) -> Decimal:
+        held = conn.execute(
+            f"SELECT parts FROM {HOLDS} WHERE userId = ? AND pool = ?", (user_id, pool.name)
+        ).fetchall()
+        fields = self._balances(user_id, pool, conn) or {}
+        return committed(fields.values(), (p for row in held for p in _load_parts(row[0]).values()))
 
     def _settle(self, conn: sqlite3.Connection, s: Settlement, now: datetime) -> bool:
         # the log first: a request id that is already logged was settled (same transaction)
