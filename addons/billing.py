@@ -19,6 +19,7 @@ from burnmeter.documents import request_log
 from burnmeter.documents import utcnow
 from burnmeter.estimate import EMBEDDING_APIS
 from burnmeter.estimate import estimate_output_tokens
+from burnmeter.estimate import held_usage as estimated_held_usage
 from burnmeter.money import ZERO
 from burnmeter.records import UsageRecord
 from burnmeter.store.base import Settlement
@@ -40,6 +41,12 @@ def estimated(ticket: Ticket, reported: UsageRecord | None, text_chars: int) -> 
     if reported.output_tokens >= output:
         return reported
     return dataclasses.replace(reported, output_tokens=output, source="estimated")
+
+
+def held_usage(ticket: Ticket) -> UsageRecord:
+    """What the request's hold pays for (input estimate plus its output limit)."""
+    assert ticket.estimate is not None and ticket.quote is not None
+    return estimated_held_usage(ticket.estimate, ticket.quote)
 
 
 def response_usage(ticket: Ticket, response: http.Response) -> UsageRecord | None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -181,8 +182,10 @@ class Metering:
             ctx.options.update(**changes)
 
     def done(self) -> None:
-        self._settle_in_flight()
-        self._close()
+        try:
+            self._settle_in_flight()
+        finally:
+            self._close()  # the writer applies the journal and the holds close
 
     def _settle_in_flight(self) -> None:
         """Shutdown does not wait for open requests: settle each one now, so no hold
@@ -192,23 +195,36 @@ class Metering:
         client gets all of it. Every other request is killed, so its client never sees a
         complete answer, and settled as cut off, charged for what already reached the
         client (as ``error`` would); one still waiting for its hold is settled at 0 once
-        the hold call is done (which releases the hold, if it was made)."""
+        the hold call is done (which releases the hold, if it was made).
+
+        One flow that cannot be settled (logged) does not stop the others."""
         if self.writer is None or self.admission is None:
             return
         self.admission.drain(DRAIN_TIMEOUT)
         for f, ticket in list(self.tickets.items()):
             del self.tickets[f]
-            response = f.response
-            if ticket.admitted and response and billing.arrived_whole(ticket, response):
-                self._settle_response(f, ticket, response)
-                continue
-            if f.killable:
-                f.kill()
-            if ticket.quote is None:  # no hold asked for: nothing to settle
-                continue
-            usage = billing.error_usage(ticket, response) if ticket.admitted else None
-            outcome: Outcome = "charged" if usage else "failed"
-            self._settle(f, ticket, usage, SHUTDOWN_STATUS, outcome, "proxy shut down")
+            try:
+                self._settle_at_shutdown(f, ticket)
+            except Exception:
+                logger.exception("metering: cannot settle %s at shutdown", f.id)
+
+    def _settle_at_shutdown(self, f: http.HTTPFlow, ticket: Ticket) -> None:
+        response = f.response
+        if ticket.admitted and response and billing.arrived_whole(ticket, response):
+            self._settle_response(f, ticket, response)
+            return
+        if f.killable:
+            f.kill()
+        if ticket.quote is None:  # no hold asked for: nothing to settle
+            return
+        admitted = ticket.admitted
+        self._settle(
+            f,
+            ticket,
+            lambda: billing.error_usage(ticket, response) if admitted else None,
+            SHUTDOWN_STATUS,
+            "proxy shut down",
+        )
 
     def _start(self, settings: options.Settings, store: Store, journal: Journal) -> None:
         config = settings.config
@@ -315,18 +331,17 @@ class Metering:
         self._settle_response(f, ticket, f.response)
 
     def _settle_response(self, f: http.HTTPFlow, ticket: Ticket, response: http.Response) -> None:
-        usage = billing.response_usage(ticket, response)
         status = response.status_code
         reason = None if 200 <= status < 300 else f"upstream answered {status}"
-        self._settle(f, ticket, usage, status, "charged" if usage else "failed", reason)
+        self._settle(f, ticket, lambda: billing.response_usage(ticket, response), status, reason)
 
     def error(self, f: http.HTTPFlow) -> None:
         ticket = self.tickets.pop(f, None)
         if ticket is None or not ticket.admitted or f.error is None:
             return
-        usage = billing.error_usage(ticket, f.response)
+        response = f.response
         status = billing.error_status(f)
-        self._settle(f, ticket, usage, status, "charged" if usage else "failed", f.error.msg)
+        self._settle(f, ticket, lambda: billing.error_usage(ticket, response), status, f.error.msg)
 
     def _forward(self, f: http.HTTPFlow, ticket: Ticket) -> None:
         """Address the upstream as mitmproxy would have: its Host, its key.
@@ -365,13 +380,22 @@ class Metering:
         self,
         f: http.HTTPFlow,
         ticket: Ticket,
-        usage: UsageRecord | None,
+        usage_of: Callable[[], UsageRecord | None],
         status: int,
-        outcome: Outcome,
         reason: str | None,
     ) -> None:
-        settlement = billing.settlement(f, ticket, usage, status)
+        """Journal the charge of ``usage_of()``. A forwarded request always ends with a
+        settlement: if reading its usage or pricing it fails (an answer no test foresaw),
+        it is charged its hold."""
+        try:
+            usage = usage_of()
+            settlement = billing.settlement(f, ticket, usage, status)
+        except Exception:
+            logger.exception("metering: cannot price %s: charging its hold", f.id)
+            usage = billing.held_usage(ticket)
+            settlement = billing.settlement(f, ticket, usage, status)
         self._record(settlement)
+        outcome: Outcome = "charged" if usage else "failed"
         record = describe(
             ticket, outcome, status=status, reason=reason, usage=usage, settlement=settlement
         )

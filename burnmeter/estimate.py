@@ -96,12 +96,28 @@ def estimate_output_tokens(text_chars: int) -> int:
     return math.ceil(text_chars / CHARS_PER_TOKEN)
 
 
-def hold_amounts(estimate: RequestEstimate, quote: PriceQuote) -> tuple[Decimal, Decimal]:
-    """(maximum, minimum) to hold: estimated input plus the output limit, and input alone.
+def held_usage(estimate: RequestEstimate, quote: PriceQuote) -> UsageRecord:
+    """The usage a hold pays for: the estimated input plus the output limit.
 
     A request that asks for caching may be billed for its whole prompt as cache writes, so
-    the input is priced at whichever is dearer.
-    """
+    the input is taken as whichever is dearer."""
+    return max(
+        (
+            replace(prompt, output_tokens=estimate.max_output_tokens)
+            for prompt in _prompts(estimate)
+        ),
+        key=lambda usage: cost(usage, quote),
+    )
+
+
+def hold_amounts(estimate: RequestEstimate, quote: PriceQuote) -> tuple[Decimal, Decimal]:
+    """(maximum, minimum) to hold: what ``held_usage`` costs, and the input alone."""
+    minimum = max(cost(prompt, quote) for prompt in _prompts(estimate))
+    return cost(held_usage(estimate, quote), quote), minimum
+
+
+def _prompts(estimate: RequestEstimate) -> list[UsageRecord]:
+    """The ways the estimated input may be billed: as input, or as cache writes."""
     prompts = [UsageRecord(input_tokens=estimate.input_tokens, source="estimated")]
     if estimate.cache_ttl is not None:
         one_hour = estimate.input_tokens if estimate.cache_ttl == "1h" else 0
@@ -112,10 +128,7 @@ def hold_amounts(estimate: RequestEstimate, quote: PriceQuote) -> tuple[Decimal,
                 source="estimated",
             )
         )
-    maximum = max(
-        cost(replace(prompt, output_tokens=estimate.max_output_tokens), quote) for prompt in prompts
-    )
-    return maximum, max(cost(prompt, quote) for prompt in prompts)
+    return prompts
 
 
 class _Tally:

@@ -33,6 +33,7 @@ from typing import Any
 
 from burnmeter.documents import key_ref
 from burnmeter.store.base import Settlement
+from burnmeter.text import encodable_tree
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,11 @@ class JournalLocked(JournalError):
 
 
 def to_json(settlement: Settlement) -> str:
-    """One line (without the newline): Decimal as a string, datetimes as ISO 8601."""
-    return json.dumps(
+    """One line (without the newline): Decimal as a string, datetimes as ISO 8601.
+
+    Every string is made encodable first: a record the journal cannot encode would be a
+    request nobody is charged for."""
+    record = encodable_tree(
         {
             "request_id": settlement.request_id,
             "user_id": settlement.user_id,
@@ -71,7 +75,10 @@ def to_json(settlement: Settlement) -> str:
             # never a raw key on disk: legacy user_keys ids are raw keys (the store maps back)
             "key_doc_id": key_ref(settlement.key_doc_id) if settlement.key_doc_id else None,
             "log": settlement.log,
-        },
+        }
+    )
+    return json.dumps(
+        record,
         default=_tag,
         ensure_ascii=False,
         separators=(",", ":"),

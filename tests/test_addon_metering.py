@@ -24,6 +24,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 
+from addons import billing
 from addons.metering import Metering
 from burnmeter.config import load_config
 from burnmeter.documents import hash_key
@@ -937,3 +938,64 @@ async def test_shutdown_settles_requests_still_in_flight(env: Env) -> None:
     assert whole["statusCode"] == 200 and whole["usageSource"] == "reported"
     assert whole["creditsCost"] == Decimal("0.009")
     assert env.store.open_holds(utcnow() + timedelta(days=1)) == []
+
+
+async def test_a_host_that_is_not_utf8_is_still_charged(env: Env) -> None:
+    f = make_flow()
+    f.request.headers["host"] = b"chat.trollllm.xyz\xff".decode("utf-8", "surrogateescape")
+    await admit(env, f)
+    assert f.response is None
+    f.response = json_response({"model": "gpt-4o", "choices": [], "usage": CHAT_USAGE})
+    env.metering.response(f)
+    log = settled(env, f.id)
+    assert log is not None and log["host"] == "chat.trollllm.xyz\ufffd"
+    assert log["creditsCost"] == Decimal("0.009")
+    assert openhands_balance(env) == Decimal("4.991")
+
+
+async def test_a_settlement_that_cannot_be_priced_charges_the_hold(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = make_flow(body={"model": "gpt-4o", "max_tokens": 100, "messages": []})
+    await admit(env, f)
+    ticket = env.metering.tickets[f]
+    assert ticket.hold is not None
+    held = ticket.hold.amount
+
+    def broken(*args: object) -> None:
+        raise KeyError("an answer no test foresaw")
+
+    monkeypatch.setattr(billing, "response_usage", broken)
+    f.response = json_response({"model": "gpt-4o", "choices": [], "usage": CHAT_USAGE})
+    env.metering.response(f)
+    log = settled(env, f.id)
+    assert log is not None and log["creditsCost"] == held > 0
+    assert log["usageSource"] == "estimated" and log["outputTokens"] == 100
+
+
+async def test_one_flow_failing_to_settle_at_shutdown_does_not_stop_the_others(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flows = []
+    for _ in range(3):
+        f = make_flow(body={"model": "gpt-4o", "messages": [], "stream": True})
+        await admit(env, f)
+        f.response = sse_response()
+        env.metering.responseheaders(f)
+        env.metering.tickets[f].tap(chat_sse(["some text"], None))  # type: ignore[misc]
+        flows.append(f)
+    real = billing.settlement
+
+    def fails_for_the_first(f: http.HTTPFlow, *args: object) -> object:
+        if f is flows[0]:
+            raise RuntimeError("a bug in one flow's settlement")
+        return real(f, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(billing, "settlement", fails_for_the_first)
+    env.metering.done()
+    assert env.store.log(flows[0].id) is None
+    for f in flows[1:]:
+        log = env.store.log(f.id)
+        assert log is not None and log["statusCode"] == 503 and log["creditsCost"] > 0
+    holds = env.store.open_holds(utcnow() + timedelta(days=1))
+    assert [h.request_id for h in holds] == [flows[0].id], "the others' holds are closed"

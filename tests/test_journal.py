@@ -3,7 +3,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import tempfile
 import threading
+import uuid
 from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
@@ -13,13 +15,21 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
+from burnmeter.config import default_config
+from burnmeter.documents import request_log
 from burnmeter.journal import Journal
 from burnmeter.journal import JournalFull
 from burnmeter.journal import JournalLocked
 from burnmeter.journal import from_json
 from burnmeter.journal import to_json
+from burnmeter.records import UsageRecord
+from burnmeter.store import open_store
 from burnmeter.store.base import Settlement
+from burnmeter.text import MAX_TEXT
 
 
 def settlement(i: int, cost: str = "0.000123456") -> Settlement:
@@ -273,3 +283,51 @@ def test_a_long_backlog_is_read_back_from_the_file(
         assert ids(journal.pending(10)) == ["req-2", "req-3"]  # decoded from the file
         journal.append(settlement(4))
         assert ids(journal.pending(10)) == ["req-2", "req-3", "req-4"]
+
+
+# any code point, lone surrogates included, and strings far longer than a log field keeps
+HOSTILE_TEXT = st.text(
+    st.one_of(st.characters(codec=None, exclude_categories=()), st.characters(categories=["Cs"])),
+    max_size=3000,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(host=HOSTILE_TEXT, path=HOSTILE_TEXT, model=HOSTILE_TEXT, upstream=HOSTILE_TEXT)
+def test_any_client_strings_are_journaled_and_applied(
+    host: str, path: str, model: str, upstream: str
+) -> None:
+    """The request log of any request can be journaled, read back and applied."""
+    request_id = f"req-{uuid.uuid4().hex}"
+    log = request_log(
+        request_id=request_id,
+        user_id="alice",
+        key_mask="sk-burn…ab12",
+        model=model,
+        usage=UsageRecord(input_tokens=10, output_tokens=5),
+        cost=Decimal("0.25"),
+        billing_tokens=15,
+        pool="openhands",
+        status_code=200,
+        latency_ms=1,
+        ttft_ms=None,
+        host=host,
+        upstream=upstream,
+        path=path,
+        stream=False,
+        created_at=datetime.now(UTC),
+    )
+    assert all(len(log[name]) <= MAX_TEXT for name in ("host", "path", "model", "upstream"))
+    s = Settlement(request_id, "alice", "openhands", Decimal("0.25"), 15, 10, 5, None, log)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = open_store(f"sqlite:///{tmp}/b.db", default_config().pools)
+        store.ensure_schema(0)
+        store.create_user("alice", "sha256:k", {"creditsNew": Decimal(1)})
+        with Journal(f"{tmp}/j") as journal:
+            journal.append(s)
+            [(_, back)] = journal.pending(10)
+        assert store.settle([back]) == [True]
+        assert store.balance("alice", default_config().pools["openhands"]) == Decimal("0.75")
+        stored = store.log(request_id)
+        store.close()
+    assert stored is not None and stored["host"] == back.log["host"]
