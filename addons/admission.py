@@ -207,7 +207,7 @@ class Admission:
         self.executor = executor
         self.limiter = limiter or RateLimiter()
         self.in_flight = in_flight
-        """Requests between authentication and settlement (each needs a journal record)."""
+        """Requests admitted and not yet settled (each needs room for its journal record)."""
         self._down_until = 0.0
         self._calls: set[Future[Any]] = set()
         self.holds = HoldQueue(store, self._give_back)

@@ -145,6 +145,9 @@ class Metering:
         self.unjournaled = 0
         """Settlements the journal refused (logged at ERROR for an operator to replay)."""
         self.tickets: weakref.WeakKeyDictionary[http.HTTPFlow, Ticket] = weakref.WeakKeyDictionary()
+        self.admitted: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+        """Flows forwarded and not yet settled: each has journal room kept for it (a request
+        still sending its body has none, so stalled uploads cannot use up that room)."""
 
     def load(self, loader) -> None:
         options.declare(loader)
@@ -202,7 +205,7 @@ class Metering:
             return
         self.admission.drain(DRAIN_TIMEOUT)
         for f, ticket in list(self.tickets.items()):
-            del self.tickets[f]
+            self._take(f)
             try:
                 self._settle_at_shutdown(f, ticket)
             except Exception:
@@ -250,7 +253,7 @@ class Metering:
             self.writer,
             self.executor,
             RateLimiter(),
-            in_flight=lambda: len(self.tickets),
+            in_flight=lambda: len(self.admitted),
         )
         logger.info(
             "metering: store %s, journal %s",
@@ -306,6 +309,7 @@ class Metering:
             return
         try:
             await self.admission.admit(f, ticket)
+            self.admitted.add(f)
         except Rejection as r:
             self._reject(f, ticket, r)
         except Exception:
@@ -325,7 +329,7 @@ class Metering:
             f.response.stream = ticket.tap
 
     def response(self, f: http.HTTPFlow) -> None:
-        ticket = self.tickets.pop(f, None)
+        ticket = self._take(f)
         if ticket is None or not ticket.admitted or f.response is None:
             return
         self._settle_response(f, ticket, f.response)
@@ -336,12 +340,17 @@ class Metering:
         self._settle(f, ticket, lambda: billing.response_usage(ticket, response), status, reason)
 
     def error(self, f: http.HTTPFlow) -> None:
-        ticket = self.tickets.pop(f, None)
+        ticket = self._take(f)
         if ticket is None or not ticket.admitted or f.error is None:
             return
         response = f.response
         status = billing.error_status(f)
         self._settle(f, ticket, lambda: billing.error_usage(ticket, response), status, f.error.msg)
+
+    def _take(self, f: http.HTTPFlow) -> Ticket | None:
+        """The flow's ticket, which it gives up: the flow is settled or answered locally."""
+        self.admitted.discard(f)
+        return self.tickets.pop(f, None)
 
     def _forward(self, f: http.HTTPFlow, ticket: Ticket) -> None:
         """Address the upstream as mitmproxy would have: its Host, its key.
@@ -373,7 +382,7 @@ class Metering:
         f.response = error_response(style, problem, rejection.message, **rejection.extra)
         f.response.headers.update(rejection.headers)
         drop_client_key(f.request)  # mitmproxy prints the request line (Gemini ?key=) and headers
-        self.tickets.pop(f, None)
+        self._take(f)
         annotate(f, describe(ticket, "rejected", status=problem.status, reason=problem.code))
 
     def _settle(

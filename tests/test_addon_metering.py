@@ -999,3 +999,17 @@ async def test_one_flow_failing_to_settle_at_shutdown_does_not_stop_the_others(
         assert log is not None and log["statusCode"] == 503 and log["creditsCost"] > 0
     holds = env.store.open_holds(utcnow() + timedelta(days=1))
     assert [h.request_id for h in holds] == [flows[0].id], "the others' holds are closed"
+
+
+async def test_stalled_request_bodies_take_no_journal_reserve(env: Env) -> None:
+    env.tctx.configure(env.metering, metering_journal_max_kb=8)  # room for two in flight
+    for _ in range(5):  # headers in, bodies never finished
+        await env.metering.requestheaders(make_flow())
+    paying = make_flow()
+    await admit(env, paying)
+    assert paying.response is None, "admitted: the stalled uploads hold no journal room"
+    second = make_flow()
+    await admit(env, second)
+    third = make_flow()
+    await admit(env, third)
+    assert third.response is not None and third.response.status_code == 503
