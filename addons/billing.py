@@ -76,16 +76,34 @@ def arrived_whole(ticket: Ticket, response: http.Response) -> bool:
     return response.raw_content is not None
 
 
-def error_usage(ticket: Ticket, response: http.Response | None) -> UsageRecord | None:
-    """Usage of a request that failed (``error`` hook): None if nothing reached the client,
-    and only what was reported for an upstream error answer (as ``response_usage``)."""
-    if response is None:
+def error_usage(
+    ticket: Ticket, response: http.Response | None, *, client_left: bool = False
+) -> UsageRecord | None:
+    """Usage of a request that failed (``error`` hook): only what was reported for an
+    upstream error answer (as ``response_usage``), else an estimate of what reached the
+    client, None if nothing did.
+
+    ``client_left``: the client closed its connection after the request went upstream and
+    before the answer's usage. mitmproxy then closes the upstream connection too, so what
+    the upstream generated (and bills, hidden reasoning included) can never be read: the
+    request is charged its hold, or the estimate where that is dearer."""
+    if response is not None and not 200 <= response.status_code < 300:
+        return ticket.tap.usage.result()[0] if ticket.tap is not None else None
+    if response is None and not client_left:
         return None
     reported = ticket.tap.usage.result()[0] if ticket.tap is not None else None
-    if not 200 <= response.status_code < 300:
-        return reported
     text_chars = ticket.tap.usage.text_chars if ticket.tap is not None else 0
-    return estimated(ticket, reported, text_chars)
+    seen = estimated(ticket, reported, text_chars)
+    if not client_left:
+        return seen
+    quote = ticket.quote
+    assert quote is not None
+    return max(held_usage(ticket), seen, key=lambda usage: pricing.cost(usage, quote))
+
+
+def client_left(flow: http.HTTPFlow, status: int) -> bool:
+    """The client went away after its request reached the upstream (which may generate)."""
+    return status == CLIENT_CLOSED and flow.server_conn.timestamp_tcp_setup is not None
 
 
 def error_status(flow: http.HTTPFlow) -> int:

@@ -30,6 +30,7 @@ Stream" view); commands: ``metering.balance USER`` and ``metering.usage @all``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from collections.abc import Callable
@@ -325,8 +326,23 @@ class Metering:
         status = f.response.status_code
         is_sse = f.response.headers.get("content-type", "").startswith("text/event-stream")
         if is_sse or (ticket.stream and 200 <= status < 300):
-            ticket.tap = StreamTap(ticket.api, f.response.headers.get("content-encoding"))
+            ticket.tap = StreamTap(
+                ticket.api,
+                f.response.headers.get("content-encoding"),
+                on_end_event=functools.partial(self._settle_at_end_event, weakref.ref(f)),
+            )
             f.response.stream = ticket.tap
+
+    def _settle_at_end_event(self, ref: weakref.ref[http.HTTPFlow]) -> None:
+        """The stream's end marker has been read: settle now, not at the end of the HTTP
+        message (an upstream may hold the connection open, the proxy may die meanwhile);
+        the ticket is taken, so the ``response`` or ``error`` hook that follows does nothing."""
+        f = ref()
+        if f is None or f.response is None:
+            return
+        ticket = self._take(f)
+        if ticket is not None and ticket.admitted:
+            self._settle_response(f, ticket, f.response)
 
     def response(self, f: http.HTTPFlow) -> None:
         ticket = self._take(f)
@@ -345,7 +361,14 @@ class Metering:
             return
         response = f.response
         status = billing.error_status(f)
-        self._settle(f, ticket, lambda: billing.error_usage(ticket, response), status, f.error.msg)
+        left = billing.client_left(f, status)
+        self._settle(
+            f,
+            ticket,
+            lambda: billing.error_usage(ticket, response, client_left=left),
+            status,
+            f.error.msg,
+        )
 
     def _take(self, f: http.HTTPFlow) -> Ticket | None:
         """The flow's ticket, which it gives up: the flow is settled or answered locally."""

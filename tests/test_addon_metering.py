@@ -621,17 +621,24 @@ async def test_a_client_gone_before_the_answer_is_logged_499(env: Env) -> None:
     assert statuses == [499, 499, 502]
 
 
-async def test_client_gone_mid_stream_is_charged_an_estimate(env: Env) -> None:
-    f = make_flow(body={"model": "gpt-4o", "messages": [], "stream": True})
+@pytest.mark.parametrize("text", ["x" * 400, "x" * 4000])
+async def test_client_gone_mid_stream_is_charged_its_hold_or_the_dearer_estimate(
+    env: Env, text: str
+) -> None:
+    """mitmproxy closes the upstream connection when the client leaves: the usage the
+    upstream would have reported (hidden reasoning included) is never read."""
+    f = make_flow(body={"model": "gpt-4o", "max_tokens": 500, "messages": [], "stream": True})
     await admit(env, f)
+    f.server_conn.timestamp_tcp_setup = time.time()  # the request went upstream
     f.response = sse_response()
     env.metering.responseheaders(f)
     assert callable(f.response.stream)
-    f.response.stream(chat_sse(["x" * 400], None))  # 100 tokens of text, no usage yet
+    f.response.stream(chat_sse([text], None))  # text, no usage yet
     f.error = flow.Error("Client disconnected.")
     env.metering.error(f)
     record = f.metadata["metering"]
-    assert record["usage_source"] == "estimated" and record["output_tokens"] == 100
+    assert record["usage_source"] == "estimated"
+    assert record["output_tokens"] == max(500, len(text) // 4)
     assert f.marked == ":warning:"
     log = settled(env, f.id)
     assert log is not None
@@ -639,7 +646,25 @@ async def test_client_gone_mid_stream_is_charged_an_estimate(env: Env) -> None:
     assert log["usageSource"] == "estimated" and log["creditsCost"] > 0
 
 
-async def test_stream_cut_after_partial_usage_raises_output_to_the_text(env: Env) -> None:
+async def test_client_gone_before_the_answer_is_charged_its_hold_once_it_went_upstream(
+    env: Env,
+) -> None:
+    f = make_flow(body={"model": "gpt-4o", "max_tokens": 500, "messages": []})
+    await admit(env, f)
+    ticket = env.metering.tickets[f]
+    assert ticket.hold is not None
+    held = ticket.hold.amount
+    f.server_conn.timestamp_tcp_setup = time.time()
+    f.error = flow.Error("Client disconnected.")
+    env.metering.error(f)
+    log = settled(env, f.id)
+    assert log is not None and log["statusCode"] == 499
+    assert log["creditsCost"] == held and log["outputTokens"] == 500
+
+
+async def test_stream_cut_by_the_upstream_after_partial_usage_raises_output_to_the_text(
+    env: Env,
+) -> None:
     body = {"model": "claude-sonnet-4-5", "max_tokens": 500, "messages": [], "stream": True}
     f = make_flow("/v1/messages", body, key_header="x-api-key")
     await admit(env, f)
@@ -653,7 +678,8 @@ async def test_stream_cut_after_partial_usage_raises_output_to_the_text(env: Env
              "text": "y" * 80}}  # fmt: skip
     for event in (start, delta):
         tap(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
-    f.error = flow.Error("Client disconnected.")
+    f.server_conn.timestamp_tcp_setup = time.time()
+    f.error = flow.Error("Server disconnected.")
     env.metering.error(f)
     record = f.metadata["metering"]
     assert (record["input_tokens"], record["output_tokens"]) == (50, 20)
@@ -1013,3 +1039,51 @@ async def test_stalled_request_bodies_take_no_journal_reserve(env: Env) -> None:
     third = make_flow()
     await admit(env, third)
     assert third.response is not None and third.response.status_code == 503
+
+
+@pytest.mark.parametrize(
+    ("path", "end"),
+    [
+        ("/v1/chat/completions", chat_sse(["Hel", "lo"], CHAT_USAGE)),
+        (
+            "/v1/messages",
+            b"".join(
+                f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode()
+                for e in (
+                    {
+                        "type": "message_start",
+                        "message": {
+                            "model": "claude-sonnet-4-5",
+                            "usage": {"input_tokens": 1000, "output_tokens": 1},
+                        },
+                    },
+                    {"type": "message_delta", "usage": {"output_tokens": 200}},
+                    {"type": "message_stop"},
+                )
+            ),  # fmt: skip
+        ),
+    ],
+)
+async def test_a_stream_is_settled_at_its_end_event_not_at_the_end_of_the_message(
+    env: Env, path: str, end: bytes
+) -> None:
+    model = "claude-sonnet-4-5" if path == "/v1/messages" else "gpt-4o"
+    body = {"model": model, "max_tokens": 300, "messages": [], "stream": True}
+    f = make_flow(path, body, key_header="x-api-key" if model != "gpt-4o" else "authorization")
+    await admit(env, f)
+    f.response = sse_response()
+    env.metering.responseheaders(f)
+    tap = f.response.stream
+    assert callable(tap)
+    tap(end)  # the upstream holds the connection open after the end event
+    assert env.metering.writer is not None and env.metering.writer.journal.size > 0
+    record = f.metadata["metering"]
+    assert record["usage_source"] == "reported" and record["output_tokens"] == 200
+    assert f not in env.metering.tickets
+    tap(b"")
+    env.metering.response(f)  # the end of the message comes later: no second settlement
+    f.error = flow.Error("Client disconnected.")
+    env.metering.error(f)
+    log = settled(env, f.id)
+    assert log is not None and log["outputTokens"] == 200 and log["statusCode"] == 200
+    assert env.store.open_holds(utcnow() + timedelta(days=1)) == []

@@ -1,0 +1,122 @@
+"""Every forwarded request ends with a settlement: at the stream's end event, when the
+client leaves before the usage, under concurrency (holds bound the cost), after journal
+and store failures. Each test runs its own mitmdump on its own files (``Site``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.harness import OPENHANDS_HOST
+from tests.e2e.harness import Upstream
+from tests.e2e.harness import wait_logs
+from tests.e2e.test_reliability import START
+from tests.e2e.test_reliability import Site
+from tests.e2e.test_reliability import make_site
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
+
+MESSAGES = [{"role": "user", "content": "Think hard, then answer briefly."}]
+PRICES = {"input": Decimal(2), "output": Decimal(8)}  # fake-gpt, USD per million
+MULTIPLIER = Decimal("1.02")  # the openhands route
+CHAT_PATH = "/v1/chat/completions"
+
+
+@pytest.fixture
+def site(upstream: Upstream, tmp_path: Path) -> Iterator[Site]:
+    made = make_site(upstream, tmp_path)
+    try:
+        yield made
+    finally:
+        for proxy in made.proxies:
+            if proxy.proc is not None and proxy.proc.poll() is None:
+                proxy.kill()
+        made.store.close()
+
+
+def cost(input_tokens: int, output_tokens: int) -> Decimal:
+    usd = input_tokens * PRICES["input"] + output_tokens * PRICES["output"]
+    return usd / 1_000_000 * MULTIPLIER
+
+
+def headers(key: str) -> dict[str, str]:
+    return {"Host": OPENHANDS_HOST, "Authorization": f"Bearer {key}"}
+
+
+def stream_until(
+    base_url: str, key: str, body: dict[str, Any], stop: Any, then: Any = None
+) -> list[str]:
+    """Stream a chat completion and read lines until ``stop(line)``; ``then()`` runs
+    before the connection closes."""
+    seen: list[str] = []
+    with httpx.Client(timeout=20) as client:
+        with client.stream(
+            "POST", base_url + CHAT_PATH, json=body, headers=headers(key)
+        ) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                seen.append(line)
+                if stop(line):
+                    break
+            if then is not None:
+                then()
+    return seen
+
+
+# -- class 10: settle at the terminal usage event -----------------------------------------
+def test_a_stream_is_charged_at_its_usage_event_though_the_proxy_dies_before_it_ends(
+    site: Site,
+) -> None:
+    alice = site.accounts.new(creditsNew=START)
+    proxy = site.proxy()
+    body = {
+        "model": "fake-gpt",
+        "messages": MESSAGES,
+        "stream": True,
+        "x_chunks": 7,
+        "x_linger_ms": 30_000,  # usage and [DONE] sent, then the message is held open
+    }
+    seen = stream_until(proxy.base_url, alice.key, body, lambda line: line == "data: [DONE]",
+                        then=proxy.kill)  # fmt: skip
+    assert seen[-1] == "data: [DONE]"
+    site.proxy()  # the same journal and database: what was journaled is applied
+    [log] = wait_logs(site.store, alice.user_id, 1)
+    assert log["usageSource"] == "reported" and log["outputTokens"] == 7
+    assert log["statusCode"] == 200 and log["creditsCost"] > 0
+    assert site.spent(alice) == log["creditsCost"]
+
+
+# -- class 7: a client gone before the usage -----------------------------------------------
+def test_a_client_gone_before_a_reasoning_streams_usage_pays_more_than_it_saw(
+    site: Site,
+) -> None:
+    """The visible text is 3 tokens; the usage event, 3 s later, would report 5,000 (hidden
+    reasoning). The client leaves after the last word."""
+    alice = site.accounts.new(creditsNew=START)
+    proxy = site.proxy()
+    body = {
+        "model": "fake-gpt",
+        "messages": MESSAGES,
+        "stream": True,
+        "max_tokens": 6000,
+        "x_chunks": 3,
+        "x_usage": {
+            "completion_tokens": 5000,
+            "completion_tokens_details": {"reasoning_tokens": 4997},
+        },
+        "x_usage_delay_ms": 3000,
+    }
+    seen = stream_until(
+        proxy.base_url, alice.key, body, lambda line: '"finish_reason": "stop"' in line
+    )
+    assert not any('"completion_tokens"' in line for line in seen), "left before the usage"
+    [log] = wait_logs(site.store, alice.user_id, 1)
+    assert log["statusCode"] == 499 and log["usageSource"] == "estimated"
+    assert log["creditsCost"] >= cost(0, 5000), "charged at least what the upstream bills"
+    assert site.spent(alice) == log["creditsCost"]
+    assert proxy.stop() == 0
