@@ -45,6 +45,7 @@ from addons.errors import Style
 from addons.holding import HoldQueue
 from addons.keys import KeyCache
 from addons.keys import client_key
+from addons.outputcap import cap_output
 from addons.ratelimit import RateLimiter
 from addons.streamtap import StreamTap
 from burnmeter.config import Config
@@ -55,6 +56,7 @@ from burnmeter.documents import utcnow
 from burnmeter.estimate import RequestEstimate
 from burnmeter.estimate import estimate_request
 from burnmeter.estimate import hold_amounts
+from burnmeter.estimate import output_tokens_paid
 from burnmeter.pricing import PriceQuote
 from burnmeter.pricing import UnknownModelError
 from burnmeter.pricing import resolve_price
@@ -123,6 +125,8 @@ class Ticket:
     key_cached: bool = False
     """The key was in the key cache: it may be admitted without a hold in an outage."""
     hold: Hold | None = None
+    output_tokens_paid: int | None = None
+    """The output limit per choice the request was forwarded with (``cap_output_tokens``)."""
     admitted: bool = False
     """Forwarded and metered; with ``hold`` None the store was down (a hold-less admission)."""
     tap: StreamTap | None = None
@@ -350,11 +354,13 @@ class Admission:
         if ticket.api == "openai.responses" and body.get("background") is True:
             # its output is fetched later (GET /v1/responses/ID): it could not be metered
             raise Rejection(errors.BAD_REQUEST, "Background responses are not supported")
+        ticket.model = model_of(ticket.api, ticket.path, body)
         try:
-            ticket.estimate = estimate_request(ticket.api, body, self.config, ticket.path)
+            ticket.estimate = estimate_request(
+                ticket.api, body, self.config, ticket.path, ticket.model
+            )
         except (ValueError, RecursionError) as e:
             raise Rejection(errors.BAD_REQUEST, str(e)) from e
-        ticket.model = model_of(ticket.api, ticket.path, body)
         multiplier = ticket.route.multiplier if ticket.route else Decimal(1)
         try:
             ticket.quote = resolve_price(
@@ -364,8 +370,7 @@ class Admission:
             raise Rejection(errors.UNKNOWN_MODEL, str(e)) from e
         ticket.pool = ticket.quote.pool or ticket.pool
         frame_body(request)
-        if ticket.estimate.stream:
-            prepare_stream(request, ticket.api, body)
+        rewritten = ticket.estimate.stream and prepare_stream(request, ticket.api, body)
         pool = self.config.pools[ticket.pool]
         expires = ticket.owner.user.get(pool.expires) if pool.expires else None
         if isinstance(expires, datetime) and expires <= utcnow():
@@ -389,6 +394,14 @@ class Admission:
                 balance=float(hold.balance),
             )
         ticket.hold = hold
+        if self.config.cap_output_tokens:
+            # the hold taken decides: a balance that covered only part of it pays for less
+            held = hold.amount if hold is not None else maximum
+            paid = output_tokens_paid(ticket.estimate, ticket.quote, held)
+            ticket.output_tokens_paid = paid
+            rewritten = cap_output(ticket.api, body, paid) or rewritten
+        if rewritten:
+            request.set_content(json.dumps(body).encode())
         ticket.admitted = True
 
     def journal_has_room(self) -> bool:
@@ -434,15 +447,15 @@ def frame_body(request: http.Request) -> None:
         headers["content-length"] = str(len(request.raw_content or b""))
 
 
-def prepare_stream(request: http.Request, api: str, body: dict[str, Any]) -> None:
-    """Ask for an uncompressed stream that reports its usage.
+def prepare_stream(request: http.Request, api: str, body: dict[str, Any]) -> bool:
+    """Ask for an uncompressed stream that reports its usage; True if ``body`` changed.
 
     OpenAI chat streams carry usage only with ``stream_options.include_usage``; with it the
     client gets one extra final chunk (``choices: []``).
     """
     request.headers["accept-encoding"] = "identity"
     if api != "openai.chat":
-        return
+        return False
     options = body.get("stream_options")
     if options is None:
         options = body["stream_options"] = {}
@@ -450,4 +463,5 @@ def prepare_stream(request: http.Request, api: str, body: dict[str, Any]) -> Non
         raise Rejection(errors.BAD_REQUEST, "'stream_options' must be an object")
     if options.get("include_usage") is not True:
         options["include_usage"] = True
-        request.set_content(json.dumps(body).encode())
+        return True
+    return False

@@ -44,9 +44,14 @@ def estimated(ticket: Ticket, reported: UsageRecord | None, text_chars: int) -> 
 
 
 def held_usage(ticket: Ticket) -> UsageRecord:
-    """What the request's hold pays for (input estimate plus its output limit)."""
+    """What the request's hold pays for: the input's upper bound plus the output limit it
+    was forwarded with."""
     assert ticket.estimate is not None and ticket.quote is not None
-    return estimated_held_usage(ticket.estimate, ticket.quote)
+    usage = estimated_held_usage(ticket.estimate, ticket.quote)
+    if ticket.output_tokens_paid is None:
+        return usage
+    forwarded = ticket.output_tokens_paid * ticket.estimate.choices
+    return dataclasses.replace(usage, output_tokens=min(usage.output_tokens, forwarded))
 
 
 def response_usage(ticket: Ticket, response: http.Response) -> UsageRecord | None:

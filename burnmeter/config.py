@@ -28,6 +28,9 @@ DEFAULT_DB_URL = f"sqlite:///{DEFAULT_DB_PATH}"
 
 FieldName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 PositiveDecimal = Annotated[Decimal, Field(gt=0)]
+OutputLimit = Annotated[int, Field(ge=1, le=10**9)]  # estimate.MAX_COUNT: pricing's precision
+DEFAULT_MAX_OUTPUT_TOKENS = 8192
+"""Output tokens held for (and allowed to) a request without a limit, whose model sets none."""
 Price = Annotated[Decimal, Field(ge=0)]
 
 
@@ -111,6 +114,9 @@ class ModelPrice(_Strict):
     cache_read: Price | None = None
     pool: str | None = None
     multiplier: PositiveDecimal = Decimal(1)
+    max_output_tokens: OutputLimit | None = None
+    """The most the model generates in one completion: what a request without an output
+    limit of its own is held for (and, with ``cap_output_tokens``, limited to)."""
 
 
 class Config(_Strict):
@@ -122,7 +128,9 @@ class Config(_Strict):
     default_price: DefaultPrice | None = None
     key_cache_seconds: int = Field(default=30, ge=0)
     hold_sweep_minutes: int = Field(default=60, ge=1, le=525600)
-    default_max_output_tokens: int = Field(default=4096, ge=1)
+    default_max_output_tokens: OutputLimit = DEFAULT_MAX_OUTPUT_TOKENS
+    cap_output_tokens: bool = True
+    """Cap the forwarded request's output limit at what its hold pays for."""
     max_request_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     rate_limit_rpm: int | None = Field(default=None, ge=1)
     pools: dict[str, Pool] = Field(default_factory=dict, min_length=1, validate_default=True)
@@ -195,6 +203,13 @@ class Config(_Strict):
             if name in model.aliases:
                 return model_id, model
         return None
+
+    def max_output_tokens(self, model: str | None) -> int:
+        """The output limit of a request that names none: the model's, else the default."""
+        found = self.model(model) if model is not None else None
+        if found is not None and found[1].max_output_tokens is not None:
+            return found[1].max_output_tokens
+        return self.default_max_output_tokens
 
     def route(self, host: str, port: int | None, listen_port: int | None) -> Route | None:
         for route in self.routes:

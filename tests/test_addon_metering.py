@@ -503,7 +503,10 @@ async def test_stream_request_gets_include_usage_and_identity_encoding(env: Env)
 
 
 async def test_include_usage_already_set_leaves_the_body_alone(env: Env) -> None:
-    raw = b'{"model":"gpt-4o","messages":[],"stream":true,"stream_options":{"include_usage":true}}'
+    raw = (
+        b'{"model":"gpt-4o","messages":[],"max_completion_tokens":100,"stream":true,'
+        b'"stream_options":{"include_usage":true}}'
+    )
     f = make_flow(body=raw)
     await admit(env, f)
     assert f.request.raw_content == raw
@@ -1087,3 +1090,47 @@ async def test_a_stream_is_settled_at_its_end_event_not_at_the_end_of_the_messag
     log = settled(env, f.id)
     assert log is not None and log["outputTokens"] == 200 and log["statusCode"] == 200
     assert env.store.open_holds(utcnow() + timedelta(days=1)) == []
+
+
+def forwarded(f: http.HTTPFlow) -> dict:
+    return json.loads(f.request.content or b"")
+
+
+async def test_the_forwarded_output_limit_is_what_the_hold_pays_for(env: Env) -> None:
+    unlimited = make_flow(body={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+    await admit(env, unlimited)
+    assert unlimited.response is None
+    assert forwarded(unlimited)["max_completion_tokens"] == 8192, "the default, held for"
+    gemini = make_flow("/v1beta/models/gemini-2.5-flash:generateContent", {"contents": []})
+    await admit(env, gemini)
+    assert forwarded(gemini)["generationConfig"] == {"maxOutputTokens": 8192}
+    lower = make_flow(body={"model": "gpt-4o", "max_tokens": 10, "messages": []})
+    await admit(env, lower)
+    assert forwarded(lower) == {"model": "gpt-4o", "max_tokens": 10, "messages": []}
+
+
+async def test_a_balance_that_covers_part_of_the_hold_caps_the_output_lower(env: Env) -> None:
+    carol = "sk-burn-carol-0123456789abcdef"
+    env.store.create_user("carol", hash_key(carol), {"creditsNew": Decimal("0.01")})
+    body = {"model": "gpt-4o", "max_tokens": 100_000, "messages": []}
+    f = make_flow(body=body, key=carol)
+    await admit(env, f)
+    ticket = env.metering.tickets[f]
+    assert ticket.hold is not None and ticket.hold.amount == Decimal("0.01")
+    limit = forwarded(f)["max_tokens"]
+    # gpt-4o: input 2.5 and output 10 USD per million, route multiplier 2
+    input_cost = ticket.estimate.held_input_tokens * Decimal("2.5") * 2 / 1_000_000  # type: ignore[union-attr]
+    per_token = Decimal(10) * 2 / 1_000_000
+    assert limit == int((Decimal("0.01") - input_cost) / per_token) < 100_000
+    assert (
+        (limit + 1) * per_token + input_cost > ticket.hold.amount >= limit * per_token + input_cost
+    )
+
+
+async def test_cap_output_tokens_false_forwards_the_limit_as_sent(env: Env, tmp_path: Path) -> None:
+    config = tmp_path / "nocap.toml"
+    config.write_text("cap_output_tokens = false\n" + CONFIG)
+    env.tctx.configure(env.metering, metering_config=str(config))
+    f = make_flow(body={"model": "gpt-4o", "messages": []})
+    await admit(env, f)
+    assert f.response is None and "max_completion_tokens" not in forwarded(f)

@@ -159,6 +159,12 @@ def test_route_by_port_and_host_with_port():
             },
             "models.b.aliases: 'a' is also 'a'",
         ),
+        ({"default_max_output_tokens": 0}, "default_max_output_tokens: Input should be"),
+        (
+            {"models": {"m": {"input": 1, "output": 1, "max_output_tokens": 10**10}}},
+            "models.m.max_output_tokens: Input should be",
+        ),
+        ({"cap_output_tokens": "maybe"}, "cap_output_tokens: Input should be"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(data, message):
@@ -186,3 +192,26 @@ def test_world_writable_config_refused(tmp_path):
         load_config(path)
     os.chmod(path, 0o644)
     assert load_config(path).timezone == "UTC"
+
+
+def test_output_limits_per_model_with_a_default():
+    config = parse_config(
+        {
+            "default_max_output_tokens": 2000,
+            "models": {
+                "long": {
+                    "aliases": ["long-latest"],
+                    "input": 1,
+                    "output": 1,
+                    "max_output_tokens": 64000,
+                },
+                "short": {"input": 1, "output": 1},
+            },
+        }
+    )
+    assert config.cap_output_tokens is True
+    assert config.max_output_tokens("long-latest") == 64000
+    assert config.max_output_tokens("short") == 2000
+    assert config.max_output_tokens("unpriced") == 2000
+    assert config.max_output_tokens(None) == 2000
+    assert default_config().default_max_output_tokens == 8192

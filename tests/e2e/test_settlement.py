@@ -5,6 +5,7 @@ and store failures. Each test runs its own mitmdump on its own files (``Site``).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
+from burnmeter.estimate import estimate_request
+from burnmeter.estimate import hold_amounts
+from burnmeter.pricing import resolve_price
+from tests.e2e.harness import CONFIG_TOML
 from tests.e2e.harness import OPENHANDS_HOST
 from tests.e2e.harness import Upstream
 from tests.e2e.harness import wait_logs
@@ -120,3 +125,47 @@ def test_a_client_gone_before_a_reasoning_streams_usage_pays_more_than_it_saw(
     assert log["creditsCost"] >= cost(0, 5000), "charged at least what the upstream bills"
     assert site.spent(alice) == log["creditsCost"]
     assert proxy.stop() == 0
+
+
+# -- class 6: holds bound the cost ---------------------------------------------------------
+PARALLEL = 12
+CJK_PROMPT = [{"role": "user", "content": "漢字仮名交じり文を書いてください。" * 60}]
+"""The fake reports 1.5 tokens per CJK character (its \\u escapes / 4); chars / 4 is 6x less."""
+
+
+def test_parallel_requests_on_a_balance_for_n_holds_overdraw_by_at_most_one_request(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """No output limit named, each request would generate 20,000 tokens (the issue's case:
+    20 such requests took +0.67 to -2.6), and a CJK prompt undercounted by chars / 4."""
+    site = make_site(upstream, tmp_path, "default_max_output_tokens = 1000\n" + CONFIG_TOML)
+    try:
+        body = {"model": "fake-gpt", "messages": CJK_PROMPT, "x_chunks": 20_000}
+        config = site.config
+        estimate = estimate_request("openai.chat", body, config, CHAT_PATH, "fake-gpt")
+        hold, _ = hold_amounts(estimate, resolve_price(config, "fake-gpt", MULTIPLIER))
+        balance = PARALLEL * hold
+        alice = site.accounts.new(creditsNew=balance)
+        proxy = site.proxy()
+
+        def one(_: int) -> int:
+            response = httpx.post(
+                proxy.base_url + CHAT_PATH, json=body, headers=headers(alice.key), timeout=30
+            )
+            return response.status_code
+
+        with ThreadPoolExecutor(PARALLEL) as pool:
+            statuses = list(pool.map(one, range(PARALLEL)))
+        assert statuses.count(200) >= 1 and set(statuses) <= {200, 402}
+        logs = wait_logs(site.store, alice.user_id, statuses.count(200))
+        left = site.store.balance(alice.user_id, config.pools["openhands"])
+        worst = max(log["creditsCost"] for log in logs)
+        assert left >= -worst, f"{left} after {len(logs)} requests of up to {worst}"
+        assert sum(log["creditsCost"] for log in logs) == balance - left
+        assert all(log["outputTokens"] <= 1000 for log in logs), "capped at the held limit"
+        assert proxy.stop() == 0
+    finally:
+        for started in site.proxies:
+            if started.proc is not None and started.proc.poll() is None:
+                started.kill()
+        site.store.close()
