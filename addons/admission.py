@@ -13,7 +13,8 @@ still served, admitted without a hold if their cached balance covers it (the set
 then charges the balance directly, once, by request id, when the writer reaches the
 store); other keys get 503, even if a look-up could still read them. New
 metered requests also get 503 once the journal could not take one settlement more for
-each request in flight: the journal never has to refuse a finished request.
+each request in flight: the journal never has to refuse a finished request; and while a
+journal write fails (a full disk, an I/O error) until a probe write succeeds again.
 """
 
 from __future__ import annotations
@@ -375,6 +376,9 @@ class Admission:
         expires = ticket.owner.user.get(pool.expires) if pool.expires else None
         if isinstance(expires, datetime) and expires <= utcnow():
             raise Rejection(errors.CREDITS_EXPIRED, CREDITS_EXPIRED_MESSAGE)
+        if not self.writer.journal.probe():
+            # its settlement could not be journaled: refuse rather than serve it uncharged
+            raise Rejection(errors.UNAVAILABLE, "Metering journal cannot be written, retry later")
         if not self.journal_has_room():
             raise Rejection(
                 errors.UNAVAILABLE, "Metering store unreachable and journal full, retry later"

@@ -30,6 +30,7 @@ Stream" view); commands: ``metering.balance USER`` and ``metering.usage @all``.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import weakref
@@ -89,6 +90,8 @@ PURGE_INTERVAL = 3600.0
 SHUTDOWN_STATUS = 503
 """Logged for requests still open when the proxy stops."""
 DRAIN_TIMEOUT = 2.0
+UNJOURNALED_KEPT = 10_000
+"""Settlements the journal refused kept in memory for it (all are logged at ERROR)."""
 """Seconds shutdown waits for the store calls under way (key look-ups, holds)."""
 REQUIRED_OPTIONS = {"connection_strategy": "lazy", "keep_host_header": True}
 TLS_SCHEMES = ("https", "tls", "http3", "quic", "dtls")
@@ -145,6 +148,8 @@ class Metering:
         self.admission: Admission | None = None
         self.unjournaled = 0
         """Settlements the journal refused (logged at ERROR for an operator to replay)."""
+        self.waiting: collections.deque[Settlement] = collections.deque(maxlen=UNJOURNALED_KEPT)
+        """Settlements the journal refused, journaled as soon as it takes writes again."""
         self.tickets: weakref.WeakKeyDictionary[http.HTTPFlow, Ticket] = weakref.WeakKeyDictionary()
         self.admitted: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         """Flows forwarded and not yet settled: each has journal room kept for it (a request
@@ -266,6 +271,7 @@ class Metering:
         if self.admission is not None:
             self.admission.close(DRAIN_TIMEOUT)  # holds left are swept, as after a crash
         if self.writer is not None:
+            self._journal_waiting()
             self.writer.stop(STOP_TIMEOUT)
         if self.executor is not None:
             # a store call stuck on a lock must not hold up shutdown
@@ -441,13 +447,28 @@ class Metering:
         Admission keeps room in the journal for every request in flight, so a refusal
         here means a disk error or a record far above the reserve: the settlement is then
         logged at ERROR as one JSON line (no key) for an operator to replay, never dropped
-        silently; its hold, if any, is released by the sweep."""
+        silently, and kept to be journaled once the journal takes writes again (admission
+        refuses new requests meanwhile)."""
         assert self.writer is not None
         try:
+            if not self._journal_waiting():
+                raise JournalError(self.writer.journal.failing or "journal refused a record")
             self.writer.submit(settlement)
         except JournalError as e:
             self.unjournaled += 1
             spill(settlement, str(e))
+            self.waiting.append(settlement)
+
+    def _journal_waiting(self) -> bool:
+        """Journal the settlements it refused before, oldest first; False if it still refuses."""
+        assert self.writer is not None
+        while self.waiting:
+            try:
+                self.writer.submit(self.waiting[0])
+            except JournalError:
+                return False
+            self.waiting.popleft()
+        return True
 
     @command.command("metering.balance")
     def balance(self, user: str) -> str:

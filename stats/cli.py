@@ -92,9 +92,10 @@ def cli(ctx: click.Context, db_url: str | None, config_path: str | None) -> None
 def _register() -> None:
     from stats import accounts
     from stats import imports
+    from stats import journal
     from stats import reports
 
-    for module in (accounts, imports, reports):
+    for module in (accounts, imports, journal, reports):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gzip
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -1134,3 +1136,41 @@ async def test_cap_output_tokens_false_forwards_the_limit_as_sent(env: Env, tmp_
     f = make_flow(body={"model": "gpt-4o", "messages": []})
     await admit(env, f)
     assert f.response is None and "max_completion_tokens" not in forwarded(f)
+
+
+async def test_a_journal_that_cannot_be_written_refuses_service_until_it_can(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert env.metering.writer is not None
+    journal = env.metering.writer.journal
+    real_write = os.write
+    disk_full = True
+
+    def write(fd: int, data: bytes) -> int:  # the OS boundary: ENOSPC for the journal's fd
+        if fd == journal._fd and disk_full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    served = make_flow()
+    await admit(env, served)  # admitted before the disk filled up
+    served.response = json_response({"model": "gpt-4o", "choices": [], "usage": CHAT_USAGE})
+    with caplog.at_level(logging.ERROR):
+        env.metering.response(served)
+    assert "settlement not journaled" in caplog.text and served.id in caplog.text
+    refused = make_flow()
+    await admit(env, refused)
+    assert refused.response is not None and refused.response.status_code == 503
+    assert "journal" in body_of(refused)["error"]["message"]
+    disk_full = False  # space again: the next admission's probe write succeeds
+    later = make_flow()
+    await admit(env, later)
+    assert later.response is None
+    later.response = json_response({"model": "gpt-4o", "choices": [], "usage": CHAT_USAGE})
+    env.metering.response(later)  # the refused settlement is journaled first
+    env.metering.done()
+    for f in (served, later):
+        log = env.store.log(f.id)
+        assert log is not None and log["creditsCost"] == Decimal("0.009")
+    assert env.store.log(refused.id) is None
+    assert openhands_balance(env) == 5 - 2 * Decimal("0.009")

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from burnmeter.config import default_config
 from burnmeter.documents import request_log
 from burnmeter.journal import Journal
+from burnmeter.journal import JournalError
 from burnmeter.journal import JournalFull
 from burnmeter.journal import JournalLocked
 from burnmeter.journal import from_json
@@ -331,3 +332,54 @@ def test_any_client_strings_are_journaled_and_applied(
         stored = store.log(request_id)
         store.close()
     assert stored is not None and stored["host"] == back.log["host"]
+
+
+def _fill_then_free(path: str, conn: Connection) -> None:
+    """In a child process: a file size limit makes the kernel refuse the journal's writes
+    (EFBIG, as ENOSPC would), then the limit is lifted."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing us
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8192, hard))
+    outcome: dict[str, object] = {}
+    with Journal(path) as journal:
+        appended = 0
+        try:
+            for i in range(100):
+                journal.append(settlement(i))
+                appended += 1
+        except JournalError as e:
+            outcome["error"] = str(e)
+        outcome["appended"] = appended
+        outcome["failing"] = journal.failing
+        outcome["probe_while_full"] = journal.probe()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+        outcome["probe_after"] = journal.probe()
+        outcome["failing_after"] = journal.failing
+        journal.append(settlement(1000))
+        outcome["pending"] = ids(journal.pending(1000))
+    conn.send(outcome)
+
+
+def test_a_write_the_kernel_refuses_marks_the_journal_failing_until_a_probe_succeeds(
+    path: str,
+) -> None:
+    parent, child = multiprocessing.Pipe()
+    process = multiprocessing.get_context("fork").Process(
+        target=_fill_then_free, args=(path, child)
+    )
+    process.start()
+    outcome = parent.recv()
+    process.join(10)
+    assert process.exitcode == 0
+    appended = outcome["appended"]
+    # the kernel writes up to the limit (a short write), then refuses (EFBIG)
+    assert 0 < appended < 100
+    assert "short write" in outcome["error"] or "File too large" in outcome["error"]
+    assert outcome["failing"] and outcome["probe_while_full"] is False
+    assert outcome["probe_after"] is True and outcome["failing_after"] is None
+    assert outcome["pending"] == [f"req-{i}" for i in range(appended)] + ["req-1000"]
+    with open(path, "rb") as f:  # no half record, no probe blanks
+        assert all(line.startswith(b'{"request_id"') for line in f)
