@@ -16,6 +16,7 @@ import pytest
 from burnmeter.estimate import estimate_request
 from burnmeter.estimate import hold_amounts
 from burnmeter.pricing import resolve_price
+from burnmeter.store import open_store
 from tests.e2e.harness import CONFIG_TOML
 from tests.e2e.harness import OPENHANDS_HOST
 from tests.e2e.harness import Upstream
@@ -169,3 +170,39 @@ def test_parallel_requests_on_a_balance_for_n_holds_overdraw_by_at_most_one_requ
             if started.proc is not None and started.proc.poll() is None:
                 started.kill()
         site.store.close()
+
+
+# -- class 13: a store whose file vanished or was replaced ----------------------------------
+def chat_status(base_url: str, key: str) -> int:
+    body = {"model": "fake-gpt", "messages": MESSAGES, "max_tokens": 50}
+    return httpx.post(base_url + CHAT_PATH, json=body, headers=headers(key), timeout=10).status_code
+
+
+def test_a_store_file_replaced_under_the_proxy_is_an_outage_not_a_fresh_start(
+    site: Site, tmp_path: Path
+) -> None:
+    alice = site.accounts.new(creditsNew=START)
+    carol = site.accounts.new(creditsNew=START)  # valid, never looked up before
+    proxy = site.proxy()
+    assert chat_status(proxy.base_url, alice.key) == 200
+    wait_logs(site.store, alice.user_id, 1)
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for part in tmp_path.glob("burnmeter.db*"):
+        part.rename(aside / part.name)
+    fresh = open_store(f"sqlite:///{proxy.db_path}", site.config.pools)
+    fresh.ensure_schema(0)  # as a CLI run against the path would leave it
+    assert chat_status(proxy.base_url, carol.key) == 503
+    served = 1 + sum(chat_status(proxy.base_url, alice.key) == 200 for _ in range(3))
+    assert fresh.logs(100) == [], "no charge written into the fresh file"
+    fresh.close()
+    assert proxy.output().count("deleted or replaced: not writing to it") == 1
+    for part in tmp_path.glob("burnmeter.db*"):
+        part.unlink()
+    for part in aside.glob("burnmeter.db*"):
+        part.rename(tmp_path / part.name)
+    logs = wait_logs(site.store, alice.user_id, served)
+    assert len(logs) == served
+    assert sum(log["creditsCost"] for log in logs) == site.spent(alice)
+    assert chat_status(proxy.base_url, carol.key) == 200, "the store is back"
+    assert proxy.stop() == 0
