@@ -10,11 +10,12 @@ Anthropic paths); LLM requests are priced, held against the pool their host bill
 forwarded, and settled from the usage the upstream reports. Locally answered requests
 (401/402/400/413/503) never reach the upstream.
 
-The addon sets two mitmproxy options itself: ``connection_strategy=lazy`` (so no upstream
+The addon sets three mitmproxy options itself: ``connection_strategy=lazy`` (so no upstream
 connection is opened for a request answered locally, and an unreachable upstream still
-lets the addon answer) and ``keep_host_header=true`` (in reverse mode mitmproxy would
+lets the addon answer), ``keep_host_header=true`` (in reverse mode mitmproxy would
 otherwise replace the client's Host header, which picks the pool, before any hook runs;
-the addon reads it and then sets the upstream's Host itself).
+the addon reads it and then sets the upstream's Host itself) and ``body_size_limit`` (the
+config's ``max_request_bytes``: request bodies are buffered before they are metered).
 
 Charges are never lost or doubled: each settlement is appended to a local write-ahead
 journal (``metering_journal``) before the response ends, and one writer thread applies
@@ -180,6 +181,17 @@ class Metering:
                 store.close()
                 raise
         self._start(settings, store, journal)
+        self._limit_request_bodies(settings.config.max_request_bytes)
+
+    @staticmethod
+    def _limit_request_bodies(max_bytes: int) -> None:
+        """Have mitmproxy refuse (413) a request body as soon as it passes ``max_bytes``,
+        whatever its framing: it buffers the whole body before the ``request`` hook, also a
+        chunked or HTTP/2 one with no content-length to refuse it by, and also after a
+        local answer was set. Its 413 is its own page (text/html), not the API's shape."""
+        limit = str(max_bytes)
+        if "body_size_limit" in ctx.options and ctx.options.body_size_limit != limit:
+            ctx.options.update(body_size_limit=limit)
 
     def running(self) -> None:
         unknown = sorted(k for k in ctx.options.deferred if k.startswith("metering"))

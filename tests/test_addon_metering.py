@@ -1174,3 +1174,18 @@ async def test_a_journal_that_cannot_be_written_refuses_service_until_it_can(
         assert log is not None and log["creditsCost"] == Decimal("0.009")
     assert env.store.log(refused.id) is None
     assert openhands_balance(env) == 5 - 2 * Decimal("0.009")
+
+
+def test_mitmproxy_refuses_request_bodies_past_max_request_bytes(env: Env) -> None:
+    """mitmproxy buffers a body before the request hook, whatever its framing: its own
+    limit is what stops a chunked body with no content-length to refuse it by."""
+    m = Metering()
+    with taddons.context(proxyserver.Proxyserver(), m) as tctx:
+        tctx.configure(
+            m,
+            metering_config=str(env.config_path),
+            metering_db=env.db_url,
+            metering_journal=str(env.config_path.with_name("limits.journal")),
+        )
+        assert tctx.options.body_size_limit == "4096"  # the config's max_request_bytes
+        m.done()

@@ -4,6 +4,8 @@ and store failures. Each test runs its own mitmdump on its own files (``Site``).
 
 from __future__ import annotations
 
+import select
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -17,6 +19,7 @@ from burnmeter.estimate import estimate_request
 from burnmeter.estimate import hold_amounts
 from burnmeter.pricing import resolve_price
 from burnmeter.store import open_store
+from scripts.processes import peak_rss_mb
 from tests.e2e.harness import CONFIG_TOML
 from tests.e2e.harness import OPENHANDS_HOST
 from tests.e2e.harness import Upstream
@@ -206,3 +209,56 @@ def test_a_store_file_replaced_under_the_proxy_is_an_outage_not_a_fresh_start(
     assert sum(log["creditsCost"] for log in logs) == site.spent(alice)
     assert chat_status(proxy.base_url, carol.key) == 200, "the store is back"
     assert proxy.stop() == 0
+
+
+# -- class 9: bounded request bodies whatever the framing ----------------------------------
+def send_chunked(port: int, key: str, chunk: bytes, count: int) -> bytes:
+    """POST a chunked body of ``count`` chunks; the head of what the proxy answered (it may
+    answer, and stop reading, before the body is all sent)."""
+    head = (
+        f"POST {CHAT_PATH} HTTP/1.1\r\nHost: {OPENHANDS_HOST}\r\nAuthorization: Bearer {key}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    frame = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+        conn.sendall(head + f"{1:x}\r\n".encode() + b"{\r\n")
+        try:
+            for _ in range(count):
+                if select.select([conn], [], [], 0)[0]:  # answered before the end
+                    break
+                conn.sendall(frame)
+            else:
+                conn.sendall(b"0\r\n\r\n")
+        except OSError:  # refused mid-body: the answer is already there
+            pass
+        answer = b""
+        try:
+            while b"\r\n\r\n" not in answer and (data := conn.recv(65536)):
+                answer += data
+        except OSError:
+            pass
+    return answer
+
+
+def test_a_chunked_body_far_over_the_limit_is_413_with_memory_bounded(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    site = make_site(upstream, tmp_path, f"max_request_bytes = {1024 * 1024}\n" + CONFIG_TOML)
+    try:
+        alice = site.accounts.new(creditsNew=START)
+        proxy = site.proxy()
+        assert proxy.proc is not None
+        before = peak_rss_mb(proxy.proc.pid)
+        upstream.reset()
+        answer = send_chunked(proxy.port, alice.key, b" " * 65536, 4096)  # 256 MiB
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        grown_mib = peak_rss_mb(proxy.proc.pid) - before
+        assert grown_mib < 64, f"peak RSS grew {grown_mib:.0f} MiB for a 256 MiB body"
+        assert upstream.stats()["total"] == 0
+        assert chat_status(proxy.base_url, alice.key) == 200, "the proxy keeps serving"
+        assert proxy.stop() == 0
+    finally:
+        for started in site.proxies:
+            if started.proc is not None and started.proc.poll() is None:
+                started.kill()
+        site.store.close()
