@@ -277,6 +277,8 @@ class Admission:
         key = client_key(request, style)
         if key is None:
             raise Rejection(errors.MISSING_KEY, "Missing API key (Authorization: Bearer KEY)")
+        if not key.isascii():  # no API issues such keys; hashing or querying one would raise
+            raise Rejection(errors.INVALID_KEY, "Invalid API key")
         found, owner = self.cache.get(key)
         if not found:
             try:

@@ -1189,3 +1189,11 @@ def test_mitmproxy_refuses_request_bodies_past_max_request_bytes(env: Env) -> No
         )
         assert tctx.options.body_size_limit == "4096"  # the config's max_request_bytes
         m.done()
+
+
+@pytest.mark.parametrize("key", [b"sk-burn-\xff\xfe", b"\xc3(" + b"x" * 20])
+async def test_a_key_that_is_not_utf8_is_401_not_a_failure(env: Env, key: bytes) -> None:
+    f = make_flow()
+    f.request.headers["authorization"] = "Bearer " + key.decode("utf-8", "surrogateescape")
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 401
