@@ -4,8 +4,10 @@ and store failures. Each test runs its own mitmdump on its own files (``Site``).
 
 from __future__ import annotations
 
+import json
 import select
 import socket
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -262,3 +264,63 @@ def test_a_chunked_body_far_over_the_limit_is_413_with_memory_bounded(
             if started.proc is not None and started.proc.poll() is None:
                 started.kill()
         site.store.close()
+
+
+# -- class 2: settlement cannot be lost to an exception --------------------------------------
+def raw_request(port: int, head: bytes, body: bytes) -> bytes:
+    """Send bytes no HTTP client library would (a Host that is not UTF-8); the answer, read
+    to the end (the request asks for ``Connection: close``)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+        conn.sendall(head + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        answer = b""
+        while data := conn.recv(65536):
+            answer += data
+    return answer
+
+
+def test_a_host_that_is_not_utf8_is_charged_or_refused_and_the_drain_closes_every_hold(
+    site: Site,
+) -> None:
+    """Through the real mitmdump: the request is refused locally (free, never forwarded) or
+    charged; a stream with such a Host still open at SIGTERM is settled by the drain."""
+    alice = site.accounts.new(creditsNew=START)
+    proxy = site.proxy()
+    hostile = OPENHANDS_HOST.encode() + b"\xff"
+    head = (
+        b"POST " + CHAT_PATH.encode() + b" HTTP/1.1\r\nHost: " + hostile + b"\r\n"
+        b"Authorization: Bearer " + alice.key.encode() + b"\r\n"
+        b"Content-Type: application/json\r\nConnection: close\r\n"
+    )
+    body = {"model": "fake-gpt", "messages": MESSAGES, "max_tokens": 50}
+    answer = raw_request(proxy.port, head, json.dumps(body).encode())
+    status = int(answer.split(b" ", 2)[1])
+    assert status == 200 or 400 <= status < 500, answer[:300]
+    if status == 200:
+        wait_logs(site.store, alice.user_id, 1)
+
+    streaming = threading.Event()
+
+    def long_stream() -> None:
+        stream = {**body, "stream": True, "x_chunks": 5000, "x_delay_ms": 2}
+        data = json.dumps(stream).encode()
+        try:
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as conn:
+                conn.sendall(head + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+                while conn.recv(65536):
+                    streaming.set()
+        except OSError:
+            pass
+        streaming.set()
+
+    reader = threading.Thread(target=long_stream)
+    reader.start()
+    assert streaming.wait(10)
+    assert proxy.stop() == 0, "the drain finished"
+    reader.join(10)
+    assert site.open_holds() == [], "no hold outlives the proxy"
+    logs = site.store.logs(100, alice.user_id)
+    assert sum(log["creditsCost"] for log in logs) == site.spent(alice)
+    if status == 200:
+        cut = [log for log in logs if log["statusCode"] == 503]
+        assert cut and cut[0]["creditsCost"] > 0 and cut[0]["host"].endswith("\ufffd")
+    assert "Traceback" not in proxy.output()
