@@ -169,8 +169,11 @@ class Journal:
             # past MEMORY_RECORDS (a long outage), the writer reads them back from the file
             kept = settlement if len(self._ends) < MEMORY_RECORDS else None
             self._ends.append((self._size, kept))
-        if self.fsync:
-            os.fsync(self._fd)
+            if self.fsync:
+                try:
+                    os.fsync(self._fd)
+                except OSError as e:  # appended, but maybe not durable: the caller retries
+                    self._failed(f"cannot fsync: {e}")
 
     def probe(self) -> bool:
         """True if the journal can be written: at once while no write has failed, else

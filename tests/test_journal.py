@@ -383,3 +383,18 @@ def test_a_write_the_kernel_refuses_marks_the_journal_failing_until_a_probe_succ
     assert outcome["pending"] == [f"req-{i}" for i in range(appended)] + ["req-1000"]
     with open(path, "rb") as f:  # no half record, no probe blanks
         assert all(line.startswith(b'{"request_id"') for line in f)
+
+
+def test_a_failed_fsync_is_a_refused_append(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def eio(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    with Journal(path, fsync=True) as journal:
+        monkeypatch.setattr(os, "fsync", eio)
+        with pytest.raises(JournalError, match="cannot fsync"):
+            journal.append(settlement(1))
+        assert journal.failing is not None
+        monkeypatch.undo()
+        assert journal.probe() and journal.failing is None
+        journal.append(settlement(1))  # the caller's retry: applied once, by request id
+        assert ids(journal.pending(10)) == ["req-1", "req-1"]
