@@ -28,26 +28,21 @@ from tests.e2e.harness import Upstream
 from tests.e2e.harness import wait_logs
 from tests.e2e.test_reliability import START
 from tests.e2e.test_reliability import Site
-from tests.e2e.test_reliability import make_site
+from tests.e2e.test_reliability import running_site
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
+
+
+@pytest.fixture(name="site")
+def site_fixture(upstream: Upstream, tmp_path: Path) -> Iterator[Site]:
+    with running_site(upstream, tmp_path) as made:
+        yield made
+
 
 MESSAGES = [{"role": "user", "content": "Think hard, then answer briefly."}]
 PRICES = {"input": Decimal(2), "output": Decimal(8)}  # fake-gpt, USD per million
 MULTIPLIER = Decimal("1.02")  # the openhands route
 CHAT_PATH = "/v1/chat/completions"
-
-
-@pytest.fixture
-def site(upstream: Upstream, tmp_path: Path) -> Iterator[Site]:
-    made = make_site(upstream, tmp_path)
-    try:
-        yield made
-    finally:
-        for proxy in made.proxies:
-            if proxy.proc is not None and proxy.proc.poll() is None:
-                proxy.kill()
-        made.store.close()
 
 
 def cost(input_tokens: int, output_tokens: int) -> Decimal:
@@ -144,8 +139,9 @@ def test_parallel_requests_on_a_balance_for_n_holds_overdraw_by_at_most_one_requ
 ) -> None:
     """No output limit named, each request would generate 20,000 tokens (the issue's case:
     20 such requests took +0.67 to -2.6), and a CJK prompt undercounted by chars / 4."""
-    site = make_site(upstream, tmp_path, "default_max_output_tokens = 1000\n" + CONFIG_TOML)
-    try:
+    with running_site(
+        upstream, tmp_path, "default_max_output_tokens = 1000\n" + CONFIG_TOML
+    ) as site:
         body = {"model": "fake-gpt", "messages": CJK_PROMPT, "x_chunks": 20_000}
         config = site.config
         estimate = estimate_request("openai.chat", body, config, CHAT_PATH, "fake-gpt")
@@ -170,11 +166,6 @@ def test_parallel_requests_on_a_balance_for_n_holds_overdraw_by_at_most_one_requ
         assert sum(log["creditsCost"] for log in logs) == balance - left
         assert all(log["outputTokens"] <= 1000 for log in logs), "capped at the held limit"
         assert proxy.stop() == 0
-    finally:
-        for started in site.proxies:
-            if started.proc is not None and started.proc.poll() is None:
-                started.kill()
-        site.store.close()
 
 
 # -- class 13: a store whose file vanished or was replaced ----------------------------------
@@ -245,8 +236,9 @@ def send_chunked(port: int, key: str, chunk: bytes, count: int) -> bytes:
 def test_a_chunked_body_far_over_the_limit_is_413_with_memory_bounded(
     upstream: Upstream, tmp_path: Path
 ) -> None:
-    site = make_site(upstream, tmp_path, f"max_request_bytes = {1024 * 1024}\n" + CONFIG_TOML)
-    try:
+    with running_site(
+        upstream, tmp_path, f"max_request_bytes = {1024 * 1024}\n" + CONFIG_TOML
+    ) as site:
         alice = site.accounts.new(creditsNew=START)
         proxy = site.proxy()
         assert proxy.proc is not None
@@ -259,11 +251,6 @@ def test_a_chunked_body_far_over_the_limit_is_413_with_memory_bounded(
         assert upstream.stats()["total"] == 0
         assert chat_status(proxy.base_url, alice.key) == 200, "the proxy keeps serving"
         assert proxy.stop() == 0
-    finally:
-        for started in site.proxies:
-            if started.proc is not None and started.proc.poll() is None:
-                started.kill()
-        site.store.close()
 
 
 # -- class 2: settlement cannot be lost to an exception --------------------------------------
