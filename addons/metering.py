@@ -91,9 +91,9 @@ PURGE_INTERVAL = 3600.0
 SHUTDOWN_STATUS = 503
 """Logged for requests still open when the proxy stops."""
 DRAIN_TIMEOUT = 2.0
+"""Seconds shutdown waits for the store calls under way (key look-ups, holds)."""
 UNJOURNALED_KEPT = 10_000
 """Settlements the journal refused kept in memory for it (all are logged at ERROR)."""
-"""Seconds shutdown waits for the store calls under way (key look-ups, holds)."""
 REQUIRED_OPTIONS = {"connection_strategy": "lazy", "keep_host_header": True}
 TLS_SCHEMES = ("https", "tls", "http3", "quic", "dtls")
 
