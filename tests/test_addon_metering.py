@@ -14,7 +14,12 @@ from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
+import hypothesis
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 from mitmproxy import connection
 from mitmproxy import exceptions
 from mitmproxy import flow
@@ -1197,3 +1202,48 @@ async def test_a_key_that_is_not_utf8_is_401_not_a_failure(env: Env, key: bytes)
     f.request.headers["authorization"] = "Bearer " + key.decode("utf-8", "surrogateescape")
     await admit(env, f)
     assert f.response is not None and f.response.status_code == 401
+
+
+HOSTILE = st.text(
+    st.one_of(st.characters(codec=None, exclude_categories=()), st.characters(categories=["Cs"])),
+    max_size=2000,
+)
+HEADER_BYTES = st.binary(max_size=2000).map(lambda raw: raw.decode("utf-8", "surrogateescape"))
+"""What a header value can hold: any bytes, as mitmproxy decodes them (surrogateescape)."""
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    host_suffix=HEADER_BYTES,
+    model=HOSTILE.filter(bool),  # a JSON string: any code point, "\ud800" escapes too
+    key_suffix=st.one_of(st.just(""), st.just(""), HEADER_BYTES),  # mostly the valid key
+)
+def test_whatever_the_client_sends_a_forwarded_request_is_journaled(
+    env: Env, tmp_path: Path, host_suffix: str, model: str, key_suffix: str
+) -> None:
+    """Host, model name and key of any content and length: every request that was
+    forwarded has a journal record the store applies; the others were answered locally."""
+    config = tmp_path / "default-price.toml"
+    if not config.exists():
+        config.write_text(
+            CONFIG.replace('unknown_model = "reject"', 'unknown_model = "default"')
+            + "\n[default_price]\ninput = 1.0\noutput = 2.0\n"
+        )
+        env.tctx.configure(env.metering, metering_config=str(config))
+    assert env.metering.writer is not None
+    body = {"model": model, "max_tokens": 10, "messages": [{"role": "user", "content": model}]}
+    f = make_flow(body=body)
+    f.request.headers["host"] = OPENHANDS_HOST + host_suffix
+    if key_suffix:
+        f.request.headers["authorization"] = f"Bearer {KEY}{key_suffix}"
+    asyncio.run(admit(env, f))
+    if f.response is not None:  # answered locally: never forwarded, nothing to settle
+        assert 400 <= f.response.status_code < 600 and f not in env.metering.tickets
+        return
+    f.response = json_response({"model": model, "choices": [], "usage": CHAT_USAGE})
+    env.metering.response(f)
+    hypothesis.event("forwarded")
+    records = {s.request_id for _, s in env.metering.writer.journal.pending(10_000)}
+    assert f.id in records or env.store.log(f.id) is not None
