@@ -13,7 +13,8 @@ still served, admitted without a hold if their cached balance covers it (the set
 then charges the balance directly, once, by request id, when the writer reaches the
 store); other keys get 503, even if a look-up could still read them. New
 metered requests also get 503 once the journal could not take one settlement more for
-each request in flight: the journal never has to refuse a finished request.
+each request in flight: the journal never has to refuse a finished request; and while a
+journal write fails (a full disk, an I/O error) until a probe write succeeds again.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from addons.keys import KeyCache
 from addons.keys import Query
 from addons.keys import client_key
 from addons.keys import searchable
+from addons.outputcap import cap_output
 from addons.ratelimit import RateLimiter
 from addons.streamtap import StreamTap
 from burnmeter.config import Config
@@ -57,6 +59,7 @@ from burnmeter.documents import utcnow
 from burnmeter.estimate import RequestEstimate
 from burnmeter.estimate import estimate_request
 from burnmeter.estimate import hold_amounts
+from burnmeter.estimate import output_tokens_paid
 from burnmeter.pricing import PriceQuote
 from burnmeter.pricing import UnknownModelError
 from burnmeter.pricing import resolve_price
@@ -123,6 +126,8 @@ class Ticket:
     key_cached: bool = False
     """The key was in the key cache: it may be admitted without a hold in an outage."""
     hold: Hold | None = None
+    output_tokens_paid: int | None = None
+    """The output limit per choice the request was forwarded with (``cap_output_tokens``)."""
     admitted: bool = False
     """Forwarded and metered; with ``hold`` None the store was down (a hold-less admission)."""
     tap: StreamTap | None = None
@@ -179,7 +184,7 @@ class Admission:
         self.executor = executor
         self.limiter = limiter or RateLimiter()
         self.in_flight = in_flight
-        """Requests between authentication and settlement (each needs a journal record)."""
+        """Requests admitted and not yet settled (each needs room for its journal record)."""
         self._down_until = 0.0
         self._calls: set[Future[Any]] = set()
         self.holds = HoldQueue(store, self._give_back)
@@ -249,6 +254,8 @@ class Admission:
             raise Rejection(errors.AMBIGUOUS, str(e)) from None
         if key is None:
             raise Rejection(errors.MISSING_KEY, "Missing API key (Authorization: Bearer KEY)")
+        if not key.isascii():  # no API issues such keys; hashing or querying one would raise
+            raise Rejection(errors.INVALID_KEY, "Invalid API key")
         found, owner = self.cache.get(key)
         if not found:
             try:
@@ -341,11 +348,13 @@ class Admission:
         if ticket.api == "openai.responses" and body.get("background") is True:
             # its output is fetched later (GET /v1/responses/ID): it could not be metered
             raise Rejection(errors.BAD_REQUEST, "Background responses are not supported")
+        ticket.model = model_of(ticket.request, body)
         try:
-            ticket.estimate = estimate_request(ticket.api, body, self.config, ticket.path)
+            ticket.estimate = estimate_request(
+                ticket.api, body, self.config, ticket.path, ticket.model
+            )
         except (ValueError, RecursionError) as e:
             raise Rejection(errors.BAD_REQUEST, str(e)) from e
-        ticket.model = model_of(ticket.request, body)
         try:
             ticket.quote = resolve_price(
                 self.config, ticket.model, ticket.route.multiplier, upstream_url=request.url
@@ -354,12 +363,14 @@ class Admission:
             raise Rejection(errors.UNKNOWN_MODEL, str(e)) from e
         ticket.pool = ticket.quote.pool or ticket.pool
         frame_body(request)
-        if ticket.estimate.stream:
-            prepare_stream(request, ticket.api, body)
+        rewritten = ticket.estimate.stream and prepare_stream(request, ticket.api, body)
         pool = self.config.pools[ticket.pool]
         expires = ticket.owner.user.get(pool.expires) if pool.expires else None
         if isinstance(expires, datetime) and expires <= utcnow():
             raise Rejection(errors.CREDITS_EXPIRED, CREDITS_EXPIRED_MESSAGE)
+        if not self.writer.journal.probe():
+            # its settlement could not be journaled: refuse rather than serve it uncharged
+            raise Rejection(errors.UNAVAILABLE, "Metering journal cannot be written, retry later")
         if not self.journal_has_room():
             raise Rejection(
                 errors.UNAVAILABLE, "Metering store unreachable and journal full, retry later"
@@ -379,6 +390,14 @@ class Admission:
                 balance=float(hold.balance),
             )
         ticket.hold = hold
+        if self.config.cap_output_tokens:
+            # the hold taken decides: a balance that covered only part of it pays for less
+            held = hold.amount if hold is not None else maximum
+            paid = output_tokens_paid(ticket.estimate, ticket.quote, held)
+            ticket.output_tokens_paid = paid
+            rewritten = cap_output(ticket.api, body, paid) or rewritten
+        if rewritten:
+            request.set_content(json.dumps(body).encode())
         ticket.admitted = True
 
     def journal_has_room(self) -> bool:
@@ -480,15 +499,15 @@ def frame_body(request: http.Request) -> None:
         headers["content-length"] = str(len(request.raw_content or b""))
 
 
-def prepare_stream(request: http.Request, api: str, body: dict[str, Any]) -> None:
-    """Ask for an uncompressed stream that reports its usage.
+def prepare_stream(request: http.Request, api: str, body: dict[str, Any]) -> bool:
+    """Ask for an uncompressed stream that reports its usage; True if ``body`` changed.
 
     OpenAI chat streams carry usage only with ``stream_options.include_usage``; with it the
     client gets one extra final chunk (``choices: []``).
     """
     request.headers["accept-encoding"] = "identity"
     if api != "openai.chat":
-        return
+        return False
     options = body.get("stream_options")
     if options is None:
         options = body["stream_options"] = {}
@@ -496,4 +515,5 @@ def prepare_stream(request: http.Request, api: str, body: dict[str, Any]) -> Non
         raise Rejection(errors.BAD_REQUEST, "'stream_options' must be an object")
     if options.get("include_usage") is not True:
         options["include_usage"] = True
-        request.set_content(json.dumps(body).encode())
+        return True
+    return False

@@ -22,6 +22,7 @@ from burnmeter.documents import request_log
 from burnmeter.documents import utcnow
 from burnmeter.estimate import EMBEDDING_APIS
 from burnmeter.estimate import estimate_output_tokens
+from burnmeter.estimate import held_usage as estimated_held_usage
 from burnmeter.money import ZERO
 from burnmeter.records import UsageRecord
 from burnmeter.store.base import Settlement
@@ -55,14 +56,15 @@ def estimated(ticket: Ticket, reported: UsageRecord | None, text_chars: int) -> 
     return dataclasses.replace(reported, output_tokens=output, source="estimated")
 
 
-def held(ticket: Ticket) -> UsageRecord:
-    """The usage the hold was made for: estimated input, the whole output limit."""
-    assert ticket.estimate is not None
-    return UsageRecord(
-        input_tokens=ticket.estimate.input_tokens,
-        output_tokens=ticket.estimate.max_output_tokens,
-        source="estimated",
-    )
+def held_usage(ticket: Ticket) -> UsageRecord:
+    """What the request's hold pays for: the input's upper bound plus the output limit it
+    was forwarded with."""
+    assert ticket.estimate is not None and ticket.quote is not None
+    usage = estimated_held_usage(ticket.estimate, ticket.quote)
+    if ticket.output_tokens_paid is None:
+        return usage
+    forwarded = ticket.output_tokens_paid * ticket.estimate.choices
+    return dataclasses.replace(usage, output_tokens=min(usage.output_tokens, forwarded))
 
 
 def response_usage(ticket: Ticket, response: http.Response) -> UsageRecord | None:
@@ -74,7 +76,7 @@ def response_usage(ticket: Ticket, response: http.Response) -> UsageRecord | Non
         if not success or (stream.done and reported is not None):
             return reported
         if stream.done and ticket.api in ALWAYS_REPORTED:
-            return held(ticket)
+            return held_usage(ticket)
         return estimated(ticket, reported, stream.text_chars)
     content = None if response.stream else response.get_content(strict=False)
     reported = None
@@ -84,7 +86,7 @@ def response_usage(ticket: Ticket, response: http.Response) -> UsageRecord | Non
     if reported is not None or not success:
         return reported
     if ticket.api in ALWAYS_REPORTED:
-        return held(ticket)
+        return held_usage(ticket)
     generated = 0 if ticket.api in EMBEDDING_APIS else len(content or b"")
     return estimated(ticket, None, generated)
 
@@ -96,16 +98,34 @@ def arrived_whole(ticket: Ticket, response: http.Response) -> bool:
     return response.raw_content is not None
 
 
-def error_usage(ticket: Ticket, response: http.Response | None) -> UsageRecord | None:
-    """Usage of a request that failed (``error`` hook): None if nothing reached the client,
-    and only what was reported for an upstream error answer (as ``response_usage``)."""
-    if response is None:
+def error_usage(
+    ticket: Ticket, response: http.Response | None, *, client_left: bool = False
+) -> UsageRecord | None:
+    """Usage of a request that failed (``error`` hook): only what was reported for an
+    upstream error answer (as ``response_usage``), else an estimate of what reached the
+    client, None if nothing did.
+
+    ``client_left``: the client closed its connection after the request went upstream and
+    before the answer's usage. mitmproxy then closes the upstream connection too, so what
+    the upstream generated (and bills, hidden reasoning included) can never be read: the
+    request is charged its hold, or the estimate where that is dearer."""
+    if response is not None and not 200 <= response.status_code < 300:
+        return ticket.tap.usage.result()[0] if ticket.tap is not None else None
+    if response is None and not client_left:
         return None
     reported = ticket.tap.usage.result()[0] if ticket.tap is not None else None
-    if not 200 <= response.status_code < 300:
-        return reported
     text_chars = ticket.tap.usage.text_chars if ticket.tap is not None else 0
-    return estimated(ticket, reported, text_chars)
+    seen = estimated(ticket, reported, text_chars)
+    if not client_left:
+        return seen
+    quote = ticket.quote
+    assert quote is not None
+    return max(held_usage(ticket), seen, key=lambda usage: pricing.cost(usage, quote))
+
+
+def client_left(flow: http.HTTPFlow, status: int) -> bool:
+    """The client went away after its request reached the upstream (which may generate)."""
+    return status == CLIENT_CLOSED and flow.server_conn.timestamp_tcp_setup is not None
 
 
 def error_status(flow: http.HTTPFlow) -> int:

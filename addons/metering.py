@@ -11,13 +11,14 @@ forwarded, and settled from the usage the upstream reports. Locally answered req
 (401/402/400/413/421/503) never reach the upstream.
 
 Each request is read once (``addons/canonical.py``); what is decided and what is
-forwarded come from that reading. The addon sets two mitmproxy options itself when it
-loads (mitmproxy listens before scripts' ``running`` hook) and refuses a change to them:
-``connection_strategy=lazy`` (so no upstream connection is opened for a request answered
-locally, and an unreachable upstream still lets the addon answer) and
+forwarded come from that reading. The addon sets three mitmproxy options itself when it
+loads (mitmproxy listens before scripts' ``running`` hook) and refuses a change to the first
+two: ``connection_strategy=lazy`` (so no upstream connection is opened for a request answered
+locally, and an unreachable upstream still lets the addon answer),
 ``keep_host_header=true`` (in reverse mode mitmproxy would otherwise replace the client's
 Host header, which picks the pool, before any hook runs; the addon reads it and then sets
-the upstream's Host itself).
+the upstream's Host itself) and ``body_size_limit`` (the config's ``max_request_bytes``:
+request bodies are buffered before they are metered).
 
 Charges are never lost or doubled: each settlement is appended to a local write-ahead
 journal (``metering_journal``) before the response ends, and one writer thread applies
@@ -42,10 +43,13 @@ is answered locally with the client's own balances and spend (``addons/usage_end
 
 from __future__ import annotations
 
+import collections
+import functools
 import logging
 import os
 import sys
 import weakref
+from collections.abc import Callable
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -112,6 +116,8 @@ SHUTDOWN_STATUS = 503
 """Logged for requests still open when the proxy stops."""
 DRAIN_TIMEOUT = 2.0
 """Seconds shutdown waits for the store calls under way (key look-ups, holds)."""
+UNJOURNALED_KEPT = 10_000
+"""Settlements the journal refused kept in memory for it (all are logged at ERROR)."""
 REQUIRED_OPTIONS = {"connection_strategy": "lazy", "keep_host_header": True}
 TLS_SCHEMES = ("https", "tls", "http3", "quic", "dtls")
 
@@ -183,10 +189,15 @@ class Metering:
         self.admission: Admission | None = None
         self.unjournaled = 0
         """Settlements the journal refused (logged at ERROR for an operator to replay)."""
+        self.waiting: collections.deque[Settlement] = collections.deque(maxlen=UNJOURNALED_KEPT)
+        """Settlements the journal refused, journaled as soon as it takes writes again."""
         self.tickets: weakref.WeakKeyDictionary[http.HTTPFlow, Ticket] = weakref.WeakKeyDictionary()
         self.metrics: Metrics | None = None
         """Set by ``MetricsAddon`` while ``metering_metrics`` serves them."""
         self.alerts: Alerts | None = None
+        self.admitted: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+        """Flows forwarded and not yet settled: each has journal room kept for it (a request
+        still sending its body has none, so stalled uploads cannot use up that room)."""
 
     def load(self, loader) -> None:
         options.declare(loader)
@@ -243,6 +254,17 @@ class Metering:
                 store.close()
                 raise
         self._start(settings, store, journal)
+        self._limit_request_bodies(settings.config.max_request_bytes)
+
+    @staticmethod
+    def _limit_request_bodies(max_bytes: int) -> None:
+        """Have mitmproxy refuse (413) a request body as soon as it passes ``max_bytes``,
+        whatever its framing: it buffers the whole body before the ``request`` hook, also a
+        chunked or HTTP/2 one with no content-length to refuse it by, and also after a
+        local answer was set. Its 413 is its own page (text/html), not the API's shape."""
+        limit = str(max_bytes)
+        if "body_size_limit" in ctx.options and ctx.options.body_size_limit != limit:
+            ctx.options.update(body_size_limit=limit)
 
     def running(self) -> None:
         self.is_running = True
@@ -261,8 +283,10 @@ class Metering:
             logger.error("metering: not ready: the proxy listens on no address")
 
     def done(self) -> None:
-        self._settle_in_flight()
-        self._close()
+        try:
+            self._settle_in_flight()
+        finally:
+            self._close()  # the writer applies the journal and the holds close
 
     def _settle_in_flight(self) -> None:
         """Shutdown does not wait for open requests: settle each one now, so no hold
@@ -272,23 +296,36 @@ class Metering:
         client gets all of it. Every other request is killed, so its client never sees a
         complete answer, and settled as cut off, charged for what already reached the
         client (as ``error`` would); one still waiting for its hold is settled at 0 once
-        the hold call is done (which releases the hold, if it was made)."""
+        the hold call is done (which releases the hold, if it was made).
+
+        One flow that cannot be settled (logged) does not stop the others."""
         if self.writer is None or self.admission is None:
             return
         self.admission.drain(DRAIN_TIMEOUT)
         for f, ticket in list(self.tickets.items()):
-            del self.tickets[f]
-            response = f.response
-            if ticket.admitted and response and billing.arrived_whole(ticket, response):
-                self._settle_response(f, ticket, response)
-                continue
-            if f.killable:
-                f.kill()
-            if ticket.quote is None:  # no hold asked for: nothing to settle
-                continue
-            usage = billing.error_usage(ticket, response) if ticket.admitted else None
-            outcome: Outcome = "charged" if usage else "failed"
-            self._settle(f, ticket, usage, SHUTDOWN_STATUS, outcome, "proxy shut down")
+            self._take(f)
+            try:
+                self._settle_at_shutdown(f, ticket)
+            except Exception:
+                logger.exception("metering: cannot settle %s at shutdown", f.id)
+
+    def _settle_at_shutdown(self, f: http.HTTPFlow, ticket: Ticket) -> None:
+        response = f.response
+        if ticket.admitted and response and billing.arrived_whole(ticket, response):
+            self._settle_response(f, ticket, response)
+            return
+        if f.killable:
+            f.kill()
+        if ticket.quote is None:  # no hold asked for: nothing to settle
+            return
+        admitted = ticket.admitted
+        self._settle(
+            f,
+            ticket,
+            lambda: billing.error_usage(ticket, response) if admitted else None,
+            SHUTDOWN_STATUS,
+            "proxy shut down",
+        )
 
     def _start(self, settings: options.Settings, store: Store, journal: Journal) -> None:
         config = settings.config
@@ -318,7 +355,7 @@ class Metering:
             self.writer,
             self.executor,
             RateLimiter(),
-            in_flight=lambda: len(self.tickets),
+            in_flight=lambda: len(self.admitted),
         )
         legacy = options.legacy_journal(settings.db_url)
         if legacy != settings.journal_path and os.path.isfile(legacy) and os.path.getsize(legacy):
@@ -333,6 +370,7 @@ class Metering:
         if self.admission is not None:
             self.admission.close(DRAIN_TIMEOUT)  # holds left are swept, as after a crash
         if self.writer is not None:
+            self._journal_waiting()
             self.writer.stop(STOP_TIMEOUT)
         if self.alerts is not None:
             self.alerts.stop()
@@ -394,6 +432,7 @@ class Metering:
             return
         try:
             await self.admission.admit(f, ticket)
+            self.admitted.add(f)
         except Rejection as r:
             self._reject(f, ticket, r)
         except Exception:
@@ -416,30 +455,56 @@ class Metering:
         status = f.response.status_code
         is_sse = f.response.headers.get("content-type", "").startswith("text/event-stream")
         if is_sse or (ticket.stream and 200 <= status < 300):
-            ticket.tap = StreamTap(ticket.api, f.response.headers.get("content-encoding"))
+            ticket.tap = StreamTap(
+                ticket.api,
+                f.response.headers.get("content-encoding"),
+                on_end_event=functools.partial(self._settle_at_end_event, weakref.ref(f)),
+            )
             f.response.stream = ticket.tap
+
+    def _settle_at_end_event(self, ref: weakref.ref[http.HTTPFlow]) -> None:
+        """The stream's end marker has been read: settle now, not at the end of the HTTP
+        message (an upstream may hold the connection open, the proxy may die meanwhile);
+        the ticket is taken, so the ``response`` or ``error`` hook that follows does nothing."""
+        f = ref()
+        if f is None or f.response is None:
+            return
+        ticket = self._take(f)
+        if ticket is not None and ticket.admitted:
+            self._settle_response(f, ticket, f.response)
 
     @observed
     def response(self, f: http.HTTPFlow) -> None:
-        ticket = self.tickets.pop(f, None)
+        ticket = self._take(f)
         if ticket is None or not ticket.admitted or f.response is None:
             return
         self._settle_response(f, ticket, f.response)
 
     def _settle_response(self, f: http.HTTPFlow, ticket: Ticket, response: http.Response) -> None:
-        usage = billing.response_usage(ticket, response)
         status = response.status_code
         reason = None if 200 <= status < 300 else f"upstream answered {status}"
-        self._settle(f, ticket, usage, status, "charged" if usage else "failed", reason)
+        self._settle(f, ticket, lambda: billing.response_usage(ticket, response), status, reason)
 
     @observed
     def error(self, f: http.HTTPFlow) -> None:
-        ticket = self.tickets.pop(f, None)
+        ticket = self._take(f)
         if ticket is None or not ticket.admitted or f.error is None:
             return
-        usage = billing.error_usage(ticket, f.response)
+        response = f.response
         status = billing.error_status(f)
-        self._settle(f, ticket, usage, status, "charged" if usage else "failed", f.error.msg)
+        left = billing.client_left(f, status)
+        self._settle(
+            f,
+            ticket,
+            lambda: billing.error_usage(ticket, response, client_left=left),
+            status,
+            f.error.msg,
+        )
+
+    def _take(self, f: http.HTTPFlow) -> Ticket | None:
+        """The flow's ticket, which it gives up: the flow is settled or answered locally."""
+        self.admitted.discard(f)
+        return self.tickets.pop(f, None)
 
     def _forward(self, f: http.HTTPFlow, ticket: Ticket) -> None:
         """Address the upstream as mitmproxy would have: its Host, its key.
@@ -480,20 +545,29 @@ class Metering:
         f.response.headers.update(rejection.headers)
         # mitmproxy prints the request line (Gemini ?key=) and headers
         drop_client_key(f.request, ticket.client_key if ticket else None)
-        self.tickets.pop(f, None)
+        self._take(f)
         annotate(f, describe(ticket, "rejected", status=problem.status, reason=problem.code))
 
     def _settle(
         self,
         f: http.HTTPFlow,
         ticket: Ticket,
-        usage: UsageRecord | None,
+        usage_of: Callable[[], UsageRecord | None],
         status: int,
-        outcome: Outcome,
         reason: str | None,
     ) -> None:
-        settlement = billing.settlement(f, ticket, usage, status)
+        """Journal the charge of ``usage_of()``. A forwarded request always ends with a
+        settlement: if reading its usage or pricing it fails (an answer no test foresaw),
+        it is charged its hold."""
+        try:
+            usage = usage_of()
+            settlement = billing.settlement(f, ticket, usage, status)
+        except Exception:
+            logger.exception("metering: cannot price %s: charging its hold", f.id)
+            usage = billing.held_usage(ticket)
+            settlement = billing.settlement(f, ticket, usage, status)
         self._record(settlement)
+        outcome: Outcome = "charged" if usage else "failed"
         record = describe(
             ticket, outcome, status=status, reason=reason, usage=usage, settlement=settlement
         )
@@ -507,14 +581,32 @@ class Metering:
         Admission keeps room in the journal for every request in flight, so a refusal
         here means a disk error or a record far above the reserve: the settlement is then
         logged at ERROR as one JSON line (no key) for an operator to replay, never dropped
-        silently; its hold, if any, is released by the sweep."""
+        silently, and kept to be journaled once the journal takes writes again (admission
+        refuses new requests meanwhile)."""
         assert self.writer is not None
         try:
+            if not self._journal_waiting():
+                raise JournalError(self.writer.journal.failing or "journal refused a record")
             self.writer.submit(settlement)
         except JournalError as e:
             self.unjournaled += 1
             spill(settlement, str(e))
+            self.waiting.append(settlement)
             return
+        self._count(settlement)
+
+    def _journal_waiting(self) -> bool:
+        """Journal the settlements it refused before, oldest first; False if it still refuses."""
+        assert self.writer is not None
+        while self.waiting:
+            try:
+                self.writer.submit(self.waiting[0])
+            except JournalError:
+                return False
+            self._count(self.waiting.popleft())
+        return True
+
+    def _count(self, settlement: Settlement) -> None:
         if self.metrics is not None:
             self.metrics.settled(settlement)
 

@@ -9,6 +9,11 @@ anyway. The client still gets the bytes as they came; the tap meters a decompres
 gzip and zlib are recognised by their magic bytes, and ``content_encoding`` (the response's
 ``Content-Encoding``) also selects br or zstd. Decompression is bounded per step, so a
 compression bomb cannot grow memory beyond the SSE parser's one-event limit.
+
+``on_end_event`` runs once, as soon as the stream's own end marker has been read (OpenAI's
+``[DONE]``, Anthropic's ``message_stop``, a terminal Responses event, Gemini's final
+chunk): the usage is known then, and the request is settled before the client gets that
+marker, even if the upstream never ends the HTTP message.
 """
 
 from __future__ import annotations
@@ -110,8 +115,14 @@ def inflater_for(encoding: str | None, first: bytes) -> Inflate | None:
 
 
 class StreamTap:
-    def __init__(self, api: str, content_encoding: str | None = None) -> None:
+    def __init__(
+        self,
+        api: str,
+        content_encoding: str | None = None,
+        on_end_event: Callable[[], None] | None = None,
+    ) -> None:
         self.usage = StreamUsage(api, collect_text=True)
+        self.on_end_event = on_end_event
         self.content_encoding = content_encoding
         self.first_byte_at: float | None = None
         """``time.time()`` of the first body bytes (time to first token)."""
@@ -130,6 +141,9 @@ class StreamTap:
                 self._meter(data)
             elif self._head:
                 self._meter(b"", end=True)
+            if self.usage.done and self.on_end_event is not None:
+                on_end_event, self.on_end_event = self.on_end_event, None
+                on_end_event()
         except Exception:
             if not self._failed:
                 self._failed = True

@@ -40,6 +40,9 @@ LOCAL_CONFIG = "burnmeter.toml"
 
 FieldName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 PositiveDecimal = Annotated[Decimal, Field(gt=0)]
+OutputLimit = Annotated[int, Field(ge=1, le=10**9)]  # estimate.MAX_COUNT: pricing's precision
+DEFAULT_MAX_OUTPUT_TOKENS = 8192
+"""Output tokens held for (and allowed to) a request without a limit, whose model sets none."""
 Price = Annotated[Decimal, Field(ge=0)]
 
 
@@ -211,6 +214,9 @@ class ModelPrice(PricedRates):
     """With ``pool``: the route multiplier this model is billed at, in place of the called
     route's; unset, the dearest multiplier among the routes that bill ``pool``."""
     multiplier: PositiveDecimal = Decimal(1)
+    max_output_tokens: OutputLimit | None = None
+    """The most the model generates in one completion: what a request without an output
+    limit of its own is held for (and, with ``cap_output_tokens``, limited to)."""
 
     @model_validator(mode="after")
     def _built(self) -> ModelPrice:
@@ -254,7 +260,9 @@ class Config(_Strict):
     default_price: DefaultPrice | None = None
     key_cache_seconds: int = Field(default=30, ge=0)
     hold_sweep_minutes: int = Field(default=60, ge=1, le=525600)
-    default_max_output_tokens: int = Field(default=4096, ge=1)
+    default_max_output_tokens: OutputLimit = DEFAULT_MAX_OUTPUT_TOKENS
+    cap_output_tokens: bool = True
+    """Cap the forwarded request's output limit at what its hold pays for."""
     max_request_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     rate_limit_rpm: int | None = Field(default=None, ge=1)
     pools: dict[str, Pool] = Field(default_factory=dict, min_length=1, validate_default=True)
@@ -367,6 +375,13 @@ class Config(_Strict):
         except UnicodeDecodeError:  # a percent-escape that is no UTF-8: no model's name
             return None
         return (model_id, self.models[model_id]) if model_id is not None else None
+
+    def max_output_tokens(self, model: str | None) -> int:
+        """The output limit of a request that names none: the model's, else the default."""
+        found = self.model(model) if model is not None else None
+        if found is not None and found[1].max_output_tokens is not None:
+            return found[1].max_output_tokens
+        return self.default_max_output_tokens
 
     def route(self, host: str, port: int | None, listen_port: int | None) -> Route | None:
         """The route a request bills (``host`` read as ``addons.canonical`` does), else the

@@ -11,6 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 from burnmeter.records import UsageRecord
+from burnmeter.text import bounded
 
 KEY_PREFIX = "sk-burn-"
 HASHED_PREFIX = "sha256:"
@@ -83,7 +84,10 @@ def request_log(
     created_at: datetime,
     route_multiplier: Decimal | None = None,
 ) -> dict[str, Any]:
-    """One request_logs document with the original's fields and burnmeter's own."""
+    """One request_logs document with the original's fields and burnmeter's own.
+
+    The client-controlled strings are bounded and made encodable here, so that the
+    document (and the journal record carrying it) can always be written."""
     u = usage or UsageRecord(source="none")
     details = {
         name: value
@@ -93,8 +97,8 @@ def request_log(
     return {
         "_id": request_id,
         "userId": user_id,
-        "userKeyId": key_mask,
-        "model": model,
+        "userKeyId": bounded(key_mask),
+        "model": bounded(model) if model is not None else None,
         "inputTokens": u.input_tokens,
         "outputTokens": u.output_tokens,
         "cacheWriteTokens": u.cache_write_tokens,
@@ -108,9 +112,9 @@ def request_log(
         "ttftMs": ttft_ms,
         "isSuccess": 200 <= status_code < 300,
         "createdAt": created_at,
-        "host": host,
-        "upstream": upstream,
-        "path": path,
+        "host": bounded(host),
+        "upstream": bounded(upstream),
+        "path": bounded(path),
         "stream": stream,
         "usageSource": u.source if usage is not None else "none",
         **details,

@@ -2,6 +2,10 @@
 
 No tokenizer: text is ``ceil(chars / 4)`` tokens, plus a small overhead per message, and
 media count at flat rates (see docs/estimator.md for how far off this is on real traffic).
+That central estimate undercounts some text many times over (CJK, emoji, random
+characters), so holds use an upper bound instead (``max_input_tokens``): a UTF-8 byte is
+the least a token can be in every byte-level tokenizer, plus allowances for what an
+upstream adds to the prompt itself (a system prompt, server-side tool results).
 ``ValueError`` means a malformed request; its message is meant for the client (400).
 """
 
@@ -20,6 +24,7 @@ from typing import Literal
 
 from burnmeter.config import Config
 from burnmeter.pricing import PriceQuote
+from burnmeter.pricing import cost
 from burnmeter.pricing import cost_and_input_cost
 from burnmeter.records import UsageRecord
 from burnmeter.usage import per_query_grounding
@@ -56,6 +61,14 @@ SERVER_TOOLS: dict[str, dict[str, str]] = {
 }
 """Server tools billed per use, as requests name them (Gemini: ``google_search`` and
 ``googleSearchRetrieval``)."""
+UPSTREAM_PROMPT_TOKENS = 1_024
+"""Upper bound of what an upstream adds to every prompt on its own (a router's or a
+model's system prompt, a thinking preamble: up to 687 seen)."""
+SERVER_TOOL_TOKENS = 20_000
+"""Upper bound per server-side tool that reads content into the prompt (web search, web
+fetch, file search: 10,423 seen for one web search)."""
+SERVER_TOOL_TYPES = ("web_search", "web_fetch", "file_search", "code_execution", "mcp")
+"""Tool ``type`` prefixes of server-side tools (Anthropic's dated types, OpenAI's)."""
 
 EMBEDDING_APIS = ("openai.embeddings", "gemini.embed")
 
@@ -63,7 +76,9 @@ EMBEDDING_APIS = ("openai.embeddings", "gemini.embed")
 @dataclass(frozen=True, slots=True)
 class RequestEstimate:
     input_tokens: int
+    """The central estimate, charged when a response reports no usage."""
     max_output_tokens: int
+    """The output limit of all choices together (``choices`` times the per-choice limit)."""
     stream: bool
     cache_ttl: CacheTtl | None = None
     """The request marks prompt parts for caching (``cache_control``): its input may be
@@ -77,10 +92,25 @@ class RequestEstimate:
     """The most uses of each billed server tool the request allows, by UsageRecord count."""
     service_tier: str | None = None
     """The service tier the request asks for."""
+    max_input_tokens: int = 0
+    """The upper bound of the input tokens, which holds pay for."""
+    choices: int = 1
+    """Completions asked for (``n``, ``candidateCount``)."""
+
+    @property
+    def held_input_tokens(self) -> int:
+        return max(self.input_tokens, self.max_input_tokens)
+
+    @property
+    def output_tokens_per_choice(self) -> int:
+        return self.max_output_tokens // self.choices
 
 
-def estimate_request(api: str, body: object, config: Config, path: str = "") -> RequestEstimate:
-    """Estimate a request of ``api`` (a corpus api name, e.g. "openai.chat") to ``path``."""
+def estimate_request(
+    api: str, body: object, config: Config, path: str = "", model: str | None = None
+) -> RequestEstimate:
+    """Estimate a request of ``api`` (a corpus api name, e.g. "openai.chat") to ``path``;
+    without an output limit of its own, a request may generate ``model``'s maximum."""
     if not isinstance(body, dict):
         raise ValueError("request body must be a JSON object")
     tally = _Tally(api.partition(".")[0])
@@ -112,9 +142,10 @@ def estimate_request(api: str, body: object, config: Config, path: str = "") -> 
                 tally.add(_object(request, "content"))
         case _:
             raise ValueError(f"unknown api {api!r}")
+    limit, choices = _output_limit(api, body, config.max_output_tokens(model))
     return RequestEstimate(
         input_tokens=tally.tokens(),
-        max_output_tokens=_max_output_tokens(api, body, config),
+        max_output_tokens=limit * choices,
         stream=_stream(api, body, path),
         cache_ttl=tally.cache_ttl,
         input_audio_tokens=tally.audio_tokens,
@@ -122,6 +153,8 @@ def estimate_request(api: str, body: object, config: Config, path: str = "") -> 
         output_modalities=_output_modalities(api, body),
         server_tool_uses=_server_tool_uses(api, body, path),
         service_tier=_requested_tier(api, body),
+        max_input_tokens=tally.max_tokens(),
+        choices=choices,
     )
 
 
@@ -131,16 +164,66 @@ def estimate_output_tokens(text_chars: int) -> int:
 
 
 def hold_amounts(estimate: RequestEstimate, quote: PriceQuote) -> tuple[Decimal, Decimal]:
-    """(maximum, minimum) to hold: estimated input plus the output limit and every server-tool
-    use allowed, and the input classes alone (both from one calculation per way to bill it).
+    """(maximum, minimum) to hold: what ``held_usage`` costs, and the input classes alone
+    (both from one calculation per way to bill it)."""
+    priced = [cost_and_input_cost(usage, quote) for usage in _held_usages(estimate, quote)]
+    return max(total for total, _ in priced), max(prompt_part for _, prompt_part in priced)
+
+
+def held_usage(estimate: RequestEstimate, quote: PriceQuote) -> UsageRecord:
+    """The usage a hold pays for: the input's upper bound, the output limit and every
+    server-tool use allowed.
 
     Priced as settlement prices (the tier of the estimated prompt, the service tier asked
     for), each at whichever is dearer where the bill could go two ways: a request that asks
     for caching may be billed for its whole prompt as cache writes; output may come in any
     modality the request allows.
     """
+    return max(_held_usages(estimate, quote), key=lambda usage: cost(usage, quote))
+
+
+def output_tokens_paid(estimate: RequestEstimate, quote: PriceQuote, held: Decimal) -> int:
+    """Output tokens per choice that a hold of ``held`` pays for, beyond the input (at least
+    one, at most the request's limit): a hold smaller than the maximum (the balance
+    covered only part of it) pays for fewer. Found by bisection: a cost never falls as a
+    count grows, whatever tiers, modalities or fees the price has."""
+    per_choice = estimate.output_tokens_per_choice
+
+    def affordable(tokens: int) -> bool:
+        usages = _held_usages(estimate, quote, tokens * estimate.choices)
+        return max(cost(usage, quote) for usage in usages) <= held
+
+    if per_choice == 0 or affordable(per_choice):
+        return per_choice
+    low, high = 1, per_choice - 1  # low: the floor paid in any case; high: the most it may pay
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if affordable(middle) else (low, middle - 1)
+    return low
+
+
+def _held_usages(
+    estimate: RequestEstimate, quote: PriceQuote, output_tokens: int | None = None
+) -> list[UsageRecord]:
+    """Every way the held usage may be billed: the input as input or as cache writes, the
+    output (``output_tokens``, else the request's limit) in each modality it may come in."""
+    limit = estimate.max_output_tokens if output_tokens is None else output_tokens
+    outputs: list[dict[str, Any]] = [{"output_tokens": limit}]
+    for modality in ("audio", "image"):
+        allowed = estimate.output_modalities is None or modality in estimate.output_modalities
+        if allowed and quote.price.rate(f"output_{modality}", estimate.service_tier) is not None:
+            outputs.append({"output_tokens": limit, f"output_{modality}_tokens": limit})
+    tools: dict[str, Any] = dict(estimate.server_tool_uses)
+    return [
+        replace(prompt, **output, **tools) for prompt in _prompts(estimate) for output in outputs
+    ]
+
+
+def _prompts(estimate: RequestEstimate) -> list[UsageRecord]:
+    """The ways the estimated input may be billed: as input, or as cache writes."""
+    tokens = estimate.held_input_tokens
     prompt = UsageRecord(
-        input_tokens=estimate.input_tokens,
+        input_tokens=tokens,
         input_audio_tokens=estimate.input_audio_tokens,
         input_image_tokens=estimate.input_image_tokens,
         service_tier=estimate.service_tier,
@@ -148,30 +231,18 @@ def hold_amounts(estimate: RequestEstimate, quote: PriceQuote) -> tuple[Decimal,
     )
     prompts = [prompt]
     if estimate.cache_ttl is not None:
-        one_hour = estimate.input_tokens if estimate.cache_ttl == "1h" else 0
+        one_hour = tokens if estimate.cache_ttl == "1h" else 0
         prompts.append(
             replace(
                 prompt,
                 input_tokens=0,
                 input_audio_tokens=0,
                 input_image_tokens=0,
-                cache_write_tokens=estimate.input_tokens,
+                cache_write_tokens=tokens,
                 cache_write_1h_tokens=one_hour,
             )
         )
-    limit = estimate.max_output_tokens
-    outputs: list[dict[str, Any]] = [{"output_tokens": limit}]
-    for modality in ("audio", "image"):
-        allowed = estimate.output_modalities is None or modality in estimate.output_modalities
-        if allowed and quote.price.rate(f"output_{modality}", estimate.service_tier) is not None:
-            outputs.append({"output_tokens": limit, f"output_{modality}_tokens": limit})
-    tools: dict[str, Any] = dict(estimate.server_tool_uses)
-    priced = [
-        cost_and_input_cost(replace(prompt, **output, **tools), quote)
-        for prompt in prompts
-        for output in outputs
-    ]
-    return max(total for total, _ in priced), max(prompt_part for _, prompt_part in priced)
+    return prompts
 
 
 class _Tally:
@@ -180,8 +251,11 @@ class _Tally:
     def __init__(self, family: str) -> None:
         self.family = family
         self.chars = 0
+        self.bytes = 0
+        """UTF-8 bytes of the text: no byte-level tokenizer makes more tokens of it."""
         self.flat_tokens = 0
         self.message_count = 0
+        self.server_tools = 0
         self.cache_ttl: CacheTtl | None = None
         self.audio_tokens = 0
         self.image_tokens = 0
@@ -189,6 +263,14 @@ class _Tally:
     def tokens(self) -> int:
         text = math.ceil(self.chars / CHARS_PER_TOKEN)
         return text + self.flat_tokens + self.message_count * MESSAGE_OVERHEAD_TOKENS
+
+    def max_tokens(self) -> int:
+        added = UPSTREAM_PROMPT_TOKENS + self.server_tools * SERVER_TOOL_TOKENS
+        return self.bytes + self.flat_tokens + self.message_count * MESSAGE_OVERHEAD_TOKENS + added
+
+    def text(self, value: str) -> None:
+        self.chars += len(value)
+        self.bytes += len(value) if value.isascii() else _utf8_bytes(value)
 
     def messages(self, items: Sequence[object]) -> None:
         self.message_count += len(items)
@@ -201,7 +283,8 @@ class _Tally:
             if not isinstance(tools, list):
                 raise ValueError("'tools' must be an array")
             self.add_cache_markers(tools)
-            self.chars += len(json.dumps(tools, separators=(",", ":")))
+            self.server_tools += sum(1 for tool in tools if _is_server_tool(tool))
+            self.text(json.dumps(tools, separators=(",", ":")))  # ASCII: \u escapes
 
     def embedding_input(self, value: str | list[object]) -> None:
         # Token-id arrays are already tokens.
@@ -211,11 +294,11 @@ class _Tally:
             for item in value:
                 self.embedding_input(item if isinstance(item, list) else str(item))
         else:
-            self.chars += len(value)
+            self.text(value)
 
     def add(self, value: object) -> None:
         if isinstance(value, str):
-            self.chars += len(value)
+            self.text(value)
         elif isinstance(value, list):
             for item in value:
                 self.add(item)
@@ -233,7 +316,7 @@ class _Tally:
                 else:
                     self.add(item)
         elif isinstance(value, int | float) and not isinstance(value, bool):
-            self.chars += len(str(value))
+            self.text(str(value))
 
     def add_cache_markers(self, value: object) -> None:
         if isinstance(value, list):
@@ -286,8 +369,11 @@ class _Tally:
             return AUDIO_TOKENS
         data = blob.get("data")
         if mime.startswith("text/") and isinstance(data, str):
-            # Base64 of text: 3 bytes per 4 characters, then chars/4 as for any text.
-            return math.ceil(len(data) * 3 / 4 / CHARS_PER_TOKEN)
+            # Base64 of text: 3 bytes per 4 characters, then chars/4 as for any text; the
+            # upper bound counts the decoded bytes.
+            decoded = math.ceil(len(data) * 3 / 4)
+            self.bytes += decoded - math.ceil(decoded / CHARS_PER_TOKEN)
+            return math.ceil(decoded / CHARS_PER_TOKEN)
         return FILE_TOKENS
 
 
@@ -348,6 +434,15 @@ def _requested_tier(api: str, body: dict[str, object]) -> str | None:
     return tier if isinstance(tier, str) and tier != "auto" else None
 
 
+def _utf8_bytes(value: str) -> int:
+    return len(value.encode("utf-8", "surrogatepass"))  # a JSON "\ud800" is a str too
+
+
+def _is_server_tool(tool: object) -> bool:
+    kind = tool.get("type") if isinstance(tool, dict) else None
+    return isinstance(kind, str) and kind.startswith(SERVER_TOOL_TYPES)
+
+
 def _array(body: dict[str, object], name: str) -> list[dict[str, object]]:
     value = body.get(name)
     if value is None:
@@ -398,9 +493,10 @@ def _positive_int(body: dict[str, object], *names: str) -> int | None:
     return None
 
 
-def _max_output_tokens(api: str, body: dict[str, object], config: Config) -> int:
+def _output_limit(api: str, body: dict[str, object], default: int) -> tuple[int, int]:
+    """(output limit per choice, choices): the request's limit, else ``default``."""
     if api in EMBEDDING_APIS:
-        return 0
+        return 0, 1
     choices = None
     match api:
         case "openai.chat":
@@ -414,7 +510,7 @@ def _max_output_tokens(api: str, body: dict[str, object], config: Config) -> int
             generation = _object(body, "generationConfig", "generation_config")
             limit = _positive_int(generation, "maxOutputTokens", "max_output_tokens")
             choices = _positive_int(generation, "candidateCount", "candidate_count")
-    return (limit or config.default_max_output_tokens) * (choices or 1)
+    return limit or default, choices or 1
 
 
 def _stream(api: str, body: dict[str, object], path: str) -> bool:

@@ -10,6 +10,10 @@ Durability: each record is one ``os.write`` on an ``O_APPEND`` descriptor, so it
 page cache once ``append`` returns and survives the process being killed (SIGKILL, OOM).
 Power loss or a kernel crash is covered only with ``fsync=True`` (one fsync per record).
 
+A write that fails (a full disk, an I/O error) raises ``JournalError`` and marks the journal
+``failing`` until a write succeeds again; ``probe`` tries one (a block written past the
+end and cut off again), so that a caller can refuse work instead of taking it unjournaled.
+
 A torn last line can only come from dying inside that write, i.e. before ``append``
 returned: the response hook had not finished, so the end of the response never reached
 the client. Opening the journal cuts such a line off. Its hold stays in the store until
@@ -30,13 +34,17 @@ import threading
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
+from typing import NoReturn
 
 from burnmeter.documents import key_ref
 from burnmeter.store.base import Settlement
+from burnmeter.text import encodable_tree
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+PROBE_BYTES = 4096
+"""What ``probe`` writes (and cuts off again): room for about one record."""
 MEMORY_RECORDS = 10_000
 """Records past the checkpoint also kept in memory, so the writer does not decode them."""
 _READ_CHUNK = 64 * 1024
@@ -58,8 +66,11 @@ class JournalLocked(JournalError):
 
 
 def to_json(settlement: Settlement) -> str:
-    """One line (without the newline): Decimal as a string, datetimes as ISO 8601."""
-    return json.dumps(
+    """One line (without the newline): Decimal as a string, datetimes as ISO 8601.
+
+    Every string is made encodable first: a record the journal cannot encode would be a
+    request nobody is charged for."""
+    record = encodable_tree(
         {
             "request_id": settlement.request_id,
             "user_id": settlement.user_id,
@@ -71,7 +82,10 @@ def to_json(settlement: Settlement) -> str:
             # never a raw key on disk: legacy user_keys ids are raw keys (the store maps back)
             "key_doc_id": key_ref(settlement.key_doc_id) if settlement.key_doc_id else None,
             "log": settlement.log,
-        },
+        }
+    )
+    return json.dumps(
+        record,
         default=_tag,
         ensure_ascii=False,
         separators=(",", ":"),
@@ -124,6 +138,9 @@ class Journal:
         self._lock = threading.Lock()
         self.set_aside_count = 0
         """Records this object moved to ``path + ".rejected"``."""
+
+        self.failing: str | None = None
+        """Why the last write failed; None once a write succeeded."""
         self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -150,20 +167,32 @@ class Journal:
                 raise JournalError(f"{self.path}: journal is closed")
             if self._size + len(line) > self.max_bytes:
                 raise JournalFull(f"{self.path}: journal is full ({self._size} bytes)")
-            try:
-                written = os.write(self._fd, line)
-            except OSError as e:
-                self._undo_partial_write()
-                raise JournalError(f"{self.path}: cannot append: {e}") from e
-            if written != len(line):  # e.g. the disk is full
-                self._undo_partial_write()
-                raise JournalError(f"{self.path}: short write ({written}/{len(line)} bytes)")
+            written = self._write(line)
             self._size += written
             # past MEMORY_RECORDS (a long outage), the writer reads them back from the file
             kept = settlement if len(self._ends) < MEMORY_RECORDS else None
             self._ends.append((self._size, kept))
-        if self.fsync:
-            os.fsync(self._fd)
+            if self.fsync:
+                try:
+                    os.fsync(self._fd)
+                except OSError as e:  # appended, but maybe not durable: the caller retries
+                    self._failed(f"cannot fsync: {e}")
+
+    def probe(self) -> bool:
+        """True if the journal can be written: at once while no write has failed, else
+        after writing ``PROBE_BYTES`` past the end (then cut off again) succeeded."""
+        if self.failing is None:
+            return True
+        with self._lock:
+            if self._fd < 0:
+                return False
+            try:
+                self._write(b" " * PROBE_BYTES)  # blanks: a torn tail if we die now
+            except JournalError:
+                return False
+            self._undo_partial_write()
+        logger.info("%s: writable again", self.path)
+        return True
 
     # -- consumer side (the writer thread) -----------------------------------------------
     @property
@@ -238,6 +267,27 @@ class Journal:
         self.close()
 
     # -- internals -------------------------------------------------------------------------
+    def _write(self, data: bytes) -> int:
+        """Append ``data`` whole or not at all (under the lock); records why it failed."""
+        try:
+            written = os.write(self._fd, data)
+        except OSError as e:
+            self._failed(f"cannot append: {e}")
+        if written != len(data):  # e.g. the disk is full
+            self._failed(f"short write ({written}/{len(data)} bytes)")
+        self.failing = None
+        return written
+
+    def _failed(self, why: str) -> NoReturn:
+        if self.failing is None:
+            logger.error("%s: %s: refusing new requests until it can be written", self.path, why)
+        self.failing = why
+        try:
+            self._undo_partial_write()
+        except OSError:
+            pass  # the next write starts past the torn bytes; opening cuts them off
+        raise JournalError(f"{self.path}: {why}")
+
     def _undo_partial_write(self) -> None:
         os.ftruncate(self._fd, self._size)
 

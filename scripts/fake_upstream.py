@@ -10,7 +10,9 @@ the credentials of recent requests), POST /__reset.
 Usage is deterministic from the request, so tests can compute the expected cost:
 - prompt tokens = ``prompt_tokens(x)`` = len(json.dumps(x)) // 4, where x is ``messages``
   (chat, Anthropic) or ``input`` (responses, embeddings);
-- completion tokens = the number of content events (``x_chunks``), one token each;
+- completion tokens = the number of content events (``x_chunks``), one token each, at
+  most the request's output limit (``max_tokens``, ``max_completion_tokens``,
+  ``max_output_tokens``, ``generationConfig.maxOutputTokens``), where a real API stops;
 - OpenAI prompt counts include ``x_cache_read`` (as ``cached_tokens``); Anthropic reports
   ``input_tokens`` without the cache fields, as the real APIs do.
 
@@ -23,6 +25,8 @@ Knobs, in the JSON body (``x_chunks``) or as headers (``x-fake-chunks``); the bo
   x_cache_write  cache-write tokens to report (Anthropic only; default 0)
   x_split        write SSE output in pieces of this many bytes, each its own TCP write
   x_abort_after  close the connection after this many content events (no usage sent after)
+  x_linger_ms    after the last event (usage, [DONE]), wait this long before ending the body
+  x_usage_delay_ms  pause before the event that reports the final usage (SSE)
 
 Misbehaviour knobs, on /v1/chat/completions and /v1/messages (x_usage and x_gzip also on
 Gemini); x_raw and x_usage in the body only:
@@ -75,6 +79,8 @@ KNOBS = (
     "x_gzip",
     "x_event_bytes",
     "x_no_final_blank",
+    "x_linger_ms",
+    "x_usage_delay_ms",
 )
 RAW_BODIES: dict[str, tuple[int, str, bytes]] = {  # name: (status, content type, body)
     "truncated-json": (200, "application/json", b'{"id": "x", "usage": {"prompt_tokens": 1'),
@@ -93,6 +99,17 @@ ERROR_TYPES = {
 }
 MODELS = ("fake-gpt", "fake-gpt-mini", "fake-claude", "fake-embed")
 RECENT_LIMIT = 100
+DEFAULT_CHUNKS = 3
+
+
+def output_limit(body: dict[str, Any]) -> int | None:
+    """The output limit the request names, as the real APIs read it."""
+    generation = body.get("generationConfig")
+    names = [body.get(k) for k in ("max_completion_tokens", "max_tokens", "max_output_tokens")]
+    if isinstance(generation, dict):
+        names.append(generation.get("maxOutputTokens"))
+    limits = [n for n in names if isinstance(n, int) and not isinstance(n, bool) and n > 0]
+    return min(limits) if limits else None
 
 
 def prompt_tokens(value: object) -> int:
@@ -102,7 +119,7 @@ def prompt_tokens(value: object) -> int:
 
 @dataclass(slots=True)
 class Knobs:
-    chunks: int = 3
+    chunks: int = DEFAULT_CHUNKS
     delay_ms: int = 0
     ttft_ms: int = 0
     status: int | None = None
@@ -114,6 +131,8 @@ class Knobs:
     gzip: int = 0
     event_bytes: int = 0
     no_final_blank: int = 0
+    linger_ms: int = 0
+    usage_delay_ms: int = 0
     raw: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
     service_tier: str | None = None
@@ -134,6 +153,10 @@ class Knobs:
             values["service_tier"] = body["x_service_tier"]
         if isinstance(body.get("x_search_queries"), list):
             values["search_queries"] = body["x_search_queries"]
+
+        limit = output_limit(body)
+        if limit is not None:
+            values["chunks"] = min(values.get("chunks", DEFAULT_CHUNKS), limit)
         return cls(**values)
 
     def tier(self) -> dict[str, Any]:
@@ -211,6 +234,8 @@ class SSEWriter:
 
     async def finish(self) -> None:
         """End the body: the held last frame without its blank line, the gzip trailer."""
+        if self.knobs.linger_ms:
+            await asyncio.sleep(self.knobs.linger_ms / 1000)
         if self.held is not None:
             await self.write(self.held[:-1])
         if self.zip is not None:
@@ -438,6 +463,7 @@ class FakeUpstream:
             for i in range(knobs.chunks):
                 await out.content(chunk({"content": f"tok{i} "}))
             await out.send(chunk({}, "stop"))
+            await asyncio.sleep(knobs.usage_delay_ms / 1000)
             if include_usage:
                 await out.send(
                     {
@@ -583,6 +609,7 @@ class FakeUpstream:
                     "content_block_delta",
                 )
             await out.send({"type": "content_block_stop", "index": 0}, "content_block_stop")
+            await asyncio.sleep(knobs.usage_delay_ms / 1000)
             final = {
                 "type": "message_delta",
                 "delta": {"stop_reason": "end_turn", "stop_sequence": None},

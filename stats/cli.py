@@ -22,6 +22,7 @@ from burnmeter.store.base import DocumentError
 from burnmeter.store.base import StoreError
 from stats import accounts
 from stats import imports
+from stats import journal
 from stats import purge
 from stats import reports
 from stats import reprice
@@ -83,6 +84,7 @@ def cli(ctx: click.Context, db_url: str | None, config_path: str | None, debug: 
 
 cli.add_command(accounts.accounts)
 cli.add_command(imports.import_command)
+cli.add_command(journal.journal_group)
 cli.add_command(purge.purge)
 cli.add_command(reports.summary)
 cli.add_command(reports.users)

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gzip
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -12,6 +14,7 @@ from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
+import hypothesis
 import pytest
 from hypothesis import HealthCheck
 from hypothesis import given
@@ -28,6 +31,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 
+from addons import billing
 from addons.metering import Metering
 from addons.metering import ready_line
 from burnmeter.config import load_config
@@ -599,7 +603,10 @@ async def test_stream_request_gets_include_usage_and_identity_encoding(env: Env)
 
 
 async def test_include_usage_already_set_leaves_the_body_alone(env: Env) -> None:
-    raw = b'{"model":"gpt-4o","messages":[],"stream":true,"stream_options":{"include_usage":true}}'
+    raw = (
+        b'{"model":"gpt-4o","messages":[],"max_completion_tokens":100,"stream":true,'
+        b'"stream_options":{"include_usage":true}}'
+    )
     f = make_flow(body=raw)
     await admit(env, f)
     assert f.request.raw_content == raw
@@ -717,17 +724,24 @@ async def test_a_client_gone_before_the_answer_is_logged_499(env: Env) -> None:
     assert statuses == [499, 499, 502]
 
 
-async def test_client_gone_mid_stream_is_charged_an_estimate(env: Env) -> None:
-    f = make_flow(body={"model": "gpt-4o", "messages": [], "stream": True})
+@pytest.mark.parametrize("text", ["x" * 400, "x" * 4000])
+async def test_client_gone_mid_stream_is_charged_its_hold_or_the_dearer_estimate(
+    env: Env, text: str
+) -> None:
+    """mitmproxy closes the upstream connection when the client leaves: the usage the
+    upstream would have reported (hidden reasoning included) is never read."""
+    f = make_flow(body={"model": "gpt-4o", "max_tokens": 500, "messages": [], "stream": True})
     await admit(env, f)
+    f.server_conn.timestamp_tcp_setup = time.time()  # the request went upstream
     f.response = sse_response()
     env.metering.responseheaders(f)
     assert callable(f.response.stream)
-    f.response.stream(chat_sse(["x" * 400], None))  # 100 tokens of text, no usage yet
+    f.response.stream(chat_sse([text], None))  # text, no usage yet
     f.error = flow.Error("Client disconnected.")
     env.metering.error(f)
     record = f.metadata["metering"]
-    assert record["usage_source"] == "estimated" and record["output_tokens"] == 100
+    assert record["usage_source"] == "estimated"
+    assert record["output_tokens"] == max(500, len(text) // 4)
     assert f.marked == ":warning:"
     log = settled(env, f.id)
     assert log is not None
@@ -735,7 +749,25 @@ async def test_client_gone_mid_stream_is_charged_an_estimate(env: Env) -> None:
     assert log["usageSource"] == "estimated" and log["creditsCost"] > 0
 
 
-async def test_stream_cut_after_partial_usage_raises_output_to_the_text(env: Env) -> None:
+async def test_client_gone_before_the_answer_is_charged_its_hold_once_it_went_upstream(
+    env: Env,
+) -> None:
+    f = make_flow(body={"model": "gpt-4o", "max_tokens": 500, "messages": []})
+    await admit(env, f)
+    ticket = env.metering.tickets[f]
+    assert ticket.hold is not None
+    held = ticket.hold.amount
+    f.server_conn.timestamp_tcp_setup = time.time()
+    f.error = flow.Error("Client disconnected.")
+    env.metering.error(f)
+    log = settled(env, f.id)
+    assert log is not None and log["statusCode"] == 499
+    assert log["creditsCost"] == held and log["outputTokens"] == 500
+
+
+async def test_stream_cut_by_the_upstream_after_partial_usage_raises_output_to_the_text(
+    env: Env,
+) -> None:
     body = {"model": "claude-sonnet-4-5", "max_tokens": 500, "messages": [], "stream": True}
     f = make_flow("/v1/messages", body, key_header="x-api-key")
     await admit(env, f)
@@ -749,7 +781,8 @@ async def test_stream_cut_after_partial_usage_raises_output_to_the_text(env: Env
              "text": "y" * 80}}  # fmt: skip
     for event in (start, delta):
         tap(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
-    f.error = flow.Error("Client disconnected.")
+    f.server_conn.timestamp_tcp_setup = time.time()
+    f.error = flow.Error("Server disconnected.")
     env.metering.error(f)
     record = f.metadata["metering"]
     assert (record["input_tokens"], record["output_tokens"]) == (50, 20)
@@ -1205,3 +1238,274 @@ async def test_a_models_pool_override_bills_at_that_pools_multiplier(env: Env) -
         ticket = env.metering.tickets[f]
         assert ticket.pool == "ohmygpt" and ticket.quote is not None
         assert ticket.quote.multiplier == 3, host  # the dearest route billing ohmygpt
+
+
+async def test_a_host_that_is_not_utf8_is_refused_before_any_hold(env: Env) -> None:
+    """The canonical request refuses it; were it read, the journal's encoder makes any
+    string safe (``tests/test_journal.py::test_any_client_strings_are_journaled_and_applied``)."""
+    f = make_flow(mode=REVERSE)
+    f.request.headers["host"] = b"chat.trollllm.xyz\xff".decode("utf-8", "surrogateescape")
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 400
+    assert body_of(f)["error"]["code"] == "ambiguous_request"
+    assert f not in env.metering.tickets and openhands_balance(env) == Decimal("5")
+
+
+async def test_a_settlement_that_cannot_be_priced_charges_the_hold(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = make_flow(body={"model": "gpt-4o", "max_tokens": 100, "messages": []})
+    await admit(env, f)
+    ticket = env.metering.tickets[f]
+    assert ticket.hold is not None
+    held = ticket.hold.amount
+
+    def broken(*args: object) -> None:
+        raise KeyError("an answer no test foresaw")
+
+    monkeypatch.setattr(billing, "response_usage", broken)
+    f.response = json_response({"model": "gpt-4o", "choices": [], "usage": CHAT_USAGE})
+    env.metering.response(f)
+    log = settled(env, f.id)
+    assert log is not None and log["creditsCost"] == held > 0
+    assert log["usageSource"] == "estimated" and log["outputTokens"] == 100
+
+
+async def test_one_flow_failing_to_settle_at_shutdown_does_not_stop_the_others(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flows = []
+    for _ in range(3):
+        f = make_flow(body={"model": "gpt-4o", "messages": [], "stream": True})
+        await admit(env, f)
+        f.response = sse_response()
+        env.metering.responseheaders(f)
+        env.metering.tickets[f].tap(chat_sse(["some text"], None))  # type: ignore[misc]
+        flows.append(f)
+    real = billing.settlement
+
+    def fails_for_the_first(f: http.HTTPFlow, *args: object) -> object:
+        if f is flows[0]:
+            raise RuntimeError("a bug in one flow's settlement")
+        return real(f, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(billing, "settlement", fails_for_the_first)
+    env.metering.done()
+    assert env.store.log(flows[0].id) is None
+    for f in flows[1:]:
+        log = env.store.log(f.id)
+        assert log is not None and log["statusCode"] == 503 and log["creditsCost"] > 0
+    holds = env.store.open_holds(utcnow() + timedelta(days=1))
+    assert [h.request_id for h in holds] == [flows[0].id], "the others' holds are closed"
+
+
+async def test_stalled_request_bodies_take_no_journal_reserve(env: Env) -> None:
+    env.tctx.configure(env.metering, metering_journal_max_kb=8)  # room for two in flight
+    for _ in range(5):  # headers in, bodies never finished
+        await env.metering.requestheaders(make_flow())
+    paying = make_flow()
+    await admit(env, paying)
+    assert paying.response is None, "admitted: the stalled uploads hold no journal room"
+    second = make_flow()
+    await admit(env, second)
+    third = make_flow()
+    await admit(env, third)
+    assert third.response is not None and third.response.status_code == 503
+
+
+@pytest.mark.parametrize(
+    ("path", "end"),
+    [
+        ("/v1/chat/completions", chat_sse(["Hel", "lo"], CHAT_USAGE)),
+        (
+            "/v1/messages",
+            b"".join(
+                f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode()
+                for e in (
+                    {
+                        "type": "message_start",
+                        "message": {
+                            "model": "claude-sonnet-4-5",
+                            "usage": {"input_tokens": 1000, "output_tokens": 1},
+                        },
+                    },
+                    {"type": "message_delta", "usage": {"output_tokens": 200}},
+                    {"type": "message_stop"},
+                )
+            ),  # fmt: skip
+        ),
+    ],
+)
+async def test_a_stream_is_settled_at_its_end_event_not_at_the_end_of_the_message(
+    env: Env, path: str, end: bytes
+) -> None:
+    model = "claude-sonnet-4-5" if path == "/v1/messages" else "gpt-4o"
+    body = {"model": model, "max_tokens": 300, "messages": [], "stream": True}
+    f = make_flow(path, body, key_header="x-api-key" if model != "gpt-4o" else "authorization")
+    await admit(env, f)
+    f.response = sse_response()
+    env.metering.responseheaders(f)
+    tap = f.response.stream
+    assert callable(tap)
+    tap(end)  # the upstream holds the connection open after the end event
+    assert env.metering.writer is not None and env.metering.writer.journal.size > 0
+    record = f.metadata["metering"]
+    assert record["usage_source"] == "reported" and record["output_tokens"] == 200
+    assert f not in env.metering.tickets
+    tap(b"")
+    env.metering.response(f)  # the end of the message comes later: no second settlement
+    f.error = flow.Error("Client disconnected.")
+    env.metering.error(f)
+    log = settled(env, f.id)
+    assert log is not None and log["outputTokens"] == 200 and log["statusCode"] == 200
+    assert env.store.open_holds(utcnow() + timedelta(days=1)) == []
+
+
+def forwarded(f: http.HTTPFlow) -> dict:
+    return json.loads(f.request.content or b"")
+
+
+async def test_the_forwarded_output_limit_is_what_the_hold_pays_for(env: Env) -> None:
+    unlimited = make_flow(body={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+    await admit(env, unlimited)
+    assert unlimited.response is None
+    assert forwarded(unlimited)["max_completion_tokens"] == 8192, "the default, held for"
+    gemini = make_flow("/v1beta/models/gemini-2.5-flash:generateContent", {"contents": []})
+    await admit(env, gemini)
+    assert forwarded(gemini)["generationConfig"] == {"maxOutputTokens": 8192}
+    lower = make_flow(body={"model": "gpt-4o", "max_tokens": 10, "messages": []})
+    await admit(env, lower)
+    assert forwarded(lower) == {"model": "gpt-4o", "max_tokens": 10, "messages": []}
+
+
+async def test_a_balance_that_covers_part_of_the_hold_caps_the_output_lower(env: Env) -> None:
+    carol = "sk-burn-carol-0123456789abcdef"
+    env.store.create_user("carol", hash_key(carol), {"creditsNew": Decimal("0.01")})
+    body = {"model": "gpt-4o", "max_tokens": 100_000, "messages": []}
+    f = make_flow(body=body, key=carol)
+    await admit(env, f)
+    ticket = env.metering.tickets[f]
+    assert ticket.hold is not None and ticket.hold.amount == Decimal("0.01")
+    limit = forwarded(f)["max_tokens"]
+    # gpt-4o: input 2.5 and output 10 USD per million, route multiplier 2
+    input_cost = ticket.estimate.held_input_tokens * Decimal("2.5") * 2 / 1_000_000  # type: ignore[union-attr]
+    per_token = Decimal(10) * 2 / 1_000_000
+    assert limit == int((Decimal("0.01") - input_cost) / per_token) < 100_000
+    assert (
+        (limit + 1) * per_token + input_cost > ticket.hold.amount >= limit * per_token + input_cost
+    )
+
+
+async def test_cap_output_tokens_false_forwards_the_limit_as_sent(env: Env, tmp_path: Path) -> None:
+    config = tmp_path / "nocap.toml"
+    config.write_text("cap_output_tokens = false\n" + CONFIG)
+    env.tctx.configure(env.metering, metering_config=str(config))
+    f = make_flow(body={"model": "gpt-4o", "messages": []})
+    await admit(env, f)
+    assert f.response is None and "max_completion_tokens" not in forwarded(f)
+
+
+async def test_a_journal_that_cannot_be_written_refuses_service_until_it_can(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert env.metering.writer is not None
+    journal = env.metering.writer.journal
+    real_write = os.write
+    disk_full = True
+
+    def write(fd: int, data: bytes) -> int:  # the OS boundary: ENOSPC for the journal's fd
+        if fd == journal._fd and disk_full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    served = make_flow()
+    await admit(env, served)  # admitted before the disk filled up
+    served.response = json_response({"model": "gpt-4o", "choices": [], "usage": CHAT_USAGE})
+    with caplog.at_level(logging.ERROR):
+        env.metering.response(served)
+    assert "settlement not journaled" in caplog.text and served.id in caplog.text
+    refused = make_flow()
+    await admit(env, refused)
+    assert refused.response is not None and refused.response.status_code == 503
+    assert "journal" in body_of(refused)["error"]["message"]
+    disk_full = False  # space again: the next admission's probe write succeeds
+    later = make_flow()
+    await admit(env, later)
+    assert later.response is None
+    later.response = json_response({"model": "gpt-4o", "choices": [], "usage": CHAT_USAGE})
+    env.metering.response(later)  # the refused settlement is journaled first
+    env.metering.done()
+    for f in (served, later):
+        log = env.store.log(f.id)
+        assert log is not None and log["creditsCost"] == Decimal("0.009")
+    assert env.store.log(refused.id) is None
+    assert openhands_balance(env) == 5 - 2 * Decimal("0.009")
+
+
+def test_mitmproxy_refuses_request_bodies_past_max_request_bytes(env: Env) -> None:
+    """mitmproxy buffers a body before the request hook, whatever its framing: its own
+    limit is what stops a chunked body with no content-length to refuse it by."""
+    m = Metering()
+    with taddons.context(proxyserver.Proxyserver(), m) as tctx:
+        tctx.configure(
+            m,
+            metering_config=str(env.config_path),
+            metering_db=env.db_url,
+            metering_journal=str(env.config_path.with_name("limits.journal")),
+        )
+        assert tctx.options.body_size_limit == "4096"  # the config's max_request_bytes
+        m.done()
+
+
+@pytest.mark.parametrize("key", [b"sk-burn-\xff\xfe", b"\xc3(" + b"x" * 20])
+async def test_a_key_that_is_not_utf8_is_401_not_a_failure(env: Env, key: bytes) -> None:
+    f = make_flow()
+    f.request.headers["authorization"] = "Bearer " + key.decode("utf-8", "surrogateescape")
+    await admit(env, f)
+    assert f.response is not None and f.response.status_code == 401
+
+
+HOSTILE = st.text(
+    st.one_of(st.characters(codec=None, exclude_categories=()), st.characters(categories=["Cs"])),
+    max_size=2000,
+)
+HEADER_BYTES = st.binary(max_size=2000).map(lambda raw: raw.decode("utf-8", "surrogateescape"))
+"""What a header value can hold: any bytes, as mitmproxy decodes them (surrogateescape)."""
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    host_suffix=HEADER_BYTES,
+    model=HOSTILE.filter(bool),  # a JSON string: any code point, "\ud800" escapes too
+    key_suffix=st.one_of(st.just(""), st.just(""), HEADER_BYTES),  # mostly the valid key
+)
+def test_whatever_the_client_sends_a_forwarded_request_is_journaled(
+    env: Env, tmp_path: Path, host_suffix: str, model: str, key_suffix: str
+) -> None:
+    """Host, model name and key of any content and length: every request that was
+    forwarded has a journal record the store applies; the others were answered locally."""
+    config = tmp_path / "default-price.toml"
+    if not config.exists():
+        config.write_text(
+            CONFIG.replace('unknown_model = "reject"', 'unknown_model = "default"')
+            + "\n[default_price]\ninput = 1.0\noutput = 2.0\n"
+        )
+        env.tctx.configure(env.metering, metering_config=str(config))
+    assert env.metering.writer is not None
+    body = {"model": model, "max_tokens": 10, "messages": [{"role": "user", "content": model}]}
+    f = make_flow(body=body)
+    f.request.headers["host"] = OPENHANDS_HOST + host_suffix
+    if key_suffix:
+        f.request.headers["authorization"] = f"Bearer {KEY}{key_suffix}"
+    asyncio.run(admit(env, f))
+    if f.response is not None:  # answered locally: never forwarded, nothing to settle
+        assert 400 <= f.response.status_code < 600 and f not in env.metering.tickets
+        return
+    f.response = json_response({"model": model, "choices": [], "usage": CHAT_USAGE})
+    env.metering.response(f)
+    hypothesis.event("forwarded")
+    records = {s.request_id for _, s in env.metering.writer.journal.pending(10_000)}
+    assert f.id in records or env.store.log(f.id) is not None

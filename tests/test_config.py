@@ -240,6 +240,12 @@ PRICED = {"input": 1, "output": 2}  # a model's required rates, for cases about 
             },
             "models.b.aliases: 'a' is also 'a'",
         ),
+        ({"default_max_output_tokens": 0}, "default_max_output_tokens: Input should be"),
+        (
+            {"models": {"m": {"input": 1, "output": 1, "max_output_tokens": 10**10}}},
+            "models.m.max_output_tokens: Input should be",
+        ),
+        ({"cap_output_tokens": "maybe"}, "cap_output_tokens: Input should be"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(data, message):
@@ -343,3 +349,26 @@ def test_a_pool_override_bills_at_the_dearest_multiplier_of_its_pool(
     for route in config.routes:  # whichever host is called
         quote = resolve_price(config, "m", route.multiplier)
         assert quote.multiplier == max(billing)
+
+
+def test_output_limits_per_model_with_a_default():
+    config = parse_config(
+        {
+            "default_max_output_tokens": 2000,
+            "models": {
+                "long": {
+                    "aliases": ["long-latest"],
+                    "input": 1,
+                    "output": 1,
+                    "max_output_tokens": 64000,
+                },
+                "short": {"input": 1, "output": 1},
+            },
+        }
+    )
+    assert config.cap_output_tokens is True
+    assert config.max_output_tokens("long-latest") == 64000
+    assert config.max_output_tokens("short") == 2000
+    assert config.max_output_tokens("unpriced") == 2000
+    assert config.max_output_tokens(None) == 2000
+    assert default_config().default_max_output_tokens == 8192

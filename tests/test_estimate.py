@@ -7,15 +7,22 @@ from decimal import Decimal
 import pytest
 from corpus import SKIP_REASON
 from corpus import load_cases
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from burnmeter.config import parse_config
 from burnmeter.estimate import ANTHROPIC_TOOL_PROMPT_TOKENS
 from burnmeter.estimate import AUDIO_TOKENS
 from burnmeter.estimate import FILE_TOKENS
+from burnmeter.estimate import SERVER_TOOL_TOKENS
+from burnmeter.estimate import UPSTREAM_PROMPT_TOKENS
 from burnmeter.estimate import RequestEstimate
 from burnmeter.estimate import estimate_output_tokens
 from burnmeter.estimate import estimate_request
+from burnmeter.estimate import held_usage
 from burnmeter.estimate import hold_amounts
+from burnmeter.estimate import output_tokens_paid
 from burnmeter.pricing import resolve_price
 
 CONFIG = parse_config(
@@ -27,7 +34,8 @@ CONFIG = parse_config(
                 "output": 14,
                 "cache_write": 3.75,
                 "cache_read": 0.3,
-            }
+            },
+            "big-output": {"input": 1, "output": 2, "max_output_tokens": 64000},
         },
     }
 )
@@ -303,7 +311,7 @@ def test_a_hold_prices_media_input_and_the_dearest_output_the_request_allows() -
     spoken = estimate_request("gemini.generate", body, BILLED, "/v1beta/models/omni:x")
     assert spoken.input_audio_tokens == AUDIO_TOKENS
     assert spoken.output_modalities == {"text", "audio"}
-    text = spoken.input_tokens - AUDIO_TOKENS
+    text = spoken.held_input_tokens - AUDIO_TOKENS  # holds pay for the upper bound
     # the prompt (over 1,000 tokens with the clip) is in the tier, its audio at the audio rate
     maximum, minimum = held(spoken)
     assert minimum == per_million(text * 2 + AUDIO_TOKENS * 10)
@@ -358,5 +366,99 @@ def test_a_hold_is_at_the_service_tier_asked_for() -> None:
     assert asked.service_tier == "priority"
     assert estimate("openai.chat", {**body, "service_tier": "auto"}).service_tier is None
     maximum, minimum = held(asked)
-    assert minimum == per_million(asked.input_tokens * 3)
+    assert minimum == per_million(asked.held_input_tokens * 3)
     assert maximum == minimum + per_million(10 * 9)
+
+
+# -- the upper bound holds pay for ---------------------------------------------------------
+SCRIPTS = {
+    "latin": (0x20, 0x7E),
+    "cjk": (0x4E00, 0x9FFF),
+    "hangul": (0xAC00, 0xD7A3),
+    "devanagari": (0x0900, 0x097F),
+    "arabic": (0x0600, 0x06FF),
+    "cyrillic": (0x0400, 0x04FF),
+    "thai": (0x0E00, 0x0E7F),
+    "emoji": (0x1F300, 0x1FAFF),
+    "any": (0, 0x10FFFF),
+}
+
+
+@settings(max_examples=200)
+@given(
+    st.sampled_from(sorted(SCRIPTS)).flatmap(
+        lambda script: st.text(
+            st.characters(
+                min_codepoint=SCRIPTS[script][0],
+                max_codepoint=SCRIPTS[script][1],
+                codec=None,
+                exclude_categories=(),
+            ),
+            min_size=1,
+        )
+    ),
+    st.sampled_from(["openai.chat", "anthropic.messages", "openai.responses", "gemini.generate"]),
+)
+def test_the_upper_bound_covers_any_byte_level_tokenizer_in_any_script(text: str, api: str) -> None:
+    """No byte-level BPE (GPT, Claude) or byte-fallback SentencePiece (Gemini) makes more
+    tokens of a text than its UTF-8 bytes; chars/4 undercounts CJK ~6x, emoji more."""
+    if api == "gemini.generate":
+        body: dict[str, object] = {"contents": [{"role": "user", "parts": [{"text": text}]}]}
+    elif api == "openai.responses":
+        body = {"input": text}
+    else:
+        body = {"messages": [user(text)]}
+    estimate = estimate_request(api, body, CONFIG)
+    assert estimate.max_input_tokens >= len(text.encode("utf-8", "surrogatepass"))
+    assert estimate.held_input_tokens >= estimate.input_tokens
+
+
+def test_the_upper_bound_covers_every_reported_prompt_in_the_corpus() -> None:
+    cases = load_cases()
+    if not cases:
+        pytest.skip(SKIP_REASON)
+    checked = 0
+    for name, case in cases.items():
+        reported = reported_prompt_tokens(case)
+        if reported is None or case["request"]["body"] is None:
+            continue
+        request = case["request"]
+        estimated = estimate_request(case["api"], request["body"], CONFIG, request["path"])
+        assert estimated.max_input_tokens >= reported, name
+        checked += 1
+    assert checked >= 40
+
+
+def test_the_upper_bound_allows_for_server_tools_and_the_upstreams_own_prompt() -> None:
+    plain = estimate("anthropic.messages", {"messages": [user("hi")]})
+    assert plain.max_input_tokens == len("user") + len("hi") + 4 + UPSTREAM_PROMPT_TOKENS
+    search = {"messages": [user("hi")], "tools": [{"type": "web_search_20250305", "name": "w"}]}
+    with_search = estimate("anthropic.messages", search)
+    assert with_search.max_input_tokens > plain.max_input_tokens + SERVER_TOOL_TOKENS
+    responses = {"input": "hi", "tools": [{"type": "web_search_preview"}]}
+    assert estimate("openai.responses", responses).max_input_tokens > SERVER_TOOL_TOKENS
+
+
+def test_a_request_without_an_output_limit_is_held_for_its_models_maximum() -> None:
+    body = {"messages": [user("hi")]}
+    assert estimate_request("openai.chat", body, CONFIG, model="big-output").max_output_tokens == (
+        64000
+    )
+    assert estimate_request("openai.chat", body, CONFIG, model="unknown").max_output_tokens == 1000
+    limited = {**body, "max_tokens": 10}
+    assert estimate_request(
+        "openai.chat", limited, CONFIG, model="big-output"
+    ).max_output_tokens == (10)
+
+
+def test_output_tokens_paid_by_a_partial_hold() -> None:
+    q = resolve_price(CONFIG, "claude-sonnet-4-5-20250929", Decimal(1))
+    e = RequestEstimate(1_000, 1_000, False, max_input_tokens=2_000, choices=2)
+    maximum, minimum = hold_amounts(e, q)
+    assert minimum == Decimal("0.006")  # the upper bound of the input is held: 2000 x 3
+    assert output_tokens_paid(e, q, maximum) == 500
+    assert output_tokens_paid(e, q, maximum * 2) == 500
+    # 0.0074 - 0.006 pays 100 output tokens at 14 per million: 50 per choice
+    assert output_tokens_paid(e, q, Decimal("0.0074")) == 50
+    assert output_tokens_paid(e, q, minimum) == 1, "one token at least: a limit of 0 is invalid"
+    assert held_usage(e, q).input_tokens == 2_000

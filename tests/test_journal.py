@@ -3,7 +3,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import tempfile
 import threading
+import uuid
 from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
@@ -13,13 +15,22 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
+from burnmeter.config import default_config
+from burnmeter.documents import request_log
 from burnmeter.journal import Journal
+from burnmeter.journal import JournalError
 from burnmeter.journal import JournalFull
 from burnmeter.journal import JournalLocked
 from burnmeter.journal import from_json
 from burnmeter.journal import to_json
+from burnmeter.records import UsageRecord
+from burnmeter.store import open_store
 from burnmeter.store.base import Settlement
+from burnmeter.text import MAX_TEXT
 
 
 def settlement(i: int, cost: str = "0.000123456") -> Settlement:
@@ -273,3 +284,117 @@ def test_a_long_backlog_is_read_back_from_the_file(
         assert ids(journal.pending(10)) == ["req-2", "req-3"]  # decoded from the file
         journal.append(settlement(4))
         assert ids(journal.pending(10)) == ["req-2", "req-3", "req-4"]
+
+
+# any code point, lone surrogates included, and strings far longer than a log field keeps
+HOSTILE_TEXT = st.text(
+    st.one_of(st.characters(codec=None, exclude_categories=()), st.characters(categories=["Cs"])),
+    max_size=3000,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(host=HOSTILE_TEXT, path=HOSTILE_TEXT, model=HOSTILE_TEXT, upstream=HOSTILE_TEXT)
+def test_any_client_strings_are_journaled_and_applied(
+    host: str, path: str, model: str, upstream: str
+) -> None:
+    """The request log of any request can be journaled, read back and applied."""
+    request_id = f"req-{uuid.uuid4().hex}"
+    log = request_log(
+        request_id=request_id,
+        user_id="alice",
+        key_mask="sk-burn…ab12",
+        model=model,
+        usage=UsageRecord(input_tokens=10, output_tokens=5),
+        cost=Decimal("0.25"),
+        billing_tokens=15,
+        pool="openhands",
+        status_code=200,
+        latency_ms=1,
+        ttft_ms=None,
+        host=host,
+        upstream=upstream,
+        path=path,
+        stream=False,
+        created_at=datetime.now(UTC),
+    )
+    assert all(len(log[name]) <= MAX_TEXT for name in ("host", "path", "model", "upstream"))
+    s = Settlement(request_id, "alice", "openhands", Decimal("0.25"), 15, 10, 5, None, log)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = open_store(f"sqlite:///{tmp}/b.db", default_config().pools)
+        store.ensure_schema(0)
+        store.create_user("alice", "sha256:k", {"creditsNew": Decimal(1)})
+        with Journal(f"{tmp}/j") as journal:
+            journal.append(s)
+            [(_, back)] = journal.pending(10)
+        assert store.settle([back]) == [True]
+        assert store.balance("alice", default_config().pools["openhands"]) == Decimal("0.75")
+        stored = store.log(request_id)
+        store.close()
+    assert stored is not None and stored["host"] == back.log["host"]
+
+
+def _fill_then_free(path: str, conn: Connection) -> None:
+    """In a child process: a file size limit makes the kernel refuse the journal's writes
+    (EFBIG, as ENOSPC would), then the limit is lifted."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing us
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8192, hard))
+    outcome: dict[str, object] = {}
+    with Journal(path) as journal:
+        appended = 0
+        try:
+            for i in range(100):
+                journal.append(settlement(i))
+                appended += 1
+        except JournalError as e:
+            outcome["error"] = str(e)
+        outcome["appended"] = appended
+        outcome["failing"] = journal.failing
+        outcome["probe_while_full"] = journal.probe()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+        outcome["probe_after"] = journal.probe()
+        outcome["failing_after"] = journal.failing
+        journal.append(settlement(1000))
+        outcome["pending"] = ids(journal.pending(1000))
+    conn.send(outcome)
+
+
+def test_a_write_the_kernel_refuses_marks_the_journal_failing_until_a_probe_succeeds(
+    path: str,
+) -> None:
+    parent, child = multiprocessing.Pipe()
+    process = multiprocessing.get_context("fork").Process(
+        target=_fill_then_free, args=(path, child)
+    )
+    process.start()
+    outcome = parent.recv()
+    process.join(10)
+    assert process.exitcode == 0
+    appended = outcome["appended"]
+    # the kernel writes up to the limit (a short write), then refuses (EFBIG)
+    assert 0 < appended < 100
+    assert "short write" in outcome["error"] or "File too large" in outcome["error"]
+    assert outcome["failing"] and outcome["probe_while_full"] is False
+    assert outcome["probe_after"] is True and outcome["failing_after"] is None
+    assert outcome["pending"] == [f"req-{i}" for i in range(appended)] + ["req-1000"]
+    with open(path, "rb") as f:  # no half record, no probe blanks
+        assert all(line.startswith(b'{"request_id"') for line in f)
+
+
+def test_a_failed_fsync_is_a_refused_append(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def eio(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    with Journal(path, fsync=True) as journal:
+        monkeypatch.setattr(os, "fsync", eio)
+        with pytest.raises(JournalError, match="cannot fsync"):
+            journal.append(settlement(1))
+        assert journal.failing is not None
+        monkeypatch.undo()
+        assert journal.probe() and journal.failing is None
+        journal.append(settlement(1))  # the caller's retry: applied once, by request id
+        assert ids(journal.pending(10)) == ["req-1", "req-1"]

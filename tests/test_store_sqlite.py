@@ -191,4 +191,51 @@ def test_a_store_from_before_the_billed_details_reads_then_gains_their_columns(
         "SELECT webSearchRequests, serviceTier, extra FROM request_logs WHERE _id = 'new'"
     )
     assert row.fetchone() == (2, "flex", None)  # in their columns, not kept aside
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_file_deleted_or_replaced_is_an_outage_until_the_same_file_is_back(
+    tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from burnmeter.documents import request_log
+    from burnmeter.documents import utcnow
+    from burnmeter.store.base import HoldRequest
+    from burnmeter.store.base import StoreError
+
+    path = tmp_path / "b.db"
+    store = open_store(path)
+    store.create_user("alice", "sha256:k", {"creditsNew": D(5)})
+    moved = tmp_path / "moved-away"
+    moved.mkdir()
+    for part in tmp_path.glob("b.db*"):  # the database and its WAL
+        part.rename(moved / part.name)
+    if how == "replaced":  # e.g. a CLI run against the path made a fresh, empty store
+        open_store(path).close()
+
+    def settlement(i: int) -> Settlement:
+        log = request_log(
+            request_id=f"r{i}", user_id="alice", key_mask="k", model="m", usage=None,
+            cost=D(1), billing_tokens=0, pool="openhands", status_code=200, latency_ms=1,
+            ttft_ms=None, host="h", upstream="u", path="/p", stream=False, created_at=utcnow(),
+        )  # fmt: skip
+        return Settlement(f"r{i}", "alice", "openhands", D(1), 0, 0, 0, None, log)
+
+    with caplog.at_level("ERROR"):
+        with pytest.raises(StoreError, match="deleted or replaced"):
+            store.settle([settlement(1)])
+        [outcome] = store.hold_many([HoldRequest("h1", "alice", OPENHANDS, D(1), D(1))])
+        assert isinstance(outcome, StoreError)
+        fresh = SqliteStore(path, POOLS)  # another thread's connection, say
+        fresh._identity = store._identity
+        with pytest.raises(StoreError):
+            fresh.connection()
+    assert len(caplog.records) == 1, "one ERROR line"
+    if how == "replaced":
+        assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM request_logs").fetchone() == (0,)
+    else:
+        assert not path.exists(), "no empty file created"
+    for part in moved.glob("b.db*"):  # the operator puts it back
+        part.replace(tmp_path / part.name)
+    assert store.settle([settlement(1)]) == [True]
+    assert store.balance("alice", OPENHANDS) == 4
     store.close()

@@ -9,11 +9,21 @@ Every write runs in ``BEGIN IMMEDIATE``: SQLite's single write lock makes each
 read-then-write atomic across threads and processes. Each thread has its own connection.
 A store opened ``read_only`` connects with ``mode=ro``: it works on a file the process may
 not write, and SQLite itself refuses any write through it.
+
+
+
+The file is the one that was opened, never another: SQLite writes on through an open
+connection to a file that was deleted (lost with it) and creates an empty one for a new
+connection, and a file replaced under a running proxy does not have its users. So the
+file's identity (device and inode) is checked before every write transaction and every
+new connection; a file that vanished or changed is a ``StoreError`` (an outage: the
+settlements wait in the journal) until the same file is back.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -55,6 +65,8 @@ from burnmeter.store.base import Store
 from burnmeter.store.base import StoreError
 from burnmeter.store.base import UserExists
 from burnmeter.store.base import committed
+
+logger = logging.getLogger(__name__)
 
 Kind = Literal["money", "int", "date", "bool", "text"]
 Columns = Mapping[str, Kind]
@@ -115,6 +127,8 @@ INDEXES = (
     f"CREATE INDEX IF NOT EXISTS {HOLDS}_createdAt ON {HOLDS}(createdAt)",
 )
 PURGE_CHUNK = 10_000
+_LOST_FILES: set[str] = set()
+"""Paths whose file was found deleted or replaced (and said so at ERROR)."""
 
 
 def _cell(kind: Kind, value: Any) -> Any:
@@ -208,15 +222,45 @@ class SqliteStore(Store):
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
+        self._identity: tuple[int, int] | None = self._file_identity()
+        """(st_dev, st_ino) of the file opened; None until it exists."""
 
     # -- connections --------------------------------------------------------------------
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def check_identity(self) -> None:
+        """``StoreError`` unless the file at ``path`` is still the one this store opened."""
+        if self._identity is None:
+            return
+        if self._file_identity() == self._identity:
+            if self.path in _LOST_FILES:
+                _LOST_FILES.discard(self.path)
+                logger.warning("%s: the store's file is back", self.path)
+            return
+        if self.path not in _LOST_FILES:  # one line, however many stores use the file
+            _LOST_FILES.add(self.path)
+            logger.error(
+                "%s: the store's file was deleted or replaced: not writing to it"
+                " (settlements wait in the journal until the same file is back)",
+                self.path,
+            )
+        raise StoreError(f"{self.path}: the store's file was deleted or replaced")
+
     def connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
+            self.check_identity()  # connecting would create an empty file
             try:
                 conn = self._connect()
             except sqlite3.Error as e:
                 raise StoreError(f"{self.path}: {e}") from e
+            if self._identity is None:
+                self._identity = self._file_identity()
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
@@ -257,6 +301,7 @@ class SqliteStore(Store):
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         conn = self.connection()
+        self.check_identity()  # one stat per transaction: a batch of holds or settlements
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:

@@ -359,8 +359,9 @@ def test_request_over_the_size_limit_is_413(
     ) as c:
         content: bytes | Iterator[bytes] = body if framing == "content-length" else iter([body])
         r = c.post(CHAT, content=content, headers=auth(account, CHAT))
+        # mitmproxy's own 413 (body_size_limit): it stops reading as soon as the limit is
+        # passed, where the addon's JSON 413 came only after the whole body was buffered
         assert r.status_code == 413, r.text
-        assert r.json()["error"]["code"] == "request_too_large"
         assert upstream.stats()["total"] == 0
         healthy(c, account)
     consistent(small_store, config, account, 1)

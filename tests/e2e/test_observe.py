@@ -52,8 +52,9 @@ webhook_env = "E2E_ALERT_URL"
 """
 WAIT = 20.0
 MESSAGES: list[Any] = [{"role": "user", "content": "Count."}]
-BIG_ANSWER = {"x_chunks": 300}
-"""About $0.0025 a request on openhands (300 output tokens of fake-gpt at $8/M × 1.02)."""
+BIG_ANSWER = {"x_chunks": 300, "max_tokens": 300}
+"""About $0.0025 a request on openhands (300 output tokens of fake-gpt at $8/M × 1.02); the
+limit keeps its hold small enough for 20 of them on one balance."""
 
 
 # -- a webhook receiver -----------------------------------------------------------------------
@@ -151,7 +152,8 @@ def receiver() -> Iterator[Receiver]:
 def observed(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory, receiver: Receiver):
     workdir = tmp_path_factory.mktemp("observe")
     config_path = workdir / "burnmeter.toml"
-    config_path.write_text(CONFIG_TOML + ALERTS_TOML)
+    # without the output cap, a request on what is left of a balance takes it past 0
+    config_path.write_text("cap_output_tokens = false\n" + CONFIG_TOML + ALERTS_TOML)
     config_path.chmod(0o600)
     port = free_port()
     proxy = Proxy(
@@ -400,8 +402,9 @@ def test_reaching_zero_alerts_once(
     observed: Observed, ostore: Store, oaccounts: Accounts, receiver: Receiver
 ) -> None:
     dave = oaccounts.new(creditsNew="0.004")  # below the threshold from the start
-    chat(observed, dave.key, **BIG_ANSWER)
-    chat(observed, dave.key, **BIG_ANSWER)  # held what was left, charged past 0
+    chat(observed, dave.key, x_chunks=10, max_tokens=10)  # about $0.0001: still above 0
+    # its hold is what is left (it covers the input's upper bound), its answer costs more
+    chat(observed, dave.key, x_chunks=600, max_tokens=600)
     logs = wait_logs(ostore, dave.user_id, 2)
     observed.settled()
     alerts = receiver.for_user(dave.user_id)

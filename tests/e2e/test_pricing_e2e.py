@@ -408,7 +408,7 @@ def test_a_prompt_estimated_past_a_tier_is_held_at_the_tier_rate(
         return {"model": "acme-omni", "messages": [prompt], "max_tokens": 1}
 
     def estimated(words: int) -> int:
-        return estimate_request("openai.chat", body(words), priced_config).input_tokens
+        return estimate_request("openai.chat", body(words), priced_config).held_input_tokens
 
     low, high = 1, 200_000  # the fewest words whose prompt is estimated past 100,000 tokens
     while low < high:

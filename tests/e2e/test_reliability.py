@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field
 from datetime import timedelta
@@ -103,9 +104,10 @@ def make_site(upstream: Upstream, workdir: Path, toml: str = CONFIG_TOML) -> Sit
     return Site(upstream, workdir, config, store, Accounts(store))
 
 
-@pytest.fixture
-def site(upstream: Upstream, tmp_path: Path) -> Iterator[Site]:
-    made = make_site(upstream, tmp_path)
+@contextmanager
+def running_site(upstream: Upstream, workdir: Path, toml: str = CONFIG_TOML) -> Iterator[Site]:
+    """A site whose proxies are killed, and store closed, at the end."""
+    made = make_site(upstream, workdir, toml)
     try:
         yield made
     finally:
@@ -113,6 +115,12 @@ def site(upstream: Upstream, tmp_path: Path) -> Iterator[Site]:
             if proxy.proc is not None and proxy.proc.poll() is None:
                 proxy.kill()
         made.store.close()
+
+
+@pytest.fixture
+def site(upstream: Upstream, tmp_path: Path) -> Iterator[Site]:
+    with running_site(upstream, tmp_path) as made:
+        yield made
 
 
 # -- clients -------------------------------------------------------------------------------
