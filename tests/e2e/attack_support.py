@@ -386,18 +386,24 @@ class Lab:
                 )
         if violations and not self.collect:
             details = "\n".join(str(v) for v in violations)
-            raise Violation(
-                violations[0].invariant,
-                f"{details}\n  attack {attack.describe()}\n  answer {answer!r}",
-            )
+            raise AssertionError(f"{details}\n  attack {attack.describe()}\n  answer {answer!r}")
         return answer
 
     def _seq(self) -> int:
         seq, _ = self.received_since(1 << 62)
         return seq
 
-    def _output_size(self) -> int:
-        return sum(p.stat().st_size for p in (self.proxy.stdout_path, self.proxy.stderr_path))
+    def _output_size(self) -> tuple[int, int]:
+        return self.proxy.stdout_path.stat().st_size, self.proxy.stderr_path.stat().st_size
+
+    def _output_since(self, sizes: tuple[int, int]) -> bytes:
+        """What mitmdump printed since ``_output_size`` said ``sizes``."""
+        printed = b""
+        for path, size in zip((self.proxy.stdout_path, self.proxy.stderr_path), sizes, strict=True):
+            with path.open("rb") as f:
+                f.seek(size)
+                printed += f.read()
+        return printed
 
     def _check(
         self,
@@ -405,7 +411,7 @@ class Lab:
         answer: Answer,
         users: list[tuple[str, str]],
         seq: int,
-        output_at: int,
+        output_at: tuple[int, int],
         violations: list[Violation],
     ) -> None:
         user_ids = [u for u, _ in users]
@@ -512,7 +518,7 @@ class Lab:
         self,
         keys: list[str],
         records: list[dict[str, Any]],
-        output_at: int,
+        output_at: tuple[int, int],
         violations: list[Violation],
     ) -> None:
         needles = {key: _needles(key) for key in keys}
@@ -523,10 +529,7 @@ class Lab:
             places[f"upstream request {r['target'][:80]!r}"] = raw + b"\n" + unquote_to_bytes(raw)
         for path in self._written_files():
             places[str(path.name)] = path.read_bytes()
-        output = b""
-        for path in (self.proxy.stdout_path, self.proxy.stderr_path):
-            output += path.read_bytes()
-        places["proxy output"] = output[output_at:]
+        places["proxy output"] = self._output_since(output_at)
         for forms in needles.values():
             for where, data in places.items():
                 if any(form in data for form in forms):
@@ -636,6 +639,7 @@ def attack_lab(workdir: Path, collect: bool = False) -> Iterator[Lab]:
     config = load_config(config_path)
     with realistic_upstream(workdir) as upstream:
         proxy = Proxy(upstream, config_path, workdir / "attack.db", workdir)
+        proxy.options["flow_detail"] = 2  # mitmdump prints each request: a key left in it shows
         proxy.start()
         store = open_store(proxy.db_url, config.pools)
         try:

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.slow
 
 settings.register_profile(
     "ci",
-    max_examples=int(os.environ.get("BURNMETER_ATTACK_EXAMPLES", "25")),
+    max_examples=int(os.environ.get("BURNMETER_ATTACK_EXAMPLES", "20")),
     deadline=None,
     derandomize=True,
     phases=(Phase.explicit, Phase.generate),  # no shrinking: a failure prints its request
@@ -934,6 +934,9 @@ def test_upstream_answers(lab: Lab, case: tuple[dict[str, Any], bool, str]) -> N
 def test_client_gone(lab: Lab, case: tuple[Api, dict[str, Any], bool], read_bytes: int) -> None:
     api, body, stream = case
     assume(api.name != "embeddings")
+    # the answer takes a while (hidden reasoning first, then visible tokens): the client
+    # leaves part-way, before the usage, wherever read_bytes falls
+    body = {**body, "x_delay_ms": 40, "x_ttft_ms": 40}
     attack = request(
         api,
         body=body,
