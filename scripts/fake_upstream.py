@@ -377,6 +377,9 @@ def _all_models(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+RECORD = web.RequestKey("record", dict)
+BODY = web.RequestKey("body", dict)
+PATH = web.RequestKey("path", str)
 GEMINI_PATH = re.compile(r"/(?:v1beta|v1)/(?:tunedModels|models)/([^/]+)$")
 
 
@@ -428,7 +431,7 @@ class FakeUpstream:
     async def _observe(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if request.path.startswith("/__"):
             return await handler(request)
-        request["record"] = self.stats.receive(request, await request.read())
+        request[RECORD] = self.stats.receive(request, await request.read())
         try:
             return await handler(request)
         except _Wire as wire:
@@ -445,7 +448,7 @@ class FakeUpstream:
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         """--realistic: route the resolved target, as a lenient server would."""
         path = resolve_target(request.raw_path)
-        request["path"] = path
+        request[PATH] = path
         handlers = {
             ("POST", "/v1/chat/completions"): self.chat,
             ("POST", "/v1/responses"): self.responses,
@@ -464,11 +467,11 @@ class FakeUpstream:
         self, request: web.Request, api: str, model: object, knobs: Knobs, input_tokens: int
     ) -> None:
         """Note on the request's record what was served and what an honest answer generates."""
-        record = request.get("record")
+        record = request.get(RECORD)
         if record is None:
             return
         record["served"] = api
-        body = request.get("body", {})
+        body = request.get(BODY, {})
         named = body.get(" models", [model]) if api != "gemini" else [model]
         record["models"] = [normalise_model(m) for m in named if isinstance(m, str)]
         if "x_wire" in body:
@@ -494,7 +497,7 @@ class FakeUpstream:
                 parsed = json.loads(raw)
             body = parsed if isinstance(parsed, dict) else {}
         self.stats.record(request, body)
-        request["body"] = body
+        request[BODY] = body
         knobs = Knobs.read(request, body)
         if self.realistic:
             knobs.cap(body)
@@ -760,7 +763,7 @@ class FakeUpstream:
     # -- Gemini (JSON generateContent only) ------------------------------------------------
     async def gemini(self, request: web.Request) -> web.StreamResponse:
         body, knobs = await self._begin(request)
-        name = request.get("path", request.path).rsplit("/", 1)[1]
+        name = request.get(PATH, request.path).rsplit("/", 1)[1]
         model, _, action = name.partition(":")
         if action not in ("generateContent", "streamGenerateContent"):
             return web.json_response({"error": {"code": 404, "status": "NOT_FOUND"}}, status=404)
