@@ -403,11 +403,11 @@ def credentials(draw: st.DrawFn) -> tuple[Api, bytes, tuple[Header, ...], int, s
                 (b"x-goog-api-key", b"{KEY2}"),
             )
         case "query-key":
-            name = draw(st.sampled_from(["key", "%6Bey", "k%65y", "KEY", "key%00", "%6b%65%79"]))
+            param = draw(st.sampled_from(["key", "%6Bey", "k%65y", "KEY", "key%00", "%6b%65%79"]))
             value = draw(st.sampled_from(["{KEY}", "{KEYPCT}"]))
             extra = draw(st.sampled_from(["", "&alt=json", "&key={KEY2}", "#x"]))
             users = 2 if "{KEY2}" in extra else 1
-            target = APIS["gemini"].path + f"?{name}={value}{extra}"
+            target = APIS["gemini"].path + f"?{param}={value}{extra}"
             api = APIS["gemini"]
             auth = () if draw(st.booleans()) else (api.auth,)
         case "proxy-authorization":
@@ -838,7 +838,7 @@ def answers(draw: st.DrawFn) -> tuple[dict[str, Any], bool, str]:
                     ]
                 )
             )
-            value = draw(
+            value: object = draw(
                 st.sampled_from(
                     [-5, "100", 1e30, 10**20, None, True, [], {"reasoning_tokens": -1}, 2**63, 1.5]
                 )
