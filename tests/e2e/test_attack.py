@@ -816,6 +816,8 @@ def answers(draw: st.DrawFn) -> tuple[dict[str, Any], bool, str]:
                 "cut",
                 "gzip",
                 "wire-json-length",
+                "no-usage",
+                "unsolicited-101",
             )
         )
     )
@@ -913,6 +915,25 @@ def answers(draw: st.DrawFn) -> tuple[dict[str, Any], bool, str]:
                 f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nx-fake-upstream: 1\r\n"
                 f"Content-Length: {len(answer) + extra_len}\r\n\r\n{answer}"
             )
+            label = f"wire-json-length:{extra_len:+d}"
+        case "no-usage":
+            stream = draw(st.booleans())
+            if stream:
+                body["stream"] = True
+                text = _frame(_chat_events(body, None, chunks), "\n", "plain")
+                content_type = "text/event-stream"
+            else:
+                text = json.dumps({"id": "x", "object": "chat.completion", "choices": []})
+                content_type = "application/json"
+            body["x_wire"] = (
+                f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nx-fake-upstream: 1\r\n"
+                f"Content-Length: {len(text)}\r\n\r\n{text}"
+            )
+            label = f"no-usage:stream={stream}"
+        case "unsolicited-101":
+            frames = "".join(_ws_frames(f"tok{i} ") for i in range(chunks))
+            body["x_wire"] = WS_101 + frames
+            body["x_wire_generated"] = {"input": prompt, "output": chunks}
     return body, stream, label
 
 
