@@ -10,7 +10,7 @@ request exactly as it arrived: method, raw target, raw headers, body, and what w
 
 ``--realistic`` makes it read requests as lenient real servers do, for the attack suite:
 the target is resolved (fragment dropped, percent-decoding, dot segments, repeated and
-trailing slashes) before routing; model names are compared without case, surrounding
+trailing slashes) before routing; ``stream`` is read as a lax boolean ("true", 1); model names are compared without case, surrounding
 spaces or percent-encoding; the output limit the request names caps what is generated;
 Gemini honours ``fields`` / ``X-Goog-FieldMask`` (usage left out when not asked for) and
 ``alt=proto`` (a binary answer), and serves ``:streamGenerateContent``. Every answer it
@@ -94,6 +94,8 @@ KNOBS = (
 )
 DISHONEST_KNOBS = ("x_status", "x_abort_after", "x_no_final_blank", "x_raw", "x_usage")
 """Knobs whose answer does not report what was generated, whole and well-framed."""
+LAX_TRUE = ("1", "true", "yes", "on", "t", "y")
+"""What a lax boolean validator (pydantic's, in many OpenAI-compatible servers) reads as true."""
 LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 RAW_BODIES: dict[str, tuple[int, str, bytes]] = {  # name: (status, content type, body)
     "truncated-json": (200, "application/json", b'{"id": "x", "usage": {"prompt_tokens": 1'),
@@ -484,6 +486,13 @@ class FakeUpstream:
             raise _Wire(wire.encode("latin-1", "replace"))
 
     # -- helpers -------------------------------------------------------------------------
+    def _streams(self, body: dict[str, Any]) -> bool:
+        """Whether to stream: --realistic reads ``stream`` as lax validators do ("true", 1)."""
+        value = body.get("stream")
+        if self.realistic and isinstance(value, str | int) and not isinstance(value, bool):
+            return str(value).strip().lower() in LAX_TRUE
+        return bool(value)
+
     async def _begin(self, request: web.Request) -> tuple[dict[str, Any], Knobs]:
         body: dict[str, Any] = {}
         raw = await request.read()  # already read by _observe: cached
@@ -559,7 +568,7 @@ class FakeUpstream:
         model = body.get("model", "fake-gpt")
         created = int(time.time())
         completion_id = _id("chatcmpl-")
-        if not body.get("stream"):
+        if not self._streams(body):
             await asyncio.sleep(knobs.ttft_ms / 1000)
             return self._json(
                 {
@@ -650,7 +659,7 @@ class FakeUpstream:
                 "usage": usage,
             }
 
-        if not body.get("stream"):
+        if not self._streams(body):
             await asyncio.sleep(knobs.ttft_ms / 1000)
             usage = responses_usage(body, knobs, knobs.chunks)
             return web.json_response(resource("completed", _text(knobs.chunks), usage))
@@ -728,7 +737,7 @@ class FakeUpstream:
                 "usage": usage,
             }
 
-        if not body.get("stream"):
+        if not self._streams(body):
             await asyncio.sleep(knobs.ttft_ms / 1000)
             return self._json(
                 message([{"type": "text", "text": _text(knobs.chunks)}], knobs.patch(usage)), knobs

@@ -581,6 +581,7 @@ def bodies(draw: st.DrawFn) -> tuple[Api, bytes | None, bytes | None, bool, str]
                 "field-mask",
                 "not-json",
                 "nested-junk",
+                "stream-flag",
             )
         )
     )
@@ -666,6 +667,14 @@ def bodies(draw: st.DrawFn) -> tuple[Api, bytes | None, bytes | None, bool, str]
                     ]
                 )
             )
+        case "stream-flag":
+            stream = False  # the proxy must read the flag as the upstream does
+            body["stream"] = draw(st.sampled_from(["true", 1, "1", "yes", " True", "false", 0]))
+            body.setdefault("x_thoughts", 300)
+            variant_label = f"stream={body['stream']!r}"
+            target = None if api.name != "gemini" else api.path.encode()
+            raw = json_body(body)
+            return api, raw, target, stream, f"{kind}:{variant_label}"
         case "nested-junk":
             junk = draw(
                 st.recursive(
