@@ -340,6 +340,11 @@ def _host_attack(
 )
 @example(
     case=(APIS["chat"], APIS["chat"].body, False),
+    host=(((b"Host", b"ohmygpt.test."),), "trailing-dot"),
+    pooled=False,
+)
+@example(
+    case=(APIS["chat"], APIS["chat"].body, False),
     host=(((b"Host", b"openhands.test"),), "route"),
     pooled=True,
 )
@@ -375,6 +380,7 @@ def credentials(draw: st.DrawFn) -> tuple[Api, bytes, tuple[Header, ...], int, s
                 "query-key",
                 "proxy-authorization",
                 "connection-nominated",
+                "other-key-header",
             )
         )
     )
@@ -414,6 +420,12 @@ def credentials(draw: st.DrawFn) -> tuple[Api, bytes, tuple[Header, ...], int, s
             auth = (api.auth, (b"Proxy-Authorization", b"Bearer {KEY}"))
         case "connection-nominated":
             auth = (api.auth, (b"Connection", api.auth[0]))
+        case "other-key-header":  # headers other clients carry keys in (Azure, proxies, cookies)
+            name = draw(
+                st.sampled_from([b"api-key", b"X-Auth-Token", b"Cookie", b"OpenAI-Api-Key"])
+            )
+            value = b"session={KEY}" if name == b"Cookie" else b"{KEY}"
+            auth = (api.auth, (name, value))
     return api, target.encode(), auth, users, kind
 
 
@@ -734,6 +746,33 @@ def bodies(draw: st.DrawFn) -> tuple[Api, bytes | None, bytes | None, bool, str]
         b"/v1beta/models/fake-pro:generateContent?fields=candidates",
         False,
         "field-mask",
+    )
+)
+@example(
+    case=(
+        APIS["gemini"],
+        json_body({"contents": GEMINI_CONTENTS, "x_thoughts": 5000}),
+        b"/v1beta/models/fake-pro:generateContent?alt=proto",
+        False,
+        "field-mask",
+    )
+)
+@example(
+    case=(
+        APIS["gemini"],
+        json_body({"contents": GEMINI_CONTENTS, "x_thoughts": 5000}),
+        None,
+        False,
+        "field-mask:header",
+    )
+)
+@example(
+    case=(
+        APIS["messages"],
+        json_body({**APIS["messages"].body, "model": "fake-claude "}),
+        None,
+        False,
+        "model-space",
     )
 )
 @given(case=bodies())
