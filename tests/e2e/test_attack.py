@@ -424,8 +424,8 @@ def credentials(draw: st.DrawFn) -> tuple[Api, bytes, tuple[Header, ...], int, s
             name = draw(
                 st.sampled_from([b"api-key", b"X-Auth-Token", b"Cookie", b"OpenAI-Api-Key"])
             )
-            value = b"session={KEY}" if name == b"Cookie" else b"{KEY}"
-            auth = (api.auth, (name, value))
+            secret = b"session={KEY}" if name == b"Cookie" else b"{KEY}"
+            auth = (api.auth, (name, secret))
     return api, target.encode(), auth, users, kind
 
 
