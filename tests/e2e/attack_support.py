@@ -62,6 +62,7 @@ from burnmeter.store.base import Document
 from burnmeter.store.base import Store
 from scripts.fake_upstream import resolve_target
 from scripts.processes import stop_process
+from tests.e2e.harness import CONFIG_TOML
 from tests.e2e.harness import ROOT
 from tests.e2e.harness import Proxy
 from tests.e2e.harness import Upstream
@@ -75,53 +76,12 @@ SETTLE_TIMEOUT = 3.0
 POLL = 0.02
 BALANCE = Decimal("100")
 
-ATTACK_CONFIG = """\
-unknown_model = "default"
-log_ttl_days = 0
-default_pool = "ohmygpt"
-
-[default_price]
-input = 0.1
-output = 0.4
-
-[pools.openhands]
-balance = ["creditsNew"]
-used = "creditsNewUsed"
-tokens = "tokensUserNew"
-expires = "expiresAtNew"
-
-[pools.ohmygpt]
-balance = ["credits", "refCredits"]
-used = "creditsUsed"
-expires = "expiresAt"
-
-[[routes]]
-host = "openhands.test"
-pool = "openhands"
-multiplier = 1.02
-
-[[routes]]
-host = "ohmygpt.test"
-pool = "ohmygpt"
-multiplier = 1.15
-upstream_key_env = "E2E_OHMYGPT_UPSTREAM_KEY"
-
-[models."fake-gpt"]
-input = 2.0
-output = 8.0
-cache_read = 0.5
-
-[models."fake-claude"]
-aliases = ["fake-claude-latest"]
-input = 3.0
-output = 15.0
-cache_write = 3.75
-cache_read = 0.3
-
-[models."fake-embed"]
-input = 0.1
-output = 0.0
-
+ATTACK_CONFIG = (
+    CONFIG_TOML.replace('unknown_model = "reject"', 'unknown_model = "default"').replace(
+        "log_ttl_days = 0\n",
+        'log_ttl_days = 0\ndefault_pool = "ohmygpt"\n\n[default_price]\ninput = 0.1\noutput = 0.4\n',
+    )
+    + """
 [models."fake-flash"]
 input = 0.3
 output = 2.5
@@ -135,6 +95,12 @@ input = 2.0
 output = 8.0
 pool = "ohmygpt"
 """
+)
+"""The e2e config with the default-price policy (a cheap price for unknown names, which a
+near-miss of a dear name must not get), a cheap and a dear Gemini model, and a model whose
+own pool is not its host's."""
+if 'unknown_model = "default"' not in ATTACK_CONFIG or "[default_price]" not in ATTACK_CONFIG:
+    raise RuntimeError("harness.CONFIG_TOML changed: update ATTACK_CONFIG's edits of it")
 
 FREE_POST = re.compile(r"/v1/messages/count_tokens$|/models/[^/]+:countTokens$")
 FREE_GET = re.compile(r"/models(?:/[^/]+)?$")
