@@ -5,7 +5,16 @@ Import: ``FakeUpstream`` (start/stop on a running loop) or ``serve_in_thread()``
 
 Endpoints: POST /v1/chat/completions, /v1/responses, /v1/embeddings, /v1/messages,
 /v1beta/models/MODEL:generateContent (JSON only); GET /v1/models; GET /__stats (counts and
-the credentials of recent requests), POST /__reset.
+the credentials of recent requests), POST /__reset; GET /__received?since=SEQ (every
+request exactly as it arrived: method, raw target, raw headers, body, and what was served).
+
+``--realistic`` makes it read requests as lenient real servers do, for the attack suite:
+the target is resolved (fragment dropped, percent-decoding, dot segments, repeated and
+trailing slashes) before routing; ``stream`` is read as a lax boolean ("true", 1); model names are compared without case, surrounding
+spaces or percent-encoding; the output limit the request names caps what is generated;
+Gemini honours ``fields`` / ``X-Goog-FieldMask`` (usage left out when not asked for) and
+``alt=proto`` (a binary answer), and serves ``:streamGenerateContent``. Every answer it
+makes carries ``x-fake-upstream: 1``.
 
 Usage is deterministic from the request, so tests can compute the expected cost:
 - prompt tokens = ``prompt_tokens(x)`` = len(json.dumps(x)) // 4, where x is ``messages``
@@ -44,6 +53,18 @@ Billing knobs, in the body only:
                     every SSE chunk), as OpenAI says which tier served the request
   x_search_queries  Gemini: the candidate's ``groundingMetadata.webSearchQueries`` (a list
                     of strings), as Google Search grounding reports them
+
+
+  x_thoughts     hidden reasoning tokens generated on top of the content events (reported
+                 as reasoning / thoughts; default 0)
+  x_wire         body only, a string: write these bytes (latin-1) to the connection as the
+                 whole answer and close it (1xx, 101, odd framing, cut streams);
+                 ``x_wire_generated`` {"input": N, "output": M} says what that answer stands for
+
+Each ``/__received`` record carries ``served`` (the API a handler served, else null),
+``models`` (every top-level ``model`` the body named, normalised) and ``generated``
+({"input", "output"} tokens an honest answer generated; null when a knob made the answer
+lie, break or cut off).
 """
 
 from __future__ import annotations
@@ -52,6 +73,7 @@ import argparse
 import asyncio
 import base64
 import json
+import re
 import struct
 import threading
 import time
@@ -63,6 +85,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
+from urllib.parse import unquote
 
 from aiohttp import web
 
@@ -81,7 +104,13 @@ KNOBS = (
     "x_no_final_blank",
     "x_linger_ms",
     "x_usage_delay_ms",
+    "x_thoughts",
 )
+DISHONEST_KNOBS = ("x_status", "x_abort_after", "x_no_final_blank", "x_raw", "x_usage")
+"""Knobs whose answer does not report what was generated, whole and well-framed."""
+LAX_TRUE = ("1", "true", "yes", "on", "t", "y")
+"""What a lax boolean validator (pydantic's, in many OpenAI-compatible servers) reads as true."""
+LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 RAW_BODIES: dict[str, tuple[int, str, bytes]] = {  # name: (status, content type, body)
     "truncated-json": (200, "application/json", b'{"id": "x", "usage": {"prompt_tokens": 1'),
     "html-502": (502, "text/html", b"<html><body><h1>502 Bad Gateway</h1></body></html>"),
@@ -105,11 +134,15 @@ DEFAULT_CHUNKS = 3
 def output_limit(body: dict[str, Any]) -> int | None:
     """The output limit the request names, as the real APIs read it."""
     generation = body.get("generationConfig")
-    names = [body.get(k) for k in ("max_completion_tokens", "max_tokens", "max_output_tokens")]
+    names = [body.get(k) for k in LIMIT_FIELDS]
     if isinstance(generation, dict):
         names.append(generation.get("maxOutputTokens"))
     limits = [n for n in names if isinstance(n, int) and not isinstance(n, bool) and n > 0]
     return min(limits) if limits else None
+
+
+RECEIVED_LIMIT = 2000
+BODY_RECORD_BYTES = 65536
 
 
 def prompt_tokens(value: object) -> int:
@@ -133,6 +166,7 @@ class Knobs:
     no_final_blank: int = 0
     linger_ms: int = 0
     usage_delay_ms: int = 0
+    thoughts: int = 0
     raw: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
     service_tier: str | None = None
@@ -153,10 +187,10 @@ class Knobs:
             values["service_tier"] = body["x_service_tier"]
         if isinstance(body.get("x_search_queries"), list):
             values["search_queries"] = body["x_search_queries"]
-
         limit = output_limit(body)
-        if limit is not None:
-            values["chunks"] = min(values.get("chunks", DEFAULT_CHUNKS), limit)
+        if limit is not None:  # no more than the limit, reasoning first
+            values["thoughts"] = min(values.get("thoughts", 0), limit)
+            values["chunks"] = min(values.get("chunks", DEFAULT_CHUNKS), limit - values["thoughts"])
         return cls(**values)
 
     def tier(self) -> dict[str, Any]:
@@ -175,6 +209,26 @@ class Stats:
     aborted: int = 0  # streams the client (the proxy) closed before the end
     cut: int = 0  # streams cut by x_abort_after
     recent: list[dict[str, Any]] = field(default_factory=list)  # newest last
+    received: list[dict[str, Any]] = field(default_factory=list)  # every request, newest last
+    seq: int = 0
+
+    def receive(self, request: web.Request, raw_body: bytes) -> dict[str, Any]:
+        """The request as it arrived, before any reading of it (``/__received``)."""
+        self.seq += 1
+        record: dict[str, Any] = {
+            "seq": self.seq,
+            "method": request.method,
+            "target": request.raw_path,
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers],
+            "body": raw_body[:BODY_RECORD_BYTES].decode("latin-1"),
+            "body_bytes": len(raw_body),
+            "served": None,
+            "models": [],
+            "generated": None,
+        }
+        self.received.append(record)
+        del self.received[:-RECEIVED_LIMIT]
+        return record
 
     def record(self, request: web.Request, body: dict[str, Any]) -> None:
         self.requests[request.path] += 1
@@ -282,22 +336,24 @@ def _id(prefix: str) -> str:
 
 def openai_chat_usage(body: dict[str, Any], knobs: Knobs, completion: int) -> dict[str, Any]:
     prompt = prompt_tokens(body.get("messages", [])) + knobs.cache_read
+    completion += knobs.thoughts
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": knobs.cache_read, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": knobs.thoughts, "audio_tokens": 0},
     }
 
 
 def responses_usage(body: dict[str, Any], knobs: Knobs, completion: int) -> dict[str, Any]:
     prompt = prompt_tokens(body.get("input", "")) + knobs.cache_read
+    completion += knobs.thoughts
     return {
         "input_tokens": prompt,
         "input_tokens_details": {"cached_tokens": knobs.cache_read},
         "output_tokens": completion,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": knobs.thoughts},
         "total_tokens": prompt + completion,
     }
 
@@ -307,7 +363,7 @@ def anthropic_usage(body: dict[str, Any], knobs: Knobs, output: int) -> dict[str
         "input_tokens": prompt_tokens(body.get("messages", [])),
         "cache_creation_input_tokens": knobs.cache_write,
         "cache_read_input_tokens": knobs.cache_read,
-        "output_tokens": output,
+        "output_tokens": output + knobs.thoughts,
     }
 
 
@@ -320,20 +376,70 @@ def _text(chunks: int) -> str:
     return "".join(f"tok{i} " for i in range(chunks))
 
 
+class _Wire(Exception):
+    """x_wire: the answer is these bytes, written to the connection as they are."""
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__("wire answer")
+        self.raw = raw
+
+
+def resolve_target(target: str) -> str:
+    """The path a lenient server routes: no fragment or query, percent-decoded once, dot
+    segments removed, repeated and trailing slashes merged."""
+    path = unquote(target.partition("#")[0].partition("?")[0], errors="surrogateescape")
+    out: list[str] = []
+    for segment in path.split("/"):
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment not in ("", "."):
+            out.append(segment)
+    return "/" + "/".join(out)
+
+
+def normalise_model(name: object) -> str | None:
+    """A model name as a lenient upstream matches it: no case, spaces or percent-encoding."""
+    if not isinstance(name, str):
+        return None
+    return unquote(name).strip().lower()
+
+
+def _all_models(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object hook: keep every value of a repeated top-level ``model`` key."""
+    models = [v for k, v in pairs if k == "model"]
+    obj = dict(pairs)
+    if len(models) > 1:
+        obj[" models"] = models
+    return obj
+
+
+RECORD = web.RequestKey("record", dict)
+BODY = web.RequestKey("body", dict)
+PATH = web.RequestKey("path", str)
+GEMINI_PATH = re.compile(r"/(?:v1beta|v1)/(?:tunedModels|models)/([^/]+)$")
+
+
 class FakeUpstream:
     """The server: ``await start(port)`` on a running loop returns the bound port."""
 
-    def __init__(self) -> None:
+    def __init__(self, realistic: bool = False) -> None:
         self.stats = Stats()
-        self.app = web.Application()
-        self.app.router.add_post("/v1/chat/completions", self.chat)
-        self.app.router.add_post("/v1/responses", self.responses)
-        self.app.router.add_post("/v1/embeddings", self.embeddings)
-        self.app.router.add_post("/v1/messages", self.messages)
-        self.app.router.add_post("/v1beta/models/{name}", self.gemini)
-        self.app.router.add_get("/v1/models", self.models)
+        self.realistic = realistic
+        self.app = web.Application(middlewares=[self._observe])
         self.app.router.add_get("/__stats", self.get_stats)
+        self.app.router.add_get("/__received", self.get_received)
         self.app.router.add_post("/__reset", self.reset)
+        if realistic:
+            self.app.router.add_route("*", "/{tail:.*}", self.dispatch)
+            self.app.on_response_prepare.append(self._mark)
+        else:
+            self.app.router.add_post("/v1/chat/completions", self.chat)
+            self.app.router.add_post("/v1/responses", self.responses)
+            self.app.router.add_post("/v1/embeddings", self.embeddings)
+            self.app.router.add_post("/v1/messages", self.messages)
+            self.app.router.add_post("/v1beta/models/{name}", self.gemini)
+            self.app.router.add_get("/v1/models", self.models)
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
 
@@ -357,13 +463,85 @@ class FakeUpstream:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    # -- observing and routing ------------------------------------------------------------
+    @web.middleware
+    async def _observe(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/__"):
+            return await handler(request)
+        request[RECORD] = self.stats.receive(request, await request.read())
+        try:
+            return await handler(request)
+        except _Wire as wire:
+            transport = request.transport
+            if transport is not None:
+                transport.write(wire.raw)
+                transport.close()
+            return web.Response()  # never sent: the connection is closed
+
+    @staticmethod
+    async def _mark(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["x-fake-upstream"] = "1"
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        """--realistic: route the resolved target, as a lenient server would."""
+        path = resolve_target(request.raw_path)
+        request[PATH] = path
+        handlers = {
+            ("POST", "/v1/chat/completions"): self.chat,
+            ("POST", "/v1/responses"): self.responses,
+            ("POST", "/v1/embeddings"): self.embeddings,
+            ("POST", "/v1/messages"): self.messages,
+            ("GET", "/v1/models"): self.models,
+        }
+        handler = handlers.get((request.method, path))
+        if handler is None and request.method == "POST" and GEMINI_PATH.match(path):
+            handler = self.gemini
+        if handler is None:
+            return web.json_response({"error": {"message": "not found"}}, status=404)
+        return await handler(request)
+
+    def _served(
+        self, request: web.Request, api: str, model: object, knobs: Knobs, input_tokens: int
+    ) -> None:
+        """Note on the request's record what was served and what an honest answer generates."""
+        record = request.get(RECORD)
+        if record is None:
+            return
+        record["served"] = api
+        body = request.get(BODY, {})
+        named = body.get(" models", [model]) if api != "gemini" else [model]
+        record["models"] = [normalise_model(m) for m in named if isinstance(m, str)]
+        if "x_wire" in body:
+            generated = body.get("x_wire_generated")
+            record["generated"] = generated if isinstance(generated, dict) else None
+        elif not any(name in body for name in DISHONEST_KNOBS):
+            record["generated"] = {"input": input_tokens, "output": knobs.chunks + knobs.thoughts}
+        wire = body.get("x_wire")
+        if isinstance(wire, str):
+            raise _Wire(wire.encode("latin-1", "replace"))
+
     # -- helpers -------------------------------------------------------------------------
+    def _streams(self, body: dict[str, Any]) -> bool:
+        """Whether to stream: --realistic reads ``stream`` as lax validators do ("true", 1)."""
+        value = body.get("stream")
+        if self.realistic and isinstance(value, str | int) and not isinstance(value, bool):
+            return str(value).strip().lower() in LAX_TRUE
+        return bool(value)
+
     async def _begin(self, request: web.Request) -> tuple[dict[str, Any], Knobs]:
         body: dict[str, Any] = {}
-        if request.can_read_body:  # JSON whatever the Content-Type, as the real APIs read it
-            parsed = json.loads(await request.read())
+        raw = await request.read()  # already read by _observe: cached
+        if raw:  # JSON whatever the Content-Type, as the real APIs read it
+            if self.realistic:
+                try:
+                    parsed = json.loads(raw, object_pairs_hook=_all_models)
+                except (ValueError, RecursionError):
+                    raise web.HTTPBadRequest(text="invalid JSON") from None
+            else:
+                parsed = json.loads(raw)
             body = parsed if isinstance(parsed, dict) else {}
         self.stats.record(request, body)
+        request[BODY] = body
         return body, Knobs.read(request, body)
 
     async def _stream(self, request: web.Request, knobs: Knobs) -> web.StreamResponse:
@@ -415,12 +593,14 @@ class FakeUpstream:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body, knobs = await self._begin(request)
         usage = openai_chat_usage(body, knobs, knobs.chunks)
+        prompt = prompt_tokens(body.get("messages", []))
+        self._served(request, "openai.chat", body.get("model"), knobs, prompt)
         if answer := self._misbehave(knobs, openai_error(knobs.status or 500), usage):
             return answer
         model = body.get("model", "fake-gpt")
         created = int(time.time())
         completion_id = _id("chatcmpl-")
-        if not body.get("stream"):
+        if not self._streams(body):
             await asyncio.sleep(knobs.ttft_ms / 1000)
             return self._json(
                 {
@@ -482,6 +662,8 @@ class FakeUpstream:
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         body, knobs = await self._begin(request)
+        prompt = prompt_tokens(body.get("input", ""))
+        self._served(request, "openai.responses", body.get("model"), knobs, prompt)
         if knobs.status:
             return web.json_response(openai_error(knobs.status), status=knobs.status)
         model = body.get("model", "fake-gpt")
@@ -513,7 +695,7 @@ class FakeUpstream:
                 "usage": usage,
             }
 
-        if not body.get("stream"):
+        if not self._streams(body):
             await asyncio.sleep(knobs.ttft_ms / 1000)
             usage = responses_usage(body, knobs, knobs.chunks)
             return web.json_response(resource("completed", _text(knobs.chunks), usage))
@@ -539,9 +721,11 @@ class FakeUpstream:
 
     async def embeddings(self, request: web.Request) -> web.Response:
         body, knobs = await self._begin(request)
+        knobs.chunks = knobs.thoughts = 0  # embeddings generate nothing
+        inputs = body.get("input", "")
+        self._served(request, "openai.embeddings", body.get("model"), knobs, prompt_tokens(inputs))
         if knobs.status:
             return web.json_response(openai_error(knobs.status), status=knobs.status)
-        inputs = body.get("input", "")
         items = inputs if isinstance(inputs, list) else [inputs]
         vector = [0.5, -0.25, 0.125]
         encoded: object = vector
@@ -569,6 +753,8 @@ class FakeUpstream:
     async def messages(self, request: web.Request) -> web.StreamResponse:
         body, knobs = await self._begin(request)
         usage = anthropic_usage(body, knobs, knobs.chunks)
+        prompt = prompt_tokens(body.get("messages", []))
+        self._served(request, "anthropic.messages", body.get("model"), knobs, prompt)
         if answer := self._misbehave(knobs, anthropic_error(knobs.status or 500), usage):
             return answer
         model = body.get("model", "fake-claude")
@@ -587,7 +773,7 @@ class FakeUpstream:
                 "usage": usage,
             }
 
-        if not body.get("stream"):
+        if not self._streams(body):
             await asyncio.sleep(knobs.ttft_ms / 1000)
             return self._json(
                 message([{"type": "text", "text": _text(knobs.chunks)}], knobs.patch(usage)), knobs
@@ -613,7 +799,7 @@ class FakeUpstream:
             final = {
                 "type": "message_delta",
                 "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                "usage": knobs.patch({"output_tokens": knobs.chunks}),
+                "usage": knobs.patch({"output_tokens": knobs.chunks + knobs.thoughts}),
             }
             await out.send(final, "message_delta")
             await out.send({"type": "message_stop"}, "message_stop")
@@ -621,17 +807,23 @@ class FakeUpstream:
         return await self._run_stream(request, knobs, produce)
 
     # -- Gemini (JSON generateContent only) ------------------------------------------------
-    async def gemini(self, request: web.Request) -> web.Response:
+    async def gemini(self, request: web.Request) -> web.StreamResponse:
         body, knobs = await self._begin(request)
-        model, _, action = request.match_info["name"].partition(":")
-        if action != "generateContent":
+        name = request.get(PATH, request.path).rsplit("/", 1)[1]
+        model, _, action = name.partition(":")
+        if action not in ("generateContent", "streamGenerateContent"):
             return web.json_response({"error": {"code": 404, "status": "NOT_FOUND"}}, status=404)
+        if self.realistic:
+            model = normalise_model(model) or model
         prompt = prompt_tokens(body.get("contents", []))
+        self._served(request, "gemini", model, knobs, prompt)
         usage = {
             "promptTokenCount": prompt,
             "candidatesTokenCount": knobs.chunks,
-            "totalTokenCount": prompt + knobs.chunks,
+            "totalTokenCount": prompt + knobs.chunks + knobs.thoughts,
         }
+        if knobs.thoughts:
+            usage["thoughtsTokenCount"] = knobs.thoughts
         part = {"text": _text(knobs.chunks)}
         candidate: dict[str, Any] = {
             "content": {"role": "model", "parts": [part]},
@@ -640,11 +832,54 @@ class FakeUpstream:
         if knobs.search_queries is not None:
             candidate["groundingMetadata"] = {"webSearchQueries": knobs.search_queries}
         answer = {"candidates": [candidate], "usageMetadata": knobs.patch(usage)}
-        return self._json(answer | {"modelVersion": model}, knobs)
+        answer |= {"modelVersion": model}
+        if self.realistic:
+            return await self._gemini_realistic(request, knobs, action, answer)
+        return self._json(answer, knobs)
+
+    async def _gemini_realistic(
+        self, request: web.Request, knobs: Knobs, action: str, answer: dict[str, Any]
+    ) -> web.StreamResponse:
+        """What the real API does with a field mask, ``alt`` and streaming."""
+        mask = request.query.get("fields") or request.headers.get("x-goog-fieldmask")
+        if mask:
+            keep = {path.strip().split(".")[0] for path in mask.split(",")}
+            answer = {k: v for k, v in answer.items() if k in keep}
+        alt = request.query.get("alt", "json")
+        if alt == "proto":
+            raw = json.dumps(answer).encode()
+            return web.Response(
+                body=b"\x0a" + bytes([len(raw) % 128]) + raw[::-1],
+                headers={"Content-Type": "application/x-protobuf"},
+            )
+        if action == "generateContent":
+            return self._json(answer, knobs)
+        usage = answer.pop("usageMetadata", None)
+        chunks = [
+            dict(
+                answer, candidates=[{"content": {"role": "model", "parts": [{"text": f"tok{i} "}]}}]
+            )
+            for i in range(knobs.chunks)
+        ] or [dict(answer)]
+        if usage is not None:
+            chunks[-1]["usageMetadata"] = usage
+        if alt == "sse":
+
+            async def produce(out: SSEWriter) -> None:
+                for chunk in chunks:
+                    await out.content(chunk)
+
+            return await self._run_stream(request, knobs, produce)
+        return self._json(chunks, knobs)
 
     # -- test control ----------------------------------------------------------------------
     async def get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats.as_json())
+
+    async def get_received(self, request: web.Request) -> web.Response:
+        since = int(request.query.get("since", "0"))
+        records = [r for r in self.stats.received if r["seq"] > since]
+        return web.json_response({"seq": self.stats.seq, "received": records})
 
     async def reset(self, request: web.Request) -> web.Response:
         self.stats = Stats()
@@ -652,10 +887,10 @@ class FakeUpstream:
 
 
 @contextmanager
-def serve_in_thread(port: int = 0) -> Iterator[int]:
+def serve_in_thread(port: int = 0, realistic: bool = False) -> Iterator[int]:
     """Run a FakeUpstream on its own loop in a daemon thread; yields the port."""
     loop = asyncio.new_event_loop()
-    upstream = FakeUpstream()
+    upstream = FakeUpstream(realistic)
     thread = threading.Thread(target=loop.run_forever, name="fake-upstream", daemon=True)
     thread.start()
     bound = asyncio.run_coroutine_threadsafe(upstream.start(port), loop).result(timeout=10)
@@ -668,8 +903,8 @@ def serve_in_thread(port: int = 0) -> Iterator[int]:
         loop.close()
 
 
-async def _main(port: int) -> None:
-    upstream = FakeUpstream()
+async def _main(port: int, realistic: bool) -> None:
+    upstream = FakeUpstream(realistic)
     bound = await upstream.start(port)
     print(f"listening on 127.0.0.1:{bound}", flush=True)
     try:
@@ -681,9 +916,12 @@ async def _main(port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument(
+        "--realistic", action="store_true", help="read requests as lenient real servers do"
+    )
     args = parser.parse_args()
     try:
-        asyncio.run(_main(args.port))
+        asyncio.run(_main(args.port, args.realistic))
     except KeyboardInterrupt:
         pass
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -150,3 +152,112 @@ def test_stats_count_requests_connections_and_host(base: str, stats: httpx.Clien
     assert s["connections"] == 1  # the SDK's keep-alive connection (reset after ours opened)
     assert [r["host"] for r in s["recent"]] == ["openhands.test", "openhands.test"]
     assert s["recent"][0]["authorization"] == "Bearer sk-x"
+
+
+# -- --realistic, /__received and the hostile knobs (what the attack suite relies on) ------
+@pytest.fixture(scope="module")
+def realistic() -> Iterator[str]:
+    with serve_in_thread(realistic=True) as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+def received(base: str) -> list[dict[str, Any]]:
+    return list(httpx.get(base + "/__received", timeout=5).json()["received"])
+
+
+def raw_post(base: str, target: str, body: object, **headers: str) -> tuple[int, bytes]:
+    """One request with ``target`` sent exactly as given (httpx would normalise it)."""
+    host, port = base.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    head = f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(data)}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "Connection: close\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(head.encode() + data)
+        answer = b""
+        while piece := sock.recv(65536):
+            answer += piece
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer.partition(b"\r\n\r\n")[2]
+
+
+def test_received_records_the_request_as_it_arrived(base: str) -> None:
+    oa(base).chat.completions.create(model="fake-gpt", messages=MESSAGES)
+    (record,) = [r for r in received(base) if r["target"] == "/v1/chat/completions"][-1:]
+    assert record["method"] == "POST" and record["served"] == "openai.chat"
+    assert ["authorization", "Bearer sk-x"] in record["headers"]  # as the SDK spelt it
+    assert json.loads(record["body"])["model"] == "fake-gpt"
+    assert record["generated"] == {"input": prompt_tokens(MESSAGES), "output": 3}
+
+
+def test_realistic_resolves_the_target_before_routing(realistic: str) -> None:
+    body = {"model": "fake-gpt", "messages": MESSAGES}
+    for target in (
+        "/v1/chat/completions#/v1/messages/count_tokens",
+        "/v1/messages/count_tokens/../../chat/%63ompletions",
+        "//v1/./chat//completions/",
+    ):
+        status, _ = raw_post(realistic, target, body)
+        assert status == 200, target
+        assert received(realistic)[-1]["served"] == "openai.chat"
+    status, _ = raw_post(realistic, "/v1/nothing/here", body)
+    assert status == 404 and received(realistic)[-1]["served"] is None
+
+
+def test_realistic_names_every_model_and_caps_the_output(realistic: str) -> None:
+    raw = '{"model": "fake-embed", "model": " Fake-GPT ", "max_tokens": 4, "messages": []}'
+    r = httpx.post(realistic + "/v1/chat/completions", content=raw, timeout=5)
+    assert r.status_code == 200
+    record = received(realistic)[-1]
+    assert record["models"] == ["fake-embed", "fake-gpt"]
+    _, answer = raw_post(
+        realistic,
+        "/v1/chat/completions",
+        {"model": "fake-gpt", "messages": [], "max_tokens": 4, "x_chunks": 3, "x_thoughts": 10},
+    )
+    usage = json.loads(answer)["usage"]
+    assert usage["completion_tokens"] == 4
+    assert usage["completion_tokens_details"]["reasoning_tokens"] == 4
+    assert received(realistic)[-1]["generated"]["output"] == 4
+
+
+def test_realistic_gemini_field_mask_leaves_the_usage_out(realistic: str) -> None:
+    body = {"contents": [{"parts": [{"text": "hi"}]}], "x_thoughts": 7}
+    path = "/v1beta/models/Fake-Pro:generateContent"
+    _, whole = raw_post(realistic, path, body)
+    assert json.loads(whole)["usageMetadata"]["thoughtsTokenCount"] == 7
+    assert received(realistic)[-1]["models"] == ["fake-pro"]
+    _, masked = raw_post(realistic, path + "?fields=candidates", body)
+    assert list(json.loads(masked)) == ["candidates"]
+    _, header_masked = raw_post(realistic, path, body, **{"X-Goog-FieldMask": "modelVersion"})
+    assert list(json.loads(header_masked)) == ["modelVersion"]
+    _, proto = raw_post(realistic, path + "?alt=proto", body)
+    with pytest.raises(ValueError):
+        json.loads(proto)
+    assert received(realistic)[-1]["generated"] == {
+        "input": prompt_tokens(body["contents"]),
+        "output": 10,
+    }
+    _, sse = raw_post(realistic, path.replace(":generate", ":streamGenerate") + "?alt=sse", body)
+    assert b'"thoughtsTokenCount": 7' in sse and sse.count(b"data: ") >= 3
+
+
+def test_wire_answers_with_the_bytes_given(realistic: str) -> None:
+    wire = "HTTP/1.1 418 Teapot\r\nContent-Length: 2\r\n\r\nhi"
+    status, answer = raw_post(
+        realistic,
+        "/v1/chat/completions",
+        {
+            "model": "fake-gpt",
+            "messages": [],
+            "x_wire": wire,
+            "x_wire_generated": {"input": 1, "output": 2},
+        },
+    )
+    assert (status, answer) == (418, b"hi")
+    assert received(realistic)[-1]["generated"] == {"input": 1, "output": 2}
+    raw_post(
+        realistic, "/v1/chat/completions", {"model": "fake-gpt", "messages": [], "x_status": 500}
+    )
+    assert (
+        received(realistic)[-1]["generated"] is None
+    )  # a dishonest answer generated nothing known
