@@ -1,14 +1,21 @@
 """Metering overhead against bare mitmproxy, measured side by side on 127.0.0.1.
 
     python scripts/bench_proxy.py [--quick] [--pairs N] [--format table|json] [--scale-out]
-        [--metrics]
+        [--metrics] [--workload NAME ...]
 
 Starts the fake upstream (scripts/fake_upstream.py), then in turn (a) mitmdump in reverse mode
 with a stream-passthrough script (the honest baseline: SSE streamed, nothing parsed) and (b)
 mitmdump with addons/metering.py on a fresh SQLite store, with a real account, holds,
-settlements and logs. Runs are interleaved A B A B ...; each run drives the same load (JSON and
-SSE at concurrency 16 after a warm-up, sequential SSE for time to first byte, and N concurrent
-slow streams for memory). mitmdump is pinned to CPU 1, the upstream and this load generator to
+settlements and logs. Runs are interleaved A B A B ...; each run drives the same load after a
+warm-up: per workload (``WORKLOADS``: small JSON, small SSE, and the coding-agent-shaped
+requests of scripts/agent_workload.py) a batch at concurrency 16 for throughput, then
+sequential requests for the latency one request adds (time to first byte and whole
+response); then N concurrent slow streams for memory. Per pair, the ratio of throughputs and
+the differences of latencies; the summary gives their medians. A streamed workload's added
+time per event is (added whole-response time - added time to first byte) / events, from the
+sequential requests; the tap's own cost per event is also timed in this process, on the
+workload's stream as the upstream sends it fed one event at a time (as paced generation
+arrives). mitmdump is pinned to CPU 1, the upstream and this load generator to
 CPU 0. After every metered run the store is checked: one log per request that got a 200, and
 Σ creditsCost equal to the balance change; a run that drops writes is reported as failed.
 With ``--metrics`` each pair gains a third run, (c) metered with ``metering_metrics`` on (scraped
@@ -27,6 +34,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict
 from dataclasses import dataclass
 from dataclasses import field
@@ -39,10 +47,12 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from addons.streamtap import StreamTap  # noqa: E402
 from burnmeter.config import load_config  # noqa: E402
 from burnmeter.documents import hash_key  # noqa: E402
 from burnmeter.documents import new_key  # noqa: E402
 from burnmeter.store import open_store  # noqa: E402
+from scripts import agent_workload  # noqa: E402
 from scripts.processes import free_port  # noqa: E402
 from scripts.processes import peak_rss_mb  # noqa: E402
 from scripts.processes import stop_process  # noqa: E402
@@ -64,33 +74,105 @@ output = 15.0
 cache_read = 0.3
 """
 MESSAGES = [{"role": "user", "content": "Say hello to the benchmark, twenty tokens please."}]
+MODEL = "bench-model"
+SMALL_EVENTS = 20
+TAP_REPEATS = 15
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    path: str
+    body: bytes
+    events: int
+    """Content events of a streamed answer; 0 for a JSON answer."""
+    key_header: str
+    api: str
+    seq_delay_ms: int = 0
+    """The upstream's pause between events on the sequential requests."""
+
+    def headers(self, key: str) -> dict[str, str]:
+        value = key if self.key_header == "x-api-key" else f"Bearer {key}"
+        return {self.key_header: value, "Host": HOST, "Content-Type": "application/json"}
+
+    def sequential_body(self) -> bytes:
+        if not self.seq_delay_ms:
+            return self.body
+        return json.dumps(json.loads(self.body) | {"x_delay_ms": self.seq_delay_ms}).encode()
+
+
+def small_body(stream: bool, delay_ms: int = 0) -> bytes:
+    body: dict[str, Any] = {"model": MODEL, "messages": MESSAGES, "x_chunks": SMALL_EVENTS}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    if delay_ms:
+        body["x_delay_ms"] = delay_ms
+    return json.dumps(body).encode()
+
+
+CHAT = "/v1/chat/completions"
+WORKLOADS = (
+    Workload("small-json", CHAT, small_body(False), 0, "Authorization", "openai.chat"),
+    # paced (2 ms between events) when sequential: each event its own read, as from an LLM
+    Workload("small-sse", CHAT, small_body(True), SMALL_EVENTS, "Authorization", "openai.chat", 2),
+    Workload(
+        "agent-anthropic",
+        "/v1/messages",
+        agent_workload.anthropic_messages(MODEL),
+        agent_workload.EVENTS,
+        "x-api-key",
+        "anthropic.messages",
+    ),
+    Workload(
+        "agent-openai",
+        CHAT,
+        agent_workload.openai_chat(MODEL),
+        agent_workload.EVENTS,
+        "Authorization",
+        "openai.chat",
+    ),
+)
+BY_NAME = {w.name: w for w in WORKLOADS}
 
 
 @dataclass(frozen=True)
 class Load:
-    json_requests: int
-    sse_requests: int
-    sequential: int
+    requests: dict[str, int]
+    """Requests per workload at ``concurrency``."""
+    sequential: dict[str, int]
     open_streams: int
     concurrency: int = 16
-    events: int = 20
+    warm_up: int = 10
+    """Requests per workload before the measured ones."""
 
 
-FULL = Load(json_requests=3000, sse_requests=1500, sequential=300, open_streams=500)
-QUICK = Load(json_requests=400, sse_requests=200, sequential=60, open_streams=200)
+FULL = Load(
+    requests={"small-json": 3000, "small-sse": 1500, "agent-anthropic": 400, "agent-openai": 600},
+    sequential={"small-json": 200, "small-sse": 200, "agent-anthropic": 60, "agent-openai": 60},
+    open_streams=500,
+)
+QUICK = Load(
+    requests={"small-json": 400, "small-sse": 200, "agent-anthropic": 60, "agent-openai": 80},
+    sequential={"small-json": 40, "small-sse": 40, "agent-anthropic": 15, "agent-openai": 15},
+    open_streams=200,
+)
+
+
+@dataclass
+class WorkloadResult:
+    rps: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    seq_ttfb_p50_ms: float = 0.0
+    seq_ttfb_p99_ms: float = 0.0
+    seq_total_p50_ms: float = 0.0
+    seq_total_p99_ms: float = 0.0
 
 
 @dataclass
 class RunResult:
     kind: str
-    json_rps: float = 0.0
-    json_p50_ms: float = 0.0
-    json_p99_ms: float = 0.0
-    sse_rps: float = 0.0
-    sse_p50_ms: float = 0.0
-    sse_p99_ms: float = 0.0
-    ttfb_p50_ms: float = 0.0
-    ttfb_p99_ms: float = 0.0
+    workloads: dict[str, WorkloadResult] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
     errors: int = 0
     requests_ok: int = 0
@@ -98,6 +180,8 @@ class RunResult:
     cost_matches: bool | None = None
     scraped_cost: float | None = None
     """Σ burnmeter_cost_usd_total (runs with metrics)."""
+    load_average: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """The machine's 1, 5 and 15 minute load averages at the end of the run."""
 
 
 @dataclass
@@ -142,11 +226,8 @@ async def one(session: aiohttp.ClientSession, url: str, body: bytes, stats: Stat
     stats.ok += 1
 
 
-async def drive(
-    url: str, headers: dict[str, str], body: dict[str, Any], n: int, conc: int
-) -> Stats:
+async def drive(url: str, headers: dict[str, str], payload: bytes, n: int, conc: int) -> Stats:
     stats = Stats()
-    payload = json.dumps(body).encode()
     connector = aiohttp.TCPConnector(limit=conc)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(
@@ -164,36 +245,63 @@ async def drive(
     return stats
 
 
-def request_body(load: Load, stream: bool, delay_ms: int = 0) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "bench-model", "messages": MESSAGES, "x_chunks": load.events}
-    if stream:
-        body |= {"stream": True, "stream_options": {"include_usage": True}}
-    if delay_ms:
-        body["x_delay_ms"] = delay_ms
-    return body
-
-
-async def measure(port: int, key: str, load: Load, result: RunResult) -> int:
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    headers = {"Authorization": f"Bearer {key}", "Host": HOST, "Content-Type": "application/json"}
+async def measure(
+    port: int, key: str, load: Load, workloads: list[Workload], result: RunResult
+) -> int:
+    base = f"http://127.0.0.1:{port}"
     sent_ok = 0
-    warm = await drive(url, headers, request_body(load, True), 50, load.concurrency)
-    sent_ok += warm.ok
-    j = await drive(url, headers, request_body(load, False), load.json_requests, load.concurrency)
-    s = await drive(url, headers, request_body(load, True), load.sse_requests, load.concurrency)
-    seq = await drive(url, headers, request_body(load, True, delay_ms=2), load.sequential, 1)
-    slow = await drive(
-        url, headers, request_body(load, True, delay_ms=100), load.open_streams, load.open_streams
-    )
-    for stats in (j, s, seq, slow):
+    runs: list[Stats] = []
+    for w in workloads:
+        url, headers = base + w.path, w.headers(key)
+        warm = await drive(url, headers, w.body, load.warm_up, min(load.warm_up, load.concurrency))
+        batch = await drive(url, headers, w.body, load.requests[w.name], load.concurrency)
+        seq = await drive(url, headers, w.sequential_body(), load.sequential[w.name], 1)
+        sent_ok += warm.ok
+        runs += [batch, seq]
+        result.workloads[w.name] = WorkloadResult(
+            rps=batch.ok / batch.elapsed,
+            p50_ms=pct(batch.latencies, 0.5),
+            p99_ms=pct(batch.latencies, 0.99),
+            seq_ttfb_p50_ms=pct(seq.ttfbs, 0.5),
+            seq_ttfb_p99_ms=pct(seq.ttfbs, 0.99),
+            seq_total_p50_ms=pct(seq.latencies, 0.5),
+            seq_total_p99_ms=pct(seq.latencies, 0.99),
+        )
+    slow = small_body(True, delay_ms=100)
+    sse = BY_NAME["small-sse"]
+    runs.append(await drive(base + sse.path, sse.headers(key), slow, *[load.open_streams] * 2))
+    for stats in runs:
         sent_ok += stats.ok
         result.errors += stats.errors
-    result.json_rps = j.ok / j.elapsed
-    result.json_p50_ms, result.json_p99_ms = pct(j.latencies, 0.5), pct(j.latencies, 0.99)
-    result.sse_rps = s.ok / s.elapsed
-    result.sse_p50_ms, result.sse_p99_ms = pct(s.latencies, 0.5), pct(s.latencies, 0.99)
-    result.ttfb_p50_ms, result.ttfb_p99_ms = pct(seq.ttfbs, 0.5), pct(seq.ttfbs, 0.99)
     return sent_ok
+
+
+# -- the tap, in this process ------------------------------------------------------------------
+
+
+async def upstream_stream(upstream_port: int, w: Workload) -> bytes:
+    """The workload's answer as the upstream sends it (no proxy)."""
+    url = f"http://127.0.0.1:{upstream_port}{w.path}"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            url, data=w.body, headers={"Content-Type": "application/json"}
+        ) as r:
+            return await r.read()
+
+
+def tap_us_per_event(api: str, stream: bytes) -> float:
+    """µs per SSE event of the proxy's stream tap, fed one event per call; median of repeats."""
+    events = [part + b"\n\n" for part in stream.split(b"\n\n") if part]
+    samples = []
+    for _ in range(TAP_REPEATS):
+        tap = StreamTap(api)
+        start = time.perf_counter()
+        for event in events:
+            tap(event)
+        tap(b"")
+        samples.append(time.perf_counter() - start)
+        assert tap.usage.done and tap.usage.result()[0] is not None
+    return round(statistics.median(samples) / len(events) * 1e6, 2)
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -282,7 +390,9 @@ def scraped_cost(metrics_port: int) -> float:
     )
 
 
-def run(kind: str, load: Load, upstream_port: int, workdir: Path) -> RunResult:
+def run(
+    kind: str, load: Load, workloads: list[Workload], upstream_port: int, workdir: Path
+) -> RunResult:
     result = RunResult(kind)
     port = free_port()
     db_url = f"sqlite:///{workdir / f'bench-{port}.db'}"
@@ -298,8 +408,9 @@ def run(kind: str, load: Load, upstream_port: int, workdir: Path) -> RunResult:
     if kind != "baseline":
         user, key = new_account(db_url, workdir)
     try:
-        result.requests_ok = asyncio.run(measure(port, key, load, result))
+        result.requests_ok = asyncio.run(measure(port, key, load, workloads, result))
         result.peak_rss_mb = peak_rss_mb(proc.pid)
+        result.load_average = os.getloadavg()
         if kind == "metrics":
             result.scraped_cost = scraped_cost(metrics_port)
     finally:
@@ -309,17 +420,40 @@ def run(kind: str, load: Load, upstream_port: int, workdir: Path) -> RunResult:
     return result
 
 
-def ratios(pairs: list[tuple[RunResult, RunResult]]) -> dict[str, Any]:
+def ratios(pairs: list[tuple[RunResult, RunResult]], workloads: list[Workload]) -> dict[str, Any]:
+    """Medians over pairs of (b)/(a) throughput and (b)-(a) latencies, per workload."""
+
     def med(values: list[float]) -> float:
         return round(statistics.median(values), 3)
 
-    return {
-        "json_rps": med([m.json_rps / b.json_rps for b, m in pairs]),
-        "sse_rps": med([m.sse_rps / b.sse_rps for b, m in pairs]),
-        "added_ttfb_p50_ms": med([m.ttfb_p50_ms - b.ttfb_p50_ms for b, m in pairs]),
-        "added_json_p50_ms": med([m.json_p50_ms - b.json_p50_ms for b, m in pairs]),
-        "added_peak_rss_mb": med([m.peak_rss_mb - b.peak_rss_mb for b, m in pairs]),
-    }
+    out: dict[str, Any] = {}
+    for w in workloads:
+        per = [(b.workloads[w.name], m.workloads[w.name]) for b, m in pairs]
+        row = {
+            "rps": med([m.rps / b.rps for b, m in per]),
+            "added_p50_ms": med([m.p50_ms - b.p50_ms for b, m in per]),
+            "added_seq_ttfb_p50_ms": med([m.seq_ttfb_p50_ms - b.seq_ttfb_p50_ms for b, m in per]),
+            "added_seq_total_p50_ms": med(
+                [m.seq_total_p50_ms - b.seq_total_p50_ms for b, m in per]
+            ),
+        }
+        if w.events:
+            row["added_us_per_event"] = med(
+                [
+                    (
+                        m.seq_total_p50_ms
+                        - m.seq_ttfb_p50_ms
+                        - b.seq_total_p50_ms
+                        + b.seq_ttfb_p50_ms
+                    )
+                    * 1000
+                    / w.events
+                    for b, m in per
+                ]
+            )
+        out[w.name] = row
+    out["added_peak_rss_mb"] = med([m.peak_rss_mb - b.peak_rss_mb for b, m in pairs])
+    return out
 
 
 async def scale_out(load: Load, upstream_port: int, workdir: Path) -> dict[str, Any]:
@@ -339,17 +473,16 @@ async def scale_out(load: Load, upstream_port: int, workdir: Path) -> dict[str, 
     for cpu, proc in enumerate(procs):
         pin(proc.pid, cpu)
     user, key = new_account(db_url, workdir)
-    headers = {"Authorization": f"Bearer {key}", "Host": HOST, "Content-Type": "application/json"}
-    body = request_body(load, False)
+    small = BY_NAME["small-json"]
     try:
         start = time.perf_counter()
         results = await asyncio.gather(
             *(
                 drive(
-                    f"http://127.0.0.1:{p}/v1/chat/completions",
-                    headers,
-                    body,
-                    load.json_requests,
+                    f"http://127.0.0.1:{p}{small.path}",
+                    small.headers(key),
+                    small.body,
+                    load.requests[small.name],
                     16,
                 )
                 for p in ports
@@ -373,27 +506,30 @@ async def scale_out(load: Load, upstream_port: int, workdir: Path) -> dict[str, 
 
 
 def table(pairs: list[tuple[RunResult, ...]], summary: dict[str, Any]) -> str:
-    cols = [
-        ("kind", "kind", "{}"),
-        ("json_rps", "JSON req/s", "{:.0f}"),
-        ("json_p50_ms", "JSON p50", "{:.1f}"),
-        ("json_p99_ms", "JSON p99", "{:.1f}"),
-        ("sse_rps", "SSE req/s", "{:.0f}"),
-        ("sse_p50_ms", "SSE p50", "{:.1f}"),
-        ("ttfb_p50_ms", "TTFB p50", "{:.2f}"),
-        ("ttfb_p99_ms", "TTFB p99", "{:.2f}"),
-        ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
-        ("errors", "errors", "{}"),
-        ("logs", "logs", "{}"),
-        ("cost_matches", "Σcost=Δbalance", "{}"),
+    cols: list[tuple[str, str, Callable[[RunResult, WorkloadResult], object]]] = [
+        ("kind", "{}", lambda r, w: r.kind),
+        ("req/s", "{:.0f}", lambda r, w: w.rps),
+        ("p50", "{:.1f}", lambda r, w: w.p50_ms),
+        ("p99", "{:.1f}", lambda r, w: w.p99_ms),
+        ("seq TTFB p50", "{:.2f}", lambda r, w: w.seq_ttfb_p50_ms),
+        ("seq total p50", "{:.2f}", lambda r, w: w.seq_total_p50_ms),
+        ("seq total p99", "{:.2f}", lambda r, w: w.seq_total_p99_ms),
+        ("RSS MB", "{:.0f}", lambda r, w: r.peak_rss_mb),
+        ("errors", "{}", lambda r, w: r.errors),
+        ("logs", "{}", lambda r, w: r.logs),
+        ("Σcost=Δbalance", "{}", lambda r, w: r.cost_matches),
+        ("load avg", "{:.2f}", lambda r, w: r.load_average[0]),
     ]
-    rows = [[title for _, title, _ in cols]]
-    for pair in pairs:
-        for r in pair:
-            rows.append([fmt.format(getattr(r, name)) for name, _, fmt in cols])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
-    lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
-    lines.append("")
+    lines = []
+    for name in pairs[0][0].workloads:
+        rows = [[title for title, _, _ in cols]]
+        for pair in pairs:
+            for r in pair:
+                rows.append([fmt.format(get(r, r.workloads[name])) for _, fmt, get in cols])
+        widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+        lines.append(f"{name} (ms)")
+        lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
+        lines.append("")
     lines += [f"{k}: {v}" for k, v in summary.items()]
     return "\n".join(lines)
 
@@ -401,7 +537,7 @@ def table(pairs: list[tuple[RunResult, ...]], summary: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="a run under 60 s (2 pairs, less load)"
+        "--quick", action="store_true", help="a run of about two minutes (2 pairs, less load)"
     )
     parser.add_argument("--pairs", type=int, help="interleaved baseline/metered pairs (default 5)")
     parser.add_argument("--format", choices=("table", "json"), default="table")
@@ -409,25 +545,41 @@ def main() -> int:
     parser.add_argument(
         "--metrics", action="store_true", help="also metered with metering_metrics on, per pair"
     )
+    parser.add_argument(
+        "--workload",
+        action="append",
+        choices=list(BY_NAME),
+        help="only this workload (repeatable; default: all)",
+    )
     args = parser.parse_args()
     load = QUICK if args.quick else FULL
+    workloads = [BY_NAME[name] for name in args.workload] if args.workload else list(WORKLOADS)
     n_pairs = args.pairs or (2 if args.quick else 5)
     upstream, upstream_port = start_upstream()
     pin(os.getpid(), 0)
     pairs: list[tuple[RunResult, RunResult]] = []
     with_metrics: list[tuple[RunResult, RunResult]] = []  # (metered, metered with metrics)
     try:
+        taps = {
+            w.name: tap_us_per_event(w.api, asyncio.run(upstream_stream(upstream_port, w)))
+            for w in workloads
+            if w.events
+        }
         with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
             workdir = Path(tmp)
             for _ in range(n_pairs):
-                base = run("baseline", load, upstream_port, workdir)
-                metered = run("metered", load, upstream_port, workdir)
+                base = run("baseline", load, workloads, upstream_port, workdir)
+                metered = run("metered", load, workloads, upstream_port, workdir)
                 pairs.append((base, metered))
                 if args.metrics:
-                    with_metrics.append((metered, run("metrics", load, upstream_port, workdir)))
-            summary: dict[str, Any] = {"ratios_metered_over_baseline": ratios(pairs)}
+                    metrics = run("metrics", load, workloads, upstream_port, workdir)
+                    with_metrics.append((metered, metrics))
+            summary: dict[str, Any] = {
+                "ratios_metered_over_baseline": ratios(pairs, workloads),
+                "tap_us_per_event_in_process": taps,
+            }
             if with_metrics:
-                summary["ratios_metrics_over_metered"] = ratios(with_metrics)
+                summary["ratios_metrics_over_metered"] = ratios(with_metrics, workloads)
             if args.scale_out:
                 summary["scale_out"] = asyncio.run(scale_out(load, upstream_port, workdir))
     finally:
@@ -436,6 +588,9 @@ def main() -> int:
     complete = all(
         m.errors == 0 and m.logs == m.requests_ok and m.cost_matches for m in metered_runs
     )
+    averages = [r.load_average[0] for pair in pairs for r in pair]
+    summary["load_average_1m"] = {"min": min(averages), "max": max(averages)}
+    summary["request_bytes"] = {w.name: len(w.body) for w in workloads}
     summary["load"] = asdict(load)
     summary["writes_complete"] = complete
     if args.format == "json":
