@@ -1,7 +1,7 @@
 """Metering overhead against bare mitmproxy, measured side by side on 127.0.0.1.
 
     python scripts/bench_proxy.py [--quick] [--pairs N] [--format table|json] [--scale-out]
-        [--metrics] [--workload NAME ...]
+        [--metrics] [--workload NAME ...] [--py-spy DIR]
 
 Starts the fake upstream (scripts/fake_upstream.py), then in turn (a) mitmdump in reverse mode
 with a stream-passthrough script (the honest baseline: SSE streamed, nothing parsed) and (b)
@@ -16,7 +16,11 @@ time per event is (added whole-response time - added time to first byte) / event
 sequential requests; the tap's own cost per event is also timed in this process, on the
 workload's stream as the upstream sends it fed one event at a time (as paced generation
 arrives). mitmdump is pinned to CPU 1, the upstream and this load generator to
-CPU 0. After every metered run the store is checked: one log per request that got a 200, and
+CPU 0.
+
+``--py-spy DIR`` samples every metered mitmdump for its whole run (py-spy, non-blocking, 250
+Hz, per thread; raw collapsed stacks in DIR): py-spy takes CPU 0 meanwhile, so such a run's
+figures are for the profile, not for the table. After every metered run the store is checked: one log per request that got a 200, and
 Σ creditsCost equal to the balance change; a run that drops writes is reported as failed.
 With ``--metrics`` each pair gains a third run, (c) metered with ``metering_metrics`` on (scraped
 once at the end, its Σ burnmeter_cost_usd_total checked against the logs), compared with (b).
@@ -28,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -390,8 +395,31 @@ def scraped_cost(metrics_port: int) -> float:
     )
 
 
+def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    py_spy = Path(sys.executable).parent / "py-spy"
+    args = [str(py_spy), "record", "--pid", str(pid), "--format", "raw", "--rate", "250"]
+    args += ["--threads", "--nolineno", "--nonblocking", "--output", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pin(proc.pid, 0)
+    return proc
+
+
+def stop_py_spy(spy: subprocess.Popen[bytes]) -> None:
+    """It writes its output once the process it samples is gone, or on SIGINT."""
+    try:
+        spy.wait(30)
+    except subprocess.TimeoutExpired:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(30)
+
+
 def run(
-    kind: str, load: Load, workloads: list[Workload], upstream_port: int, workdir: Path
+    kind: str,
+    load: Load,
+    workloads: list[Workload],
+    upstream_port: int,
+    workdir: Path,
+    profile_dir: Path | None = None,
 ) -> RunResult:
     result = RunResult(kind)
     port = free_port()
@@ -407,6 +435,9 @@ def run(
     proc = start_mitmdump(args, upstream_port, port, workdir)
     if kind != "baseline":
         user, key = new_account(db_url, workdir)
+    spy = None
+    if profile_dir is not None and kind != "baseline":
+        spy = start_py_spy(proc.pid, profile_dir / f"{kind}-{port}.txt")
     try:
         result.requests_ok = asyncio.run(measure(port, key, load, workloads, result))
         result.peak_rss_mb = peak_rss_mb(proc.pid)
@@ -415,6 +446,8 @@ def run(
             result.scraped_cost = scraped_cost(metrics_port)
     finally:
         stop_process(proc)
+        if spy is not None:
+            stop_py_spy(spy)
     if kind != "baseline":
         check_store(db_url, workdir, user, result.requests_ok, result)
     return result
@@ -546,6 +579,9 @@ def main() -> int:
         "--metrics", action="store_true", help="also metered with metering_metrics on, per pair"
     )
     parser.add_argument(
+        "--py-spy", type=Path, metavar="DIR", help="profile each metered run into DIR"
+    )
+    parser.add_argument(
         "--workload",
         action="append",
         choices=list(BY_NAME),
@@ -569,10 +605,10 @@ def main() -> int:
             workdir = Path(tmp)
             for _ in range(n_pairs):
                 base = run("baseline", load, workloads, upstream_port, workdir)
-                metered = run("metered", load, workloads, upstream_port, workdir)
+                metered = run("metered", load, workloads, upstream_port, workdir, args.py_spy)
                 pairs.append((base, metered))
                 if args.metrics:
-                    metrics = run("metrics", load, workloads, upstream_port, workdir)
+                    metrics = run("metrics", load, workloads, upstream_port, workdir, args.py_spy)
                     with_metrics.append((metered, metrics))
             summary: dict[str, Any] = {
                 "ratios_metered_over_baseline": ratios(pairs, workloads),

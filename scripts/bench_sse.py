@@ -5,6 +5,11 @@ Synthesizes an OpenAI chat stream with include_usage ("usage":null on every chun
 on the last) and an Anthropic Messages stream, cuts them into fixed-size chunks like TCP
 reads, and reports the median over interleaved repeats.
 
+Then the proxy's stream tap (``addons.streamtap.StreamTap``, as set on every metered stream)
+on each recorded stream of the usage corpus (``tests/corpus.py`` finds it), fed one event per
+call as paced generation arrives: µs per event per stream, and per API (total time / total
+events).
+
     python scripts/bench_sse.py [--events 5000] [--chunk 4096] [--repeats 9] [--format json]
 """
 
@@ -16,10 +21,16 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from burnmeter.sse import SSEParser
-from burnmeter.usage import StreamUsage
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from addons.streamtap import StreamTap  # noqa: E402
+from burnmeter.sse import SSEParser  # noqa: E402
+from burnmeter.usage import StreamUsage  # noqa: E402
+from tests.corpus import load_cases  # noqa: E402
 
 
 def openai_stream(events: int) -> bytes:
@@ -163,6 +174,48 @@ def bench(events: int, chunk_size: int, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def corpus_taps(repeats: int) -> list[dict[str, Any]]:
+    """µs per event of the stream tap on each corpus SSE stream, one event per call."""
+    rows = []
+    for name, case in load_cases().items():
+        if not (case["response"]["content_type"] or "").startswith("text/event-stream"):
+            continue
+        body = case["response"]["body"].encode()
+        pieces = [part + b"\n\n" for part in body.replace(b"\r\n", b"\n").split(b"\n\n")]
+        pieces = [p for p in pieces if p.strip()]
+        samples = []
+        for _ in range(repeats):
+            tap = StreamTap(case["api"])
+            started = time.perf_counter()
+            for piece in pieces:
+                tap(piece)
+            tap(b"")
+            samples.append(time.perf_counter() - started)
+        seconds = statistics.median(samples)
+        rows.append(
+            {
+                "stream": name,
+                "api": case["api"],
+                "bytes": len(body),
+                "events": len(pieces),
+                "median_s": seconds,
+                "us_per_event": seconds / len(pieces) * 1e6,
+            }
+        )
+    return rows
+
+
+def per_api(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Total time / total events, per API and over all streams."""
+    groups: dict[str, list[dict[str, Any]]] = {"all": rows}
+    for row in rows:
+        groups.setdefault(row["api"], []).append(row)
+    return {
+        api: sum(r["median_s"] for r in group) / sum(r["events"] for r in group) * 1e6
+        for api, group in groups.items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=5000, help="content events per stream")
@@ -171,8 +224,10 @@ def main() -> None:
     parser.add_argument("--format", choices=["table", "json"], default="table")
     args = parser.parse_args()
     rows = bench(args.events, args.chunk, args.repeats)
+    taps = corpus_taps(args.repeats)
     if args.format == "json":
-        json.dump(rows, sys.stdout, indent=2)
+        out = {"synthetic": rows, "corpus_tap": taps, "corpus_tap_us_per_event": per_api(taps)}
+        json.dump(out, sys.stdout, indent=2)
         print()
         return
     print(
@@ -188,6 +243,15 @@ def main() -> None:
             f"{row['events_per_s'] / 1e3:>10.1f} {row['us_per_event']:>9.2f} "
             f"{row['speedup_vs_naive']:>7.2f}"
         )
+    if not taps:
+        print("\nno usage corpus found (set BURNMETER_CORPUS): no corpus figures")
+        return
+    print(f"\nthe stream tap on {len(taps)} corpus streams, one event per call")
+    print(f"{'stream':<52} {'events':>6} {'µs/event':>9}")
+    for row in taps:
+        print(f"{row['stream']:<52} {row['events']:>6} {row['us_per_event']:>9.2f}")
+    for api, value in per_api(taps).items():
+        print(f"{'per API: ' + api:<52} {'':>6} {value:>9.2f}")
 
 
 if __name__ == "__main__":
