@@ -570,7 +570,7 @@ def table(pairs: list[tuple[RunResult, ...]], summary: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="a run of about two minutes (2 pairs, less load)"
+        "--quick", action="store_true", help="a run of about a minute (2 pairs, less load)"
     )
     parser.add_argument("--pairs", type=int, help="interleaved baseline/metered pairs (default 5)")
     parser.add_argument("--format", choices=("table", "json"), default="table")
