@@ -20,7 +20,8 @@ CPU 0.
 
 ``--py-spy DIR`` samples every metered mitmdump for its whole run (py-spy, non-blocking, 250
 Hz, per thread; raw collapsed stacks in DIR): py-spy takes CPU 0 meanwhile, so such a run's
-figures are for the profile, not for the table. After every metered run the store is checked: one log per request that got a 200, and
+figures are for the profile, not for the table. It needs py-spy in this Python's
+environment (``pip install py-spy``; attaching needs root or ptrace rights). After every metered run the store is checked: one log per request that got a 200, and
 Σ creditsCost equal to the balance change; a run that drops writes is reported as failed.
 With ``--metrics`` each pair gains a third run, (c) metered with ``metering_metrics`` on (scraped
 once at the end, its Σ burnmeter_cost_usd_total checked against the logs), compared with (b).
