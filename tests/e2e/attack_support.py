@@ -79,7 +79,7 @@ BALANCE = Decimal("100")
 ATTACK_CONFIG = (
     CONFIG_TOML.replace('unknown_model = "reject"', 'unknown_model = "default"').replace(
         "log_ttl_days = 0\n",
-        'log_ttl_days = 0\ndefault_pool = "ohmygpt"\n\n[default_price]\ninput = 0.1\noutput = 0.4\n',
+        'log_ttl_days = 0\n\n[default_price]\ninput = 0.1\noutput = 0.4\n',
     )
     + """
 [models."fake-flash"]
@@ -89,17 +89,16 @@ output = 2.5
 [models."fake-pro"]
 input = 2.5
 output = 15.0
-
-[models."fake-pooled"]
-input = 2.0
-output = 8.0
-pool = "ohmygpt"
 """
 )
-"""The e2e config with the default-price policy (a cheap price for unknown names, which a
-near-miss of a dear name must not get), a cheap and a dear Gemini model, and a model whose
-own pool is not its host's."""
-if 'unknown_model = "default"' not in ATTACK_CONFIG or "[default_price]" not in ATTACK_CONFIG:
+"""The e2e config (which has ``fake-pooled``, a model whose own pool is not its host's) with
+the default-price policy (a cheap price for unknown names, which a near-miss of a dear name
+must not get) and a cheap and a dear Gemini model."""
+if (
+    'unknown_model = "default"' not in ATTACK_CONFIG
+    or "[default_price]" not in ATTACK_CONFIG
+    or '[models."fake-pooled"]' not in ATTACK_CONFIG
+):
     raise RuntimeError("harness.CONFIG_TOML changed: update ATTACK_CONFIG's edits of it")
 
 FREE_POST = re.compile(r"/v1/messages/count_tokens$|/models/[^/]+:countTokens$")
