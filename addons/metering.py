@@ -386,7 +386,13 @@ class Metering:
 
     @observed
     async def requestheaders(self, f: http.HTTPFlow) -> None:
-        if f.response or f.error:
+        if f.error:
+            # mitmproxy refused the request itself (two Content-Length values...): it is
+            # never forwarded, but the dumper prints it in the error hook, before ours
+            f.request.path = f.request.path.partition("#")[0]
+            drop_client_key(f.request)
+            return
+        if f.response:
             return
         if self.admission is None:
             self._reject(f, None, Rejection(errors.UNAVAILABLE, "Metering is not configured"))
@@ -483,6 +489,13 @@ class Metering:
     def _settle_response(self, f: http.HTTPFlow, ticket: Ticket, response: http.Response) -> None:
         status = response.status_code
         reason = None if 200 <= status < 300 else f"upstream answered {status}"
+        if billing.interim(response):
+            # mitmproxy would pass the 1xx on as the whole answer: the client would wait
+            # for a final one forever, and the upstream's (with its usage) is never read
+            status = billing.UPSTREAM_FAILED
+            f.response = error_response(
+                ticket.style, errors.UPSTREAM_UNREADABLE, f"Upstream sent {reason}, no answer"
+            )
         self._settle(f, ticket, lambda: billing.response_usage(ticket, response), status, reason)
 
     @observed
