@@ -381,6 +381,7 @@ def credentials(draw: st.DrawFn) -> tuple[Api, bytes, tuple[Header, ...], int, s
                 "proxy-authorization",
                 "connection-nominated",
                 "other-key-header",
+                "foreign-key-header",
             )
         )
     )
@@ -420,11 +421,15 @@ def credentials(draw: st.DrawFn) -> tuple[Api, bytes, tuple[Header, ...], int, s
             auth = (api.auth, (b"Proxy-Authorization", b"Bearer {KEY}"))
         case "connection-nominated":
             auth = (api.auth, (b"Connection", api.auth[0]))
-        case "other-key-header":  # headers other clients carry keys in (Azure, proxies, cookies)
+        case "other-key-header" | "foreign-key-header":
+            # headers other clients carry keys in (Azure, proxies, cookies); "foreign": a
+            # second user's key there, one the proxy never authenticated with
             name = draw(
                 st.sampled_from([b"api-key", b"X-Auth-Token", b"Cookie", b"OpenAI-Api-Key"])
             )
-            secret = b"session={KEY}" if name == b"Cookie" else b"{KEY}"
+            which = b"{KEY}" if kind == "other-key-header" else b"{KEY2}"
+            users = 1 if kind == "other-key-header" else 2
+            secret = b"session=" + which if name == b"Cookie" else which
             auth = (api.auth, (name, secret))
     return api, target.encode(), auth, users, kind
 
