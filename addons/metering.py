@@ -32,6 +32,9 @@ Once it serves, the addon logs one ``metering: ready: config …, store …, jou
 listening on …`` line; a problem found at start-up (config, store, journal, a misspelt
 ``metering_*`` option) ends mitmdump with one line and exit status 1 instead.
 
+Client keys never reach mitmproxy's own log lines either (``addons/redaction.py``): some
+log raw client bytes of requests that never become flows.
+
 Read streamed bodies in mitmweb with ``--set store_streamed_bodies=true`` (the "LLM
 Stream" view); commands: ``metering.balance USER`` and ``metering.usage @all``.
 
@@ -90,6 +93,7 @@ from addons.metrics import Metrics
 from addons.metrics import MetricsAddon
 from addons.metrics import observed
 from addons.ratelimit import RateLimiter
+from addons.redaction import LogRedaction
 from addons.streamtap import StreamTap
 from addons.trailers import refuse_http1_trailers
 from addons.usage_endpoint import UsageEndpoint
@@ -645,4 +649,4 @@ class Metering:
 contentviews.add(LLMStreamContentview)
 
 metering = Metering(exit_on_startup_error=True)
-addons = [UsageEndpoint(metering), metering, MetricsAddon(metering)]
+addons = [LogRedaction(), UsageEndpoint(metering), metering, MetricsAddon(metering)]
