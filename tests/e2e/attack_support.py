@@ -241,7 +241,8 @@ class Attack:
     headers: tuple[Header, ...]
     body: bytes = b""
     framing: str = "length"
-    """length | chunked | trailers | cl+te | two-cl | none"""
+    """length | chunked | trailers | cl+te | two-cl | none | cut-head (the request head
+    without its blank line, no body: a client that leaves mid-head)"""
     users: int = 1
     read_bytes: int | None = None
     """Close the connection after this many bytes of the answer (a client gone)."""
@@ -273,6 +274,8 @@ class Attack:
                     b"Content-Length: %d" % len(body),
                     b"Content-Length: %d" % (len(body) + 1),
                 ]
+        if self.framing == "cut-head":
+            return b"\r\n".join(lines) + b"\r\n"
         if self.framing in ("chunked", "trailers", "cl+te"):
             half = len(body) // 2
             chunks = [body[:half], body[half:]]

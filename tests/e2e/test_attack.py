@@ -487,6 +487,8 @@ def protocols(draw: st.DrawFn) -> tuple[tuple[Header, ...], str, bool, str]:
                 "trailers",
                 "cl+te",
                 "two-cl",
+                "cut-head",
+                "bad-header-line",
                 "expect",
                 "content-encoding-identity",
             )
@@ -525,8 +527,10 @@ def protocols(draw: st.DrawFn) -> tuple[tuple[Header, ...], str, bool, str]:
             )
         case "te":
             headers = ((b"TE", draw(st.sampled_from([b"trailers", b"gzip", b"chunked"]))),)
-        case "chunked" | "trailers" | "cl+te" | "two-cl":
+        case "chunked" | "trailers" | "cl+te" | "two-cl" | "cut-head":
             framing = kind
+        case "bad-header-line":  # mitmproxy refuses the head before any hook: its log line
+            headers = ((draw(st.sampled_from([b"x-api-key ", b"Authorization\x00"])), b"{KEY}"),)
         case "expect":
             headers = ((b"Expect", draw(st.sampled_from([b"100-continue", b"200-ok"]))),)
         case "content-encoding-identity":
@@ -544,6 +548,8 @@ def protocols(draw: st.DrawFn) -> tuple[tuple[Header, ...], str, bool, str]:
     ),
 )
 @example(case=(APIS["chat"], APIS["chat"].body, False), proto=((), "trailers", False, "trailers"))
+@example(case=(APIS["chat"], APIS["chat"].body, False), proto=((), "two-cl", False, "two-cl"))
+@example(case=(APIS["chat"], APIS["chat"].body, False), proto=((), "cut-head", False, "cut-head"))
 @given(case=honest(), proto=protocols())
 def test_protocol_headers(
     lab: Lab,
@@ -564,7 +570,13 @@ def test_protocol_headers(
             "x_wire_generated": {"input": prompt, "output": chunks},
         }
     attack = request(
-        api, body=body, stream=stream, extra=headers, framing=framing, label=f"protocol:{label}"
+        api,
+        body=body,
+        stream=stream,
+        extra=headers,
+        framing=framing,
+        read_bytes=0 if framing == "cut-head" else None,  # leaves as soon as it sent it
+        label=f"protocol:{label}",
     )
     note(attack.describe())
     lab.run("protocol", attack)
