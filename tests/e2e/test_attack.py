@@ -382,6 +382,7 @@ def credentials(draw: st.DrawFn) -> tuple[Api, bytes, tuple[Header, ...], int, s
                 "connection-nominated",
                 "other-key-header",
                 "foreign-key-header",
+                "foreign-key-query",
             )
         )
     )
@@ -421,6 +422,11 @@ def credentials(draw: st.DrawFn) -> tuple[Api, bytes, tuple[Header, ...], int, s
             auth = (api.auth, (b"Proxy-Authorization", b"Bearer {KEY}"))
         case "connection-nominated":
             auth = (api.auth, (b"Connection", api.auth[0]))
+        case "foreign-key-query":  # a second user's key in a parameter no API reads keys from
+            users = 2
+            name = draw(st.sampled_from(["note", "api_key", "KEY_", "k"]))
+            value = draw(st.sampled_from(["{KEY2}", "Bearer%20{KEY2}", "x%3D{KEY2}"]))
+            target += ("&" if "?" in target else "?") + f"{name}={value}"
         case "other-key-header" | "foreign-key-header":
             # headers other clients carry keys in (Azure, proxies, cookies); "foreign": a
             # second user's key there, one the proxy never authenticated with
