@@ -5,7 +5,10 @@ is an estimate flagged ``usageSource: "estimated"``: the request's input estimat
 output from the characters generated, never less than what was reported. An answer that
 arrived whole and successful without the usage its API always reports (an upstream talked
 into leaving it out) is charged what was held for it: the estimated input and the whole
-output limit, not the visible text.
+output limit, not the visible text. So is an answer the proxy cannot read past: an interim
+1xx (``100``/``102``/``103``) or a ``101`` nobody asked for, after which mitmproxy reads no
+final answer (its HTTP/1 client takes the 1xx for the whole response), while the upstream
+may well have generated.
 """
 
 from __future__ import annotations
@@ -67,8 +70,16 @@ def held_usage(ticket: Ticket) -> UsageRecord:
     return dataclasses.replace(usage, output_tokens=min(usage.output_tokens, forwarded))
 
 
+def interim(response: http.Response | None) -> bool:
+    """An informational answer (1xx) in place of the final one; the client never waits for
+    one (mitmproxy answers ``Expect: 100-continue`` itself, upgrades are refused)."""
+    return response is not None and 100 <= response.status_code < 200
+
+
 def response_usage(ticket: Ticket, response: http.Response) -> UsageRecord | None:
     """Usage of a response that arrived whole (``response`` hook)."""
+    if interim(response):
+        return held_usage(ticket)
     success = 200 <= response.status_code < 300
     if ticket.tap is not None:
         stream = ticket.tap.usage
@@ -109,6 +120,8 @@ def error_usage(
     before the answer's usage. mitmproxy then closes the upstream connection too, so what
     the upstream generated (and bills, hidden reasoning included) can never be read: the
     request is charged its hold, or the estimate where that is dearer."""
+    if interim(response):
+        return held_usage(ticket)
     if response is not None and not 200 <= response.status_code < 300:
         return ticket.tap.usage.result()[0] if ticket.tap is not None else None
     if response is None and not client_left:
@@ -132,6 +145,8 @@ def error_status(flow: http.HTTPFlow) -> int:
     """The upstream's own error status if it answered one, else who cut the request off."""
     assert flow.error is not None
     response = flow.response
+    if interim(response):
+        return UPSTREAM_FAILED
     if response is not None and not 200 <= response.status_code < 300:
         return response.status_code
     client_closed = not flow.client_conn.state & ConnectionState.CAN_READ  # e.g. HTTP/2's

@@ -78,6 +78,8 @@ COMPRESSED_BODY = Problem(
 UNSUPPORTED = Problem(
     404, "unsupported_endpoint", "invalid_request_error", "not_found_error", "NOT_FOUND"
 )
+UPSTREAM_UNREADABLE = Problem(502, "upstream_error", "server_error", "api_error", "INTERNAL")
+"""The upstream answered something the proxy cannot pass on (an interim 1xx, a 101)."""
 UNAVAILABLE = Problem(503, "metering_unavailable", "server_error", "api_error", "UNAVAILABLE")
 RATE_LIMITED = Problem(
     429, "rate_limit_exceeded", "requests", "rate_limit_error", "RESOURCE_EXHAUSTED"

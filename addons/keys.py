@@ -16,11 +16,13 @@ import hashlib
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
+from urllib.parse import unquote
 
 from mitmproxy import http
 
 from addons.errors import Style
 from burnmeter.documents import HASHED_PREFIX
+from burnmeter.documents import KEY_PREFIX
 from burnmeter.store.base import KeyOwner
 
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
@@ -80,25 +82,31 @@ def client_key(request: http.Request, style: Style, query: Query | None = None) 
     return accepted[0]
 
 
+def holds_key(value: str, key: str | None) -> bool:
+    """``value`` holds ``key`` (if long enough to look for) or anything shaped like a key
+    burnmeter makes: another user's key in ``api-key`` or a cookie is a burnmeter secret
+    too, whether or not this request authenticated with it."""
+    plain = unquote(value).lower()
+    return KEY_PREFIX in plain or (searchable(key) and str(key).lower() in plain)
+
+
 def drop_client_key(request: http.Request, key: str | None = None) -> None:
     """Remove every place a client key can be: the key headers (every copy), Gemini's
-    ``key`` parameter however it is spelt, and if ``key`` is known, any other header or
-    query parameter that holds it (the upstream and mitmproxy's flow printout see both)."""
+    ``key`` parameter however it is spelt, and any other header or query parameter that
+    holds ``key`` or a burnmeter key (the upstream and mitmproxy's flow printout see both)."""
     headers = request.headers
     for name in CLIENT_KEY_HEADERS:
         if name in headers:
             del headers[name]
-    searched = key if searchable(key) else None
-    if searched:
-        for name in {name for name, value in headers.items(multi=True) if searched in value}:
-            del headers[name]
+    for name in {name for name, value in headers.items(multi=True) if holds_key(value, key)}:
+        del headers[name]
     if "?" not in request.path:
         return
     pairs = request.query.items(multi=True)
     kept = [
         (name, value)
         for name, value in pairs
-        if name.casefold() != KEY_PARAM and not (searched and searched in value)
+        if name.casefold() != KEY_PARAM and not holds_key(value, key)
     ]
     if len(kept) != len(pairs):
         request.query = kept

@@ -32,6 +32,9 @@ Once it serves, the addon logs one ``metering: ready: config …, store …, jou
 listening on …`` line; a problem found at start-up (config, store, journal, a misspelt
 ``metering_*`` option) ends mitmdump with one line and exit status 1 instead.
 
+Client keys never reach mitmproxy's own log lines either (``addons/redaction.py``): some
+log raw client bytes of requests that never become flows.
+
 Read streamed bodies in mitmweb with ``--set store_streamed_bodies=true`` (the "LLM
 Stream" view); commands: ``metering.balance USER`` and ``metering.usage @all``.
 
@@ -90,6 +93,7 @@ from addons.metrics import Metrics
 from addons.metrics import MetricsAddon
 from addons.metrics import observed
 from addons.ratelimit import RateLimiter
+from addons.redaction import LogRedaction
 from addons.streamtap import StreamTap
 from addons.trailers import refuse_http1_trailers
 from addons.usage_endpoint import UsageEndpoint
@@ -386,7 +390,13 @@ class Metering:
 
     @observed
     async def requestheaders(self, f: http.HTTPFlow) -> None:
-        if f.response or f.error:
+        if f.error:
+            # mitmproxy refused the request itself (two Content-Length values...): it is
+            # never forwarded, but the dumper prints it in the error hook, before ours
+            f.request.path = f.request.path.partition("#")[0]
+            drop_client_key(f.request)
+            return
+        if f.response:
             return
         if self.admission is None:
             self._reject(f, None, Rejection(errors.UNAVAILABLE, "Metering is not configured"))
@@ -483,6 +493,13 @@ class Metering:
     def _settle_response(self, f: http.HTTPFlow, ticket: Ticket, response: http.Response) -> None:
         status = response.status_code
         reason = None if 200 <= status < 300 else f"upstream answered {status}"
+        if billing.interim(response):
+            # mitmproxy would pass the 1xx on as the whole answer: the client would wait
+            # for a final one forever, and the upstream's (with its usage) is never read
+            status = billing.UPSTREAM_FAILED
+            f.response = error_response(
+                ticket.style, errors.UPSTREAM_UNREADABLE, f"Upstream sent {reason}, no answer"
+            )
         self._settle(f, ticket, lambda: billing.response_usage(ticket, response), status, reason)
 
     @observed
@@ -632,4 +649,4 @@ class Metering:
 contentviews.add(LLMStreamContentview)
 
 metering = Metering(exit_on_startup_error=True)
-addons = [UsageEndpoint(metering), metering, MetricsAddon(metering)]
+addons = [LogRedaction(), UsageEndpoint(metering), metering, MetricsAddon(metering)]

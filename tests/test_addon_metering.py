@@ -1096,6 +1096,43 @@ async def test_a_protocol_switch_is_refused_and_a_101_is_cut(env: Env) -> None:
     f.response = http.Response.make(101, b"", {"upgrade": "websocket"})
     env.metering.responseheaders(f)
     assert f.error is not None and f.error.msg == flow.Error.KILLED_MESSAGE
+    env.metering.error(f)  # mitmproxy's hook for the killed flow
+    log = settled(env, f.id)
+    assert log is not None and log["statusCode"] == 502
+    assert log["creditsCost"] > 0, "the upstream may generate behind a 101: charged its hold"
+
+
+async def test_a_request_mitmproxy_refused_is_printed_without_its_key(env: Env) -> None:
+    """Two Content-Length values: mitmproxy answers 400 itself, runs requestheaders with
+    the flow's error set, then the error hook, where its dumper prints the request before
+    any script addon runs."""
+    f = make_flow(
+        f"{GEMINI_FLASH}?key={KEY}#x",
+        extra_headers=(("x-goog-api-key", KEY), ("api-key", BOB_KEY), ("accept", "*/*")),
+    )
+    f.error = flow.Error("Received multiple content-length headers from client")
+    await env.metering.requestheaders(f)
+    printed = f.request.path + str(f.request.headers)
+    assert KEY not in printed and BOB_KEY not in printed and "#" not in printed
+    assert f.request.headers["accept"] == "*/*" and f.response is None
+
+
+@pytest.mark.parametrize("status", [100, 102, 103])
+async def test_an_interim_answer_is_502_in_the_api_shape_and_charged_the_hold(
+    env: Env, status: int
+) -> None:
+    """mitmproxy takes an upstream's 1xx for the whole answer: passed on, the client waits
+    for a final answer forever, and the upstream's own (with its usage) is never read."""
+    f = make_flow()
+    await admit(env, f)
+    held = 5 - openhands_balance(env)
+    f.response = http.Response.make(status, b"", {"link": "</x>"})
+    env.metering.responseheaders(f)
+    env.metering.response(f)
+    assert f.response.status_code == 502 and body_of(f)["error"]["code"] == "upstream_error"
+    log = settled(env, f.id)
+    assert log is not None and log["statusCode"] == 502 and log["usageSource"] == "estimated"
+    assert log["creditsCost"] == held > 0 and openhands_balance(env) == 5 - held
 
 
 @given(name=st.sampled_from(["%6Bey", "KEY", "k%65Y", "%4B%45%59"]))

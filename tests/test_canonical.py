@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import posixpath
 import string
+from urllib.parse import quote
 from urllib.parse import unquote
 
 import h11
@@ -31,6 +32,7 @@ from addons.keys import ConflictingKeys
 from addons.keys import client_key
 from addons.keys import drop_client_key
 from addons.trailers import NoTrailersReader
+from burnmeter.documents import new_key
 from burnmeter.usage import api_for
 
 EXAMPLES = settings(max_examples=200, deadline=None)
@@ -217,6 +219,27 @@ def test_a_key_elsewhere_in_the_request_is_not_forwarded() -> None:
     request = req(f"{GEMINI}?note={KEY}", [("host", "api.test"), ("x-note", f"k={KEY}")])
     drop_client_key(request, KEY)
     assert KEY not in request.path and KEY not in str(request.headers)
+
+
+@EXAMPLES
+@given(
+    st.sampled_from(["proxy-authorization", "api-key", "x-auth-token", "cookie", "openai-api-key"]),
+    st.sampled_from(["{}", "Bearer {}", "session={}; theme=dark", "{}%20"]),
+    st.booleans(),
+)
+def test_a_burnmeter_key_in_any_header_or_parameter_is_never_forwarded(
+    name: str, shape: str, encoded: bool
+) -> None:
+    """Also one the request did not authenticate with (another user's, in a header no API
+    reads keys from): anything shaped like a key burnmeter makes is its secret."""
+    other = new_key()
+    value = shape.format("".join(f"%{b:02X}" for b in other.encode()) if encoded else other)
+    request = req(f"{GEMINI}?note={quote(value)}", [("host", "api.test"), (name, value)])
+    drop_client_key(request, KEY)
+    assert name not in request.headers and "note" not in request.query
+    kept = req(GEMINI, [("host", "api.test"), ("cookie", "session=sk-other-0123456789")])
+    drop_client_key(kept, KEY)
+    assert kept.headers["cookie"] == "session=sk-other-0123456789"
 
 
 def test_a_short_legacy_key_is_not_looked_for_inside_other_values() -> None:

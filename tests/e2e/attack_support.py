@@ -19,8 +19,10 @@ I5  the proxy keeps serving: every request gets an answer, and a plain valid req
     the example succeeds (its log is also the barrier: the journal is applied in order, so
     once it is in the store every settlement made before it is too);
 I6  generation is never cheaper than it was: what an honest upstream generated, priced as
-    the most expensive model the request named (as the upstream reads names) at the
-    cheapest multiplier of any route to the pool that paid, is at most what was charged.
+    the most expensive model the request named (as the upstream reads names) at the least
+    route multiplier the config allows it (a model with a pool of its own: its
+    ``route_multiplier``, else the dearest route billing that pool; any other: the cheapest
+    route to the pool that paid), is at most what was charged.
 
 Examples are isolated by user: each makes fresh accounts, and the upstream's records are
 read from a sequence number taken before the example.
@@ -41,6 +43,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field
+from dataclasses import replace
 from datetime import UTC
 from datetime import datetime
 from decimal import Decimal
@@ -53,6 +56,7 @@ import httpx
 
 from burnmeter import pricing
 from burnmeter.config import Config
+from burnmeter.config import Route
 from burnmeter.config import load_config
 from burnmeter.documents import hash_key
 from burnmeter.documents import new_key
@@ -79,7 +83,7 @@ BALANCE = Decimal("100")
 ATTACK_CONFIG = (
     CONFIG_TOML.replace('unknown_model = "reject"', 'unknown_model = "default"').replace(
         "log_ttl_days = 0\n",
-        'log_ttl_days = 0\ndefault_pool = "ohmygpt"\n\n[default_price]\ninput = 0.1\noutput = 0.4\n',
+        "log_ttl_days = 0\n\n[default_price]\ninput = 0.1\noutput = 0.4\n",
     )
     + """
 [models."fake-flash"]
@@ -89,17 +93,16 @@ output = 2.5
 [models."fake-pro"]
 input = 2.5
 output = 15.0
-
-[models."fake-pooled"]
-input = 2.0
-output = 8.0
-pool = "ohmygpt"
 """
 )
-"""The e2e config with the default-price policy (a cheap price for unknown names, which a
-near-miss of a dear name must not get), a cheap and a dear Gemini model, and a model whose
-own pool is not its host's."""
-if 'unknown_model = "default"' not in ATTACK_CONFIG or "[default_price]" not in ATTACK_CONFIG:
+"""The e2e config (which has ``fake-pooled``, a model whose own pool is not its host's) with
+the default-price policy (a cheap price for unknown names, which a near-miss of a dear name
+must not get) and a cheap and a dear Gemini model."""
+if (
+    'unknown_model = "default"' not in ATTACK_CONFIG
+    or "[default_price]" not in ATTACK_CONFIG
+    or '[models."fake-pooled"]' not in ATTACK_CONFIG
+):
     raise RuntimeError("harness.CONFIG_TOML changed: update ATTACK_CONFIG's edits of it")
 
 FREE_POST = re.compile(r"/v1/messages/count_tokens$|/models/[^/]+:countTokens$")
@@ -238,7 +241,8 @@ class Attack:
     headers: tuple[Header, ...]
     body: bytes = b""
     framing: str = "length"
-    """length | chunked | trailers | cl+te | two-cl | none"""
+    """length | chunked | trailers | cl+te | two-cl | none | cut-head (the request head
+    without its blank line, no body: a client that leaves mid-head)"""
     users: int = 1
     read_bytes: int | None = None
     """Close the connection after this many bytes of the answer (a client gone)."""
@@ -270,6 +274,8 @@ class Attack:
                     b"Content-Length: %d" % len(body),
                     b"Content-Length: %d" % (len(body) + 1),
                 ]
+        if self.framing == "cut-head":
+            return b"\r\n".join(lines) + b"\r\n"
         if self.framing in ("chunked", "trailers", "cl+te"):
             half = len(body) // 2
             chunks = [body[:half], body[half:]]
@@ -526,33 +532,49 @@ class Lab:
             return
         charged = sum((Decimal(str(log["creditsCost"])) for log in logs), Decimal(0))
         pools = {log["creditType"] for log in logs}
-        multiplier = self._floor_multiplier(pools)
-        floor = sum((self._floor(r, multiplier) for r in honest), Decimal(0))
+        floor = sum((self._floor(r, pools) for r in honest), Decimal(0))
         if charged < floor:
             described = [(r["target"], r["models"], r["generated"]) for r in honest]
             violations.append(
                 Violation(
                     "I6",
                     f"charged {charged} for generation worth at least {floor} "
-                    f"(×{multiplier}; served {described}; logs "
+                    f"(served {described}; logs "
                     f"{[(log['model'], log['creditType'], str(log['creditsCost'])) for log in logs]})",
                 )
             )
 
-    def _floor_multiplier(self, pools: set[str]) -> Decimal:
-        """The cheapest multiplier of any route to the pools that paid (all routes if none)."""
-        routes = [r for r in self.config.routes if r.pool in pools] or self.config.routes
+    def _routes(self) -> list[Route]:
+        default = self.config.default_route
+        return [*self.config.routes, *([default] if default is not None else [])]
+
+    def _route_multiplier(self, name: str, pools: set[str]) -> Decimal:
+        """The least route multiplier the product's rule allows for ``name``: a model with
+        a pool of its own bills at its ``route_multiplier``, else the dearest of the routes
+        billing that pool; any other, the cheapest route to the pools that paid."""
+        found = self.config.model(name)
+        if found is not None and found[1].pool is not None:
+            model = found[1]
+            pooled = [r.multiplier for r in self._routes() if r.pool == model.pool]
+            return model.route_multiplier or max(pooled)
+        routes = [r for r in self._routes() if r.pool in pools] or self._routes()
         return min(r.multiplier for r in routes)
 
-    def _floor(self, record: dict[str, Any], multiplier: Decimal) -> Decimal:
+    def _floor(self, record: dict[str, Any], pools: set[str]) -> Decimal:
         generated = record["generated"]
         usage = UsageRecord(
             input_tokens=int(generated.get("input", 0)),
             output_tokens=int(generated.get("output", 0)),
         )
         names = [m for m in record["models"] if m] or ["unknown"]
-        quotes = [pricing.resolve_price(self.config, name, multiplier) for name in names]
-        return max(pricing.cost(usage, q) for q in quotes)
+        costs = []
+        for name in names:
+            quote = pricing.resolve_price(self.config, name, Decimal(1))
+            found = self.config.model(name)
+            own = found[1].multiplier if found is not None else Decimal(1)
+            multiplier = self._route_multiplier(name, pools) * own
+            costs.append(pricing.cost(usage, replace(quote, multiplier=multiplier)))
+        return max(costs)
 
 
 LIVENESS_TAG: Header = (b"x-attack-tag", b"liveness")

@@ -381,6 +381,8 @@ def credentials(draw: st.DrawFn) -> tuple[Api, bytes, tuple[Header, ...], int, s
                 "proxy-authorization",
                 "connection-nominated",
                 "other-key-header",
+                "foreign-key-header",
+                "foreign-key-query",
             )
         )
     )
@@ -420,11 +422,20 @@ def credentials(draw: st.DrawFn) -> tuple[Api, bytes, tuple[Header, ...], int, s
             auth = (api.auth, (b"Proxy-Authorization", b"Bearer {KEY}"))
         case "connection-nominated":
             auth = (api.auth, (b"Connection", api.auth[0]))
-        case "other-key-header":  # headers other clients carry keys in (Azure, proxies, cookies)
+        case "foreign-key-query":  # a second user's key in a parameter no API reads keys from
+            users = 2
+            name = draw(st.sampled_from(["note", "api_key", "KEY_", "k"]))
+            value = draw(st.sampled_from(["{KEY2}", "Bearer%20{KEY2}", "x%3D{KEY2}"]))
+            target += ("&" if "?" in target else "?") + f"{name}={value}"
+        case "other-key-header" | "foreign-key-header":
+            # headers other clients carry keys in (Azure, proxies, cookies); "foreign": a
+            # second user's key there, one the proxy never authenticated with
             name = draw(
                 st.sampled_from([b"api-key", b"X-Auth-Token", b"Cookie", b"OpenAI-Api-Key"])
             )
-            secret = b"session={KEY}" if name == b"Cookie" else b"{KEY}"
+            which = b"{KEY}" if kind == "other-key-header" else b"{KEY2}"
+            users = 1 if kind == "other-key-header" else 2
+            secret = b"session=" + which if name == b"Cookie" else which
             auth = (api.auth, (name, secret))
     return api, target.encode(), auth, users, kind
 
@@ -482,6 +493,8 @@ def protocols(draw: st.DrawFn) -> tuple[tuple[Header, ...], str, bool, str]:
                 "trailers",
                 "cl+te",
                 "two-cl",
+                "cut-head",
+                "bad-header-line",
                 "expect",
                 "content-encoding-identity",
             )
@@ -520,8 +533,10 @@ def protocols(draw: st.DrawFn) -> tuple[tuple[Header, ...], str, bool, str]:
             )
         case "te":
             headers = ((b"TE", draw(st.sampled_from([b"trailers", b"gzip", b"chunked"]))),)
-        case "chunked" | "trailers" | "cl+te" | "two-cl":
+        case "chunked" | "trailers" | "cl+te" | "two-cl" | "cut-head":
             framing = kind
+        case "bad-header-line":  # mitmproxy refuses the head before any hook: its log line
+            headers = ((draw(st.sampled_from([b"x-api-key ", b"Authorization\x00"])), b"{KEY}"),)
         case "expect":
             headers = ((b"Expect", draw(st.sampled_from([b"100-continue", b"200-ok"]))),)
         case "content-encoding-identity":
@@ -539,6 +554,8 @@ def protocols(draw: st.DrawFn) -> tuple[tuple[Header, ...], str, bool, str]:
     ),
 )
 @example(case=(APIS["chat"], APIS["chat"].body, False), proto=((), "trailers", False, "trailers"))
+@example(case=(APIS["chat"], APIS["chat"].body, False), proto=((), "two-cl", False, "two-cl"))
+@example(case=(APIS["chat"], APIS["chat"].body, False), proto=((), "cut-head", False, "cut-head"))
 @given(case=honest(), proto=protocols())
 def test_protocol_headers(
     lab: Lab,
@@ -559,7 +576,13 @@ def test_protocol_headers(
             "x_wire_generated": {"input": prompt, "output": chunks},
         }
     attack = request(
-        api, body=body, stream=stream, extra=headers, framing=framing, label=f"protocol:{label}"
+        api,
+        body=body,
+        stream=stream,
+        extra=headers,
+        framing=framing,
+        read_bytes=0 if framing == "cut-head" else None,  # leaves as soon as it sent it
+        label=f"protocol:{label}",
     )
     note(attack.describe())
     lab.run("protocol", attack)
