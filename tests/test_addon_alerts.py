@@ -24,6 +24,7 @@ def test_the_proxy_refuses_to_start_without_the_webhook(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("BM_TEST_HOOK", raising=False)
+    monkeypatch.chdir(tmp_path)  # the addon's first configure opens the default ./burnmeter.db
     config_path = tmp_path / "burnmeter.toml"
     config_path.write_text(
         '[[alerts]]\nkind = "balance_below"\nthreshold = 1\nwebhook_env = "BM_TEST_HOOK"\n'
