@@ -24,8 +24,6 @@ from burnmeter.periods import PeriodError
 from burnmeter.periods import Window
 from burnmeter.periods import requested_window
 from burnmeter.reports import reports_for
-from burnmeter.reports.base import LEGACY_POOL
-from burnmeter.reports.base import NEW_POOL
 from burnmeter.reports.base import Summary
 from stats.accounts import Amount
 from stats.context import Context
@@ -155,8 +153,8 @@ def _summary_lines(s: Summary) -> dict[str, str]:
         "Credits": _usd(s.balances["total_credits"]),
         "Ref credits": _usd(s.balances["total_ref_credits"]),
         "New credits": _usd(s.balances["total_creditsNew"]),
-        "Burned": f"{_usd(s.burned)}  ({LEGACY_POOL}, legacy logs included)",
-        "New Burned": f"{_usd(s.new_burned)}  ({NEW_POOL})",
+        "Burned": f"{_usd(s.burned)}  ({s.original_pools.legacy}, legacy logs included)",
+        "New Burned": f"{_usd(s.new_burned)}  ({s.original_pools.new or 'no pool'})",
         "Burned, all pools": _usd(s.total_burned),
         **by_pool,
         "Requests": f"{s.requests:,} ({rate})",

@@ -20,7 +20,6 @@ from burnmeter.money import ZERO
 from burnmeter.money import to_decimal
 from burnmeter.periods import SLOT_MS
 from burnmeter.periods import Window
-from burnmeter.reports.base import LEGACY_POOL
 from burnmeter.reports.base import Backend
 from burnmeter.reports.base import ModelUsage
 from burnmeter.reports.base import PoolUsage
@@ -29,8 +28,6 @@ from burnmeter.reports.base import UserUsage
 from burnmeter.store.base import LOGS
 from burnmeter.store.base import USERS
 from burnmeter.store.extjson import EPOCH
-
-POOL = {"$ifNull": ["$creditType", LEGACY_POOL]}
 
 
 def _sum(field: str) -> dict[str, Any]:
@@ -67,9 +64,11 @@ def _balance(pool: Pool) -> dict[str, Any]:
 
 
 class MongoReports(Backend):
-    def __init__(self, db: Any) -> None:
+    def __init__(self, db: Any, legacy_pool: str) -> None:
         self.users = db[USERS]
         self.logs = db[LOGS]
+        self.pool = {"$ifNull": ["$creditType", legacy_pool]}
+        """A log's pool: legacy logs (no ``creditType``) count as the legacy pool."""
 
     def population(self, fields: Sequence[str]) -> tuple[int, dict[str, Decimal]]:
         group = {"_id": None, "n": {"$sum": 1}} | {f: _sum(f) for f in fields}
@@ -100,7 +99,7 @@ class MongoReports(Backend):
 
     def pool_usage(self, window: Window) -> list[PoolUsage]:
         group = {
-            "_id": POOL,
+            "_id": self.pool,
             "cost": _sum("creditsCost"),
             "input": _sum("inputTokens"),
             "output": _sum("outputTokens"),
@@ -131,7 +130,7 @@ class MongoReports(Backend):
     def user_usage(self, window: Window | None, user: str | None = None) -> list[UserUsage]:
         who = WITH_USER if user is None else {"$match": {"userId": user}}
         group = {
-            "_id": {"user": "$userId", "pool": POOL},
+            "_id": {"user": "$userId", "pool": self.pool},
             "cost": _sum("creditsCost"),
             "input": _sum("inputTokens"),
             "output": _sum("outputTokens"),
@@ -175,7 +174,7 @@ class MongoReports(Backend):
     def slot_costs(self, window: Window) -> list[SlotCost]:
         ms = {"$subtract": ["$createdAt", EPOCH]}
         slot = {"$subtract": [ms, {"$mod": [ms, SLOT_MS]}]}
-        group = {"_id": {"slot": slot, "pool": POOL}, "cost": _sum("creditsCost")}
+        group = {"_id": {"slot": slot, "pool": self.pool}, "cost": _sum("creditsCost")}
         return [
             SlotCost(int(d["_id"]["slot"]), d["_id"]["pool"], to_decimal(d["cost"]))
             for d in self.logs.aggregate([_match(window), {"$group": group}])

@@ -43,8 +43,7 @@ from burnmeter.periods import PeriodError
 from burnmeter.periods import Window
 from burnmeter.periods import requested_window
 from burnmeter.reports import reports_for
-from burnmeter.reports.base import LEGACY_POOL
-from burnmeter.reports.base import NEW_POOL
+from burnmeter.reports.base import OriginalPools
 from burnmeter.reports.base import Reports
 from burnmeter.store.base import Store
 from burnmeter.store.base import StoreError
@@ -256,7 +255,7 @@ class _Reports:
         return self.workers.submit(lambda: job(reports_for(self.store), self.window))
 
 
-def _cards(summary: dict[str, Any]) -> list[Card]:
+def _cards(summary: dict[str, Any], original: OriginalPools) -> list[Card]:
     by_pool = [
         Card(f"Burned · {pool}", f"burned_by_pool.{pool}", formats.money(amount))
         for pool, amount in summary["burned_by_pool"].items()
@@ -266,13 +265,13 @@ def _cards(summary: dict[str, Any]) -> list[Card]:
             "Burned",
             "total_credits_used",
             formats.money(summary["total_credits_used"]),
-            f"{LEGACY_POOL} pool, legacy logs included",
+            f"{original.legacy} pool, legacy logs included",
         ),
         Card(
             "New Burned",
             "total_creditsNewUsed",
             formats.money(summary["total_creditsNewUsed"]),
-            f"{NEW_POOL} pool",
+            f"{original.new or 'no'} pool",
         ),
         Card("Burned, all pools", "total_burned", formats.money(summary["total_burned"])),
         *by_pool,
@@ -316,7 +315,9 @@ def _page(
     try:
         if reports is not None:
             summary = reports.start(payloads.user_stats).result()
-            yield render_template("admin/cards.html", cards=_cards(summary))
+            yield render_template(
+                "admin/cards.html", cards=_cards(summary, OriginalPools.of(reports.store.pools))
+            )
             unit = payloads.default_bucket(reports.window)
             series = reports.start(lambda r, w: payloads.series(r, w, unit))
             users = reports.start(lambda r, w: payloads.users(r, w, TOP_USERS))
