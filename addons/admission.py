@@ -161,7 +161,7 @@ def check_owner(owner: KeyOwner | None, now: datetime) -> KeyOwner:
     if not owner.key_active or owner.user.get("isActive", True) is False:
         raise Rejection(errors.REVOKED_KEY, "API key has been revoked")
     if owner.key_expires_at is not None and owner.key_expires_at <= now:
-        # as the original answered: its keys expire with the credits they were sold with
+        # as the original answered (docs/documents.md, user_keys.expiresAt): its keys expire with the credits they were sold with
         raise Rejection(errors.CREDITS_EXPIRED, CREDITS_EXPIRED_MESSAGE)
     return owner
 

@@ -1,4 +1,4 @@
-"""The TOML config file (SPEC "Interfaces"), validated once into typed state.
+"""The TOML config file (README "The config file", ``docs/routing.md``), validated once into typed state.
 
 ``load_config(path)`` returns a ``Config``; any unknown key or bad value raises
 ``ConfigError`` whose message is one line naming the key.
@@ -433,7 +433,7 @@ DEFAULT_ROUTE = {"pool": "ohmygpt", "multiplier": 1}
 
 @functools.cache
 def default_config() -> Config:
-    """The built-in config: the original's two pools, a default route, and list prices for
+    """The built-in config: the original's two pools (``docs/routing.md``), a default route, and list prices for
     the models people call (``burnmeter.builtin``)."""
     from burnmeter.builtin import builtin_models  # it prices with burnmeter.pricing
 

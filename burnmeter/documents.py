@@ -1,4 +1,4 @@
-"""Key handling and the request_logs document (SPEC "Documents")."""
+"""Key handling and the request_logs document (``docs/documents.md``)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def hash_key(key: str) -> str:
 def key_ref(key_doc_id: str) -> str:
     """A user_keys._id as settlements and the journal carry it: hashed when it is a raw key.
 
-    Documents of the original system use the raw key as ``_id``; the store maps the hash
+    Documents of the original system (``docs/documents.md``) use the raw key as ``_id``; the store maps the hash
     back to that document (``Store.settle``), so no raw key is ever written outside it."""
     return key_doc_id if key_doc_id.startswith(HASHED_PREFIX) else hash_key(key_doc_id)
 
@@ -60,7 +60,7 @@ BILLED_DETAIL_FIELDS = {
     "serviceTier": "service_tier",
 }
 """burnmeter's optional request-log fields: the billed classes beyond the original's token
-counts, so that a cost can be recomputed from the log alone (``usage_of_log``; the route's
+counts (``docs/documents.md``), so that a cost can be recomputed from the log alone (``usage_of_log``; the route's
 multiplier is ``routeMultiplier``, a decimal string)."""
 
 
@@ -84,7 +84,8 @@ def request_log(
     created_at: datetime,
     route_multiplier: Decimal | None = None,
 ) -> dict[str, Any]:
-    """One request_logs document with the original's fields and burnmeter's own.
+    """One request_logs document with the original's fields and burnmeter's own
+    (``docs/documents.md``).
 
     The client-controlled strings are bounded and made encodable here, so that the
     document (and the journal record carrying it) can always be written."""

@@ -1,7 +1,7 @@
 """Exact money: Decimal USD in the code, integer nano-USD in the SQLite store.
 
 Costs are rounded once, to ``PRECISION`` (1e-9 USD), half-up. MongoDB keeps the original's
-doubles so that existing dashboards keep reading them; the value written is the rounded
+doubles (``docs/documents.md``) so that existing dashboards keep reading them; the value written is the rounded
 Decimal converted once.
 """
 

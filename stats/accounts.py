@@ -299,7 +299,7 @@ def rotate_key(state: Context, user: str, fmt: str) -> None:
     """Give USER a new API key and print it once; every key USER had stops working.
 
     The old keys are deactivated (kept with their counters) and the original's
-    usersNew.apiKey is removed. The proxy refuses them once its key cache expires
+    usersNew.apiKey (docs/documents.md) is removed. The proxy refuses them once its key cache expires
     (`key_cache_seconds`)."""
     key = new_key()
     with known(user):

@@ -1,4 +1,5 @@
-"""``burnmeter import users|logs FILE``: the original's MongoDB data, from mongoexport output.
+"""``burnmeter import users|logs FILE``: the original's MongoDB data, from mongoexport output
+(``docs/documents.md``, "Compatibility with the original system").
 
 Each line is decoded (Extended JSON, ``burnmeter.store.extjson``), its known fields
 type-checked, its money made exact ``Decimal`` USD, and handed to the store whole or not
@@ -132,7 +133,7 @@ class Report:
 
 
 def user_fields(pools: Mapping[str, Pool]) -> dict[str, Kind]:
-    """The original's user fields and those the configured pools name."""
+    """The original's user fields (``docs/documents.md``) and those the configured pools name."""
     fields = dict(USER_FIELDS)
     for pool in pools.values():
         fields.update(dict.fromkeys((*pool.balance, pool.used), MONEY))
@@ -240,7 +241,9 @@ def import_logs(lines: Iterable[bytes], store: Store, keep_after: datetime | Non
 def parse_log(line: str) -> Document:
     doc = parse(line, LOG_FIELDS)
     if isinstance(doc.get("userKeyId"), str) and "…" not in doc["userKeyId"]:
-        doc["userKeyId"] = mask_key(doc["userKeyId"])  # the original logged whole keys
+        doc["userKeyId"] = mask_key(
+            doc["userKeyId"]
+        )  # the original logged whole keys (docs/documents.md)
     return doc
 
 
@@ -287,7 +290,8 @@ def import_command(state: Context, collection: str, file: BinaryIO, fmt: str) ->
     request_logs) writes it, relaxed or canonical Extended JSON ($date, $oid, $numberLong,
     $numberInt, $numberDouble, $numberDecimal); `-` reads standard input. Dates, numbers,
     ObjectId _ids and missing fields are kept as they are; money becomes exact USD. The
-    whole keys the original wrote into request_logs.userKeyId are masked (prefix + last 4).
+    whole keys the original wrote into request_logs.userKeyId are masked (prefix + last 4;
+    docs/documents.md).
 
     A document whose _id is already stored is skipped, so importing twice adds nothing.
     A line that is not a valid document (bad JSON, no _id, a known field of the wrong

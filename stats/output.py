@@ -36,7 +36,7 @@ def plain(value: Any) -> Any:
         )
     if isinstance(value, datetime):
         return value.isoformat()
-    if isinstance(value, ObjectId):  # the original's request log ids
+    if isinstance(value, ObjectId):  # the original's request log ids (docs/documents.md)
         return str(value)
     if isinstance(value, Mapping):
         return {k: plain(v) for k, v in value.items()}

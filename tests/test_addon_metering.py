@@ -683,7 +683,7 @@ async def test_upstream_unreachable_releases_the_hold(env: Env) -> None:
 async def test_an_upstream_error_cut_short_is_free_and_logged_with_its_status(
     env: Env, stream: bool
 ) -> None:
-    """SPEC: an upstream error without usage releases the hold and costs 0, also when its
+    """docs/guarantees.md: an upstream error without usage releases the hold and costs 0, also when its
     body never arrived whole (the connection dropped, or the client left)."""
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi" * 500}]}
     f = make_flow(body=body | {"stream": stream})

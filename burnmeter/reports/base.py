@@ -142,7 +142,7 @@ class Backend(ABC):
 
     @abstractmethod
     def billing_tokens(self, window: Window) -> int:
-        """Σ ``tokensUsed`` (the original's billing tokens) of the logs in the window."""
+        """Σ ``tokensUsed`` (billing tokens, ``docs/routing.md``) of the logs in the window."""
 
     @abstractmethod
     def last_activity(self, window: Window) -> dict[str, datetime]:
@@ -206,7 +206,7 @@ class Summary:
 
 @dataclass(frozen=True, slots=True)
 class Metrics:
-    """The original's request metrics over a window."""
+    """The original admin API's request metrics over a window (README, "The admin dashboard")."""
 
     window: Window
     requests: int

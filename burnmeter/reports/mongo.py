@@ -39,7 +39,7 @@ def _count_if(condition: dict[str, Any]) -> dict[str, Any]:
 
 
 WITH_USER = {"$match": {"userId": {"$ne": None}}}
-"""Logs that belong to a user: the original wrote none for its own operator key (as SQL's
+"""Logs that belong to a user (``docs/documents.md``): the original wrote none for its own operator key (as SQL's
 COUNT(DISTINCT) and the SQLite reports skip NULL)."""
 
 

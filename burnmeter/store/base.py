@@ -1,6 +1,6 @@
 """The store interface both backends implement (SQLite embedded, MongoDB production).
 
-Documents are exchanged as MongoDB-shaped dicts with the SPEC's field names: money as
+Documents are exchanged as MongoDB-shaped dicts with the field names of ``docs/documents.md``: money as
 ``Decimal`` USD, dates as timezone-aware UTC ``datetime``. A field missing from a stored
 document is missing from the dict too.
 
@@ -132,7 +132,7 @@ class Store(ABC):
     # -- set-up -------------------------------------------------------------------------
     @abstractmethod
     def ensure_schema(self, log_ttl_days: int | None) -> None:
-        """Create tables/collections and the SPEC's indexes. Never deletes a log itself;
+        """Create tables/collections and the indexes of ``docs/documents.md``. Never deletes a log itself;
         a backend with a TTL index sets it to ``log_ttl_days`` (0 = keep forever, None =
         leave it as it is: only the proxy's config sets retention)."""
 

@@ -1,4 +1,5 @@
-"""The production store: MongoDB, with the original's collections, field names and types.
+"""The production store: MongoDB, with the original's collections, field names and types
+(``docs/documents.md``).
 
 Money is stored as doubles (the rounded Decimal converted once), counts as ints, dates as
 BSON dates; documents are read back as Decimal and aware UTC datetimes.
@@ -66,7 +67,7 @@ HOLDS = "burnmeterHolds"
 SETTLED = "burnmeterSettled"
 LOG_MONEY = frozenset({"creditsCost"})
 ATTEMPTS = 20
-TTL_KEY = [("createdAt", pymongo.ASCENDING)]  # {createdAt: -1} is the SPEC's plain index
+TTL_KEY = [("createdAt", pymongo.ASCENDING)]  # {createdAt: -1} is a plain index (docs/documents.md)
 SERVER_TIMEOUT_MS = 3000
 """How long a call waits for an unreachable server, unless the URL's
 ``serverSelectionTimeoutMS`` says otherwise."""
@@ -122,7 +123,7 @@ def _bson(value: Any) -> Any:
 
 
 def _to_bson(doc: Mapping[str, Any], money: Collection[str]) -> Document:
-    """Money fields as doubles, the way the original writes them."""
+    """Money fields as doubles, the way the original writes them (``docs/documents.md``)."""
     return {
         k: to_float(v) if k in money and isinstance(v, Decimal) else _bson(v)
         for k, v in doc.items()
@@ -211,7 +212,7 @@ class MongoStore(Store):
     # -- set-up -------------------------------------------------------------------------
     @_guarded
     def ensure_schema(self, log_ttl_days: int | None) -> None:
-        """Creates the SPEC's indexes unless an index on the same keys exists (the original's
+        """Creates the indexes of ``docs/documents.md`` unless an index on the same keys exists (the original's
         mongoose indexes, e.g. the unique sparse ``apiKey_1``, are kept as they are).
 
         The TTL index is ``{createdAt: 1}``, the one mongoose's ``expires`` created, so that

@@ -1,4 +1,5 @@
-"""The admin web surface: the original's JSON endpoints under ``/admin/…`` and the dashboard.
+"""The admin web surface: the original admin API's JSON endpoints under ``/admin/…`` (README,
+"The admin dashboard") and the dashboard.
 
 Read-only over the store it is given. Every request needs the admin token: an
 ``Authorization: Bearer`` header, or the session cookie the browser gets by opening
@@ -52,7 +53,7 @@ from stats.admin import formats
 from stats.admin import payloads
 from stats.output import plain
 
-DASHBOARD_PERIOD = "8h"  # the original dashboard's default
+DASHBOARD_PERIOD = "8h"  # the original dashboard's default (README, "The admin dashboard")
 API_PERIOD = "24h"  # the CLI's default
 TOP_USERS = 10
 REFRESH_SECONDS = 30
