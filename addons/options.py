@@ -33,6 +33,7 @@ NAMES = frozenset(
         "metering_key_cache_ttl",
         "metering_journal",
         "metering_journal_max_kb",
+        "metering_durable",
         "metering_sweep_seconds",
     }
 )
@@ -91,6 +92,16 @@ def declare(loader: Any) -> None:
         """,
     )
     loader.add_option(
+        "metering_durable",
+        bool,
+        False,
+        """
+        fsync each journaled settlement before the end of its response reaches the client
+        (concurrent settlements share one fsync), and commit the SQLite store with
+        synchronous=FULL: a power cut then loses no charge of an answer a client received.
+        """,
+    )
+    loader.add_option(
         "metering_sweep_seconds",
         int | None,
         None,
@@ -112,6 +123,7 @@ class Settings:
     sweep_age: timedelta
     upstream_keys: dict[Route, str]
     alert_rules: tuple[Rule, ...] = ()
+    durable: bool = False
 
 
 def listen_spec(options: Any) -> str:
@@ -198,4 +210,5 @@ def read_settings(options: Any) -> Settings:
         sweep_age=timedelta(seconds=sweep if sweep is not None else config.hold_sweep_minutes * 60),
         upstream_keys=upstream_keys,
         alert_rules=alert_rules,
+        durable=options.metering_durable,
     )

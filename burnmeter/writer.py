@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
@@ -100,10 +101,12 @@ class SettlementWriter:
         self._thread = threading.Thread(target=self._run, name="burnmeter-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, settlement: Settlement) -> None:
-        """Journal one settlement (raises ``JournalFull``); cheap, safe on the event loop."""
-        self.journal.append(settlement)
+    def submit(self, settlement: Settlement) -> Future[None]:
+        """Journal one settlement (raises ``JournalFull``); cheap, safe on the event loop.
+        The future is done once the record is durable (``Journal.append``)."""
+        synced = self.journal.append(settlement)
         self._wake.set()
+        return synced
 
     def stop(self, timeout: float) -> int:
         """Apply what can be applied within ``timeout`` seconds; returns what is left.

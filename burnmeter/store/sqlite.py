@@ -115,7 +115,7 @@ LOG_COLUMNS: dict[str, Kind] = {
 }
 HOLDS = "holds"
 
-# The log indexes lead with the SPEC's keys and carry the columns the stats reports sum,
+# The log indexes lead with the keys of docs/documents.md and carry the columns the stats reports sum,
 # so that a report over a window reads the index alone.
 INDEXES = (
     f"CREATE INDEX IF NOT EXISTS {USERS}_apiKey ON {USERS}(apiKey)",
@@ -139,7 +139,7 @@ def _cell(kind: Kind, value: Any) -> Any:
         case "int" if isinstance(value, int) and not isinstance(value, bool):
             return int(value)
         case "int" if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
-            # the original's counters are JavaScript numbers: mongoexport may write 3000000000.0;
+            # the original's counters are JavaScript numbers (docs/documents.md): mongoexport may write 3000000000.0;
             # kept aside, it would hide the column that settlements count up and reports sum
             return int(value)
         case "date" if isinstance(value, datetime):
@@ -204,13 +204,21 @@ def _names(columns: Iterable[str]) -> str:
 
 class SqliteStore(Store):
     def __init__(
-        self, path: str | os.PathLike[str], pools: Mapping[str, Pool], *, read_only: bool = False
+        self,
+        path: str | os.PathLike[str],
+        pools: Mapping[str, Pool],
+        *,
+        read_only: bool = False,
+        durable: bool = False,
     ) -> None:
         """``read_only``: opened with ``mode=ro`` (the file must exist; a read-only file
-        works), and a pool column the file lacks reads as a missing field."""
+        works), and a pool column the file lacks reads as a missing field. ``durable``: each
+        commit is synced (synchronous=FULL), so it survives a power cut; WAL's NORMAL keeps
+        the file consistent but may lose the last commits."""
         super().__init__(pools)
         self.path = os.fspath(path)
         self.read_only = read_only
+        self.durable = durable
         pool_columns: dict[str, Kind] = {}
         for pool in self.pools.values():
             pool_columns |= dict.fromkeys([*pool.balance, pool.used], "money")
@@ -287,7 +295,7 @@ class SqliteStore(Store):
             self.user_columns = {n: k for n, k in self.user_columns.items() if n in present}
         else:
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
         return conn
 
     def _read(
