@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import secrets
 from datetime import UTC
@@ -10,6 +9,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from burnmeter import schema
 from burnmeter.records import UsageRecord
 from burnmeter.text import bounded
 
@@ -46,22 +46,19 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-BILLED_DETAIL_FIELDS = {
-    # request_logs field: UsageRecord field; written only when set (absent reads as 0 / none)
-    "cacheWrite1hTokens": "cache_write_1h_tokens",
-    "inputAudioTokens": "input_audio_tokens",
-    "inputImageTokens": "input_image_tokens",
-    "cacheAudioReadTokens": "cache_audio_read_tokens",
-    "cacheImageReadTokens": "cache_image_read_tokens",
-    "outputAudioTokens": "output_audio_tokens",
-    "outputImageTokens": "output_image_tokens",
-    "webSearchRequests": "web_search_requests",
-    "codeExecutions": "code_executions",
-    "serviceTier": "service_tier",
-}
-"""burnmeter's optional request-log fields: the billed classes beyond the original's token
-counts (``docs/documents.md``), so that a cost can be recomputed from the log alone (``usage_of_log``; the route's
-multiplier is ``routeMultiplier``, a decimal string)."""
+USAGE_FIELDS = tuple((f, f.usage) for f in schema.REQUEST_LOG.fields if f.usage is not None)
+"""The request-log fields that record a usage class (``burnmeter/schema.py``): the original's
+token counts always, burnmeter's optional classes only when set, so that a cost can be
+recomputed from the log alone (``usage_of_log``; the route's multiplier is ``routeMultiplier``,
+a decimal string)."""
+
+
+def _usage_fields(u: UsageRecord) -> dict[str, Any]:
+    return {
+        f.name: value
+        for f, attribute in USAGE_FIELDS
+        if (value := getattr(u, attribute)) or not f.optional
+    }
 
 
 def request_log(
@@ -90,21 +87,12 @@ def request_log(
     The client-controlled strings are bounded and made encodable here, so that the
     document (and the journal record carrying it) can always be written."""
     u = usage or UsageRecord(source="none")
-    details = {
-        name: value
-        for name, attribute in BILLED_DETAIL_FIELDS.items()
-        if (value := getattr(u, attribute))
-    }
     return {
         "_id": request_id,
         "userId": user_id,
         "userKeyId": bounded(key_mask),
         "model": bounded(model) if model is not None else None,
-        "inputTokens": u.input_tokens,
-        "outputTokens": u.output_tokens,
-        "cacheWriteTokens": u.cache_write_tokens,
-        "cacheHitTokens": u.cache_read_tokens,
-        "reasoningTokens": u.reasoning_tokens,
+        **_usage_fields(u),
         "creditsCost": cost,
         "creditType": pool,
         "tokensUsed": billing_tokens,
@@ -118,7 +106,6 @@ def request_log(
         "path": bounded(path),
         "stream": stream,
         "usageSource": u.source if usage is not None else "none",
-        **details,
         **({"routeMultiplier": str(route_multiplier)} if route_multiplier is not None else {}),
     }
 
@@ -130,18 +117,12 @@ def usage_of_log(log: dict[str, Any]) -> UsageRecord:
         value = log.get(name)
         return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
-    tier = log.get("serviceTier")
-    recorded = UsageRecord(
-        input_tokens=count("inputTokens"),
-        output_tokens=count("outputTokens"),
-        cache_read_tokens=count("cacheHitTokens"),
-        cache_write_tokens=count("cacheWriteTokens"),
-        reasoning_tokens=count("reasoningTokens"),
-        service_tier=tier if isinstance(tier, str) else None,
-    )
-    details: dict[str, Any] = {
-        attribute: count(name)
-        for name, attribute in BILLED_DETAIL_FIELDS.items()
-        if attribute != "service_tier"
+    recorded: dict[str, Any] = {
+        attribute: count(f.name) if f.kind == "int" else _text(log.get(f.name))
+        for f, attribute in USAGE_FIELDS
     }
-    return dataclasses.replace(recorded, **details).clamped()
+    return UsageRecord(**recorded).clamped()
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

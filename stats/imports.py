@@ -27,15 +27,13 @@ import click
 from bson import ObjectId
 from bson.errors import BSONError
 
+from burnmeter import schema
 from burnmeter.config import Pool
 from burnmeter.documents import mask_key
 from burnmeter.documents import utcnow
 from burnmeter.money import NANOS_PER_USD
 from burnmeter.money import to_decimal
 from burnmeter.store import extjson
-from burnmeter.store.base import DATE_FIELDS
-from burnmeter.store.base import MONEY_FIELDS
-from burnmeter.store.base import TOKEN_FIELDS
 from burnmeter.store.base import Document
 from burnmeter.store.base import ImportOutcome
 from burnmeter.store.base import Store
@@ -52,7 +50,7 @@ class Rejected(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class Kind:
+class Accepted:
     """What a known field may hold (null aside): a name for messages and Python types."""
 
     name: str
@@ -64,42 +62,31 @@ class Kind:
         return isinstance(value, self.types)
 
 
-STRING = Kind("a string", (str,))
-NUMBER = Kind("a number", (int, float))
-DATE = Kind('a date ({"$date": ...})', (datetime,))
-BOOLEAN = Kind("a boolean", (bool,))
-MONEY = Kind("a number", (int, float, Decimal))  # made Decimal USD
-LOG_ID = Kind("a string or an ObjectId", (str, ObjectId))
+STRING = Accepted("a string", (str,))
+NUMBER = Accepted("a number", (int, float))
+DATE = Accepted('a date ({"$date": ...})', (datetime,))
+BOOLEAN = Accepted("a boolean", (bool,))
+MONEY = Accepted("a number", (int, float, Decimal))  # made Decimal USD
+LOG_ID = Accepted("a string or an ObjectId", (str, ObjectId))
 STORABLE = (type(None), bool, int, float, Decimal, str, datetime, ObjectId)
 INT64 = 2**63  # BSON's and SQLite's integers; SQLite keeps money as integer nano-USD
 
-USER_FIELDS: dict[str, Kind] = {
-    "_id": STRING,
-    "isActive": BOOLEAN,
-    "role": STRING,
-    "apiKey": STRING,
-    **dict.fromkeys(MONEY_FIELDS, MONEY),
-    **dict.fromkeys(TOKEN_FIELDS, NUMBER),
-    **dict.fromkeys(
-        (*DATE_FIELDS, "purchasedAt", "purchasedAtNew", "lastLoginAt", "apiKeyCreatedAt"), DATE
-    ),
+ACCEPTED: dict[schema.Kind, Accepted] = {
+    "text": STRING,
+    "int": NUMBER,
+    "money": MONEY,
+    "date": DATE,
+    "bool": BOOLEAN,
 }
-LOG_FIELDS: dict[str, Kind] = {
-    "_id": LOG_ID,
-    **dict.fromkeys(
-        ("userId", "userKeyId", "model", "creditType", "host", "upstream", "path", "usageSource"),
-        STRING,
-    ),
-    **dict.fromkeys(
-        ("inputTokens", "outputTokens", "cacheWriteTokens", "cacheHitTokens", "reasoningTokens")
-        + ("tokensUsed", "statusCode", "latencyMs", "ttftMs"),
-        NUMBER,
-    ),
-    "creditsCost": MONEY,
-    "isSuccess": BOOLEAN,
-    "stream": BOOLEAN,
-    "createdAt": DATE,
-}
+
+
+def _accepted(collection: schema.Collection) -> dict[str, Accepted]:
+    """What each field of the collection may hold (objects unchecked: burnmeter's own)."""
+    return {f.name: ACCEPTED[f.kind] for f in collection.fields if f.kind in ACCEPTED}
+
+
+USER_FIELDS = _accepted(schema.USER)
+LOG_FIELDS = _accepted(schema.REQUEST_LOG) | {"_id": LOG_ID}  # the original's are ObjectIds
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +119,7 @@ class Report:
         }
 
 
-def user_fields(pools: Mapping[str, Pool]) -> dict[str, Kind]:
+def user_fields(pools: Mapping[str, Pool]) -> dict[str, Accepted]:
     """The original's user fields (``docs/documents.md``) and those the configured pools name."""
     fields = dict(USER_FIELDS)
     for pool in pools.values():
@@ -144,7 +131,7 @@ def user_fields(pools: Mapping[str, Pool]) -> dict[str, Kind]:
     return fields
 
 
-def parse(line: str, fields: Mapping[str, Kind]) -> Document:
+def parse(line: str, fields: Mapping[str, Accepted]) -> Document:
     """One exported document, decoded and checked; ``Rejected`` says what is wrong."""
     try:
         raw = json.loads(line)
@@ -162,7 +149,7 @@ def parse(line: str, fields: Mapping[str, Kind]) -> Document:
         if not expected.accepts(value):
             raise Rejected(f"{name}: expected {expected.name}, got {kind(value)}")
         if expected is MONEY:
-            doc[name] = _usd(value, name)
+            doc[name] = _exact_usd(value, name)
     return doc
 
 
@@ -202,7 +189,7 @@ def _check_storable(value: Any, where: str) -> None:
         raise Rejected(f"{where}: {value} is not a finite number")
 
 
-def _usd(value: Any, name: str) -> Decimal:
+def _exact_usd(value: Any, name: str) -> Decimal:
     try:
         amount = to_decimal(value)
     except ArithmeticError:

@@ -18,10 +18,10 @@ import pytest
 from bson import ObjectId
 from bson import json_util
 
+from burnmeter import schema
 from burnmeter.config import default_config
 from burnmeter.documents import mask_key
 from burnmeter.money import to_decimal
-from burnmeter.store.base import MONEY_FIELDS
 from burnmeter.store.base import Document
 from stats.imports import Rejected
 from stats.imports import parse
@@ -89,7 +89,7 @@ def test_users_keep_their_fields_types_and_keys(keeping: Backend) -> None:
         },
     )
     store = keeping.store()
-    money = set(MONEY_FIELDS)
+    money = set(schema.USER.named("money"))
     for doc in source(USERS):
         assert_same(store.user(doc["_id"]), doc, money)
 

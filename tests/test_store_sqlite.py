@@ -31,10 +31,11 @@ def test_columns_and_encodings(tmp_path: Path) -> None:
     store.import_log({"_id": {"$oid": "65a1b2c3d4e5f60718293a4b"}, "creditsCost": 0.25})
     db = sqlite3.connect(tmp_path / "b.db")
     columns = [row[1] for row in db.execute("PRAGMA table_info(usersNew)")]
-    assert columns[:16] == [
+    assert columns[:20] == [
         "_id", "isActive", "role", "apiKey", "credits", "refCredits", "creditsUsed",
         "creditsNew", "creditsNewUsed", "tokensUserNew", "totalInputTokens",
-        "totalOutputTokens", "expiresAt", "expiresAtNew", "createdAt", "extra",
+        "totalOutputTokens", "expiresAt", "expiresAtNew", "createdAt", "purchasedAt",
+        "purchasedAtNew", "lastLoginAt", "apiKeyCreatedAt", "extra",
     ]  # fmt: skip
     assert db.execute("SELECT creditsNew, createdAt, credits FROM usersNew").fetchone() == (
         1_500_000_000,

@@ -23,18 +23,15 @@ from decimal import Decimal
 from typing import Any
 from typing import Literal
 
+from burnmeter import schema
 from burnmeter.config import Pool
 
 Document = dict[str, Any]
 ImportOutcome = Literal["added", "skipped"]
 
-USERS = "usersNew"
-KEYS = "user_keys"
-LOGS = "request_logs"
-
-MONEY_FIELDS = ("credits", "refCredits", "creditsUsed", "creditsNew", "creditsNewUsed")
-TOKEN_FIELDS = ("tokensUserNew", "totalInputTokens", "totalOutputTokens")
-DATE_FIELDS = ("expiresAt", "expiresAtNew", "createdAt")
+USERS = schema.USER.name
+KEYS = schema.KEY.name
+LOGS = schema.REQUEST_LOG.name
 
 
 class StoreError(RuntimeError):

@@ -38,6 +38,7 @@ from pymongo.errors import PyMongoError
 from pymongo.errors import ServerSelectionTimeoutError
 from pymongo.errors import WTimeoutError
 
+from burnmeter import schema
 from burnmeter.config import Pool
 from burnmeter.documents import utcnow
 from burnmeter.money import ZERO
@@ -47,7 +48,6 @@ from burnmeter.store import extjson
 from burnmeter.store import rules
 from burnmeter.store.base import KEYS
 from burnmeter.store.base import LOGS
-from burnmeter.store.base import MONEY_FIELDS
 from burnmeter.store.base import USERS
 from burnmeter.store.base import Document
 from burnmeter.store.base import DocumentError
@@ -63,9 +63,9 @@ from burnmeter.store.base import UserExists
 from burnmeter.store.base import committed
 
 DEFAULT_DB = "fproxy"
-HOLDS = "burnmeterHolds"
-SETTLED = "burnmeterSettled"
-LOG_MONEY = frozenset({"creditsCost"})
+HOLDS = schema.HOLDS_FIELD
+SETTLED = schema.SETTLED_FIELD
+LOG_MONEY = frozenset(schema.REQUEST_LOG.named("money"))
 ATTEMPTS = 20
 TTL_KEY = [("createdAt", pymongo.ASCENDING)]  # {createdAt: -1} is a plain index (docs/documents.md)
 SERVER_TIMEOUT_MS = 3000
@@ -166,7 +166,7 @@ class MongoStore(Store):
         super().__init__(pools)
         self.db = db
         self._client = client
-        self.money = set(MONEY_FIELDS)
+        self.money = set(schema.USER.named("money"))
         for pool in self.pools.values():
             self.money.update([*pool.balance, pool.used])
 

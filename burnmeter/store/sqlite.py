@@ -1,8 +1,9 @@
 """The embedded store: one SQLite file in WAL mode, shared by the proxy and the CLI.
 
-Tables mirror the MongoDB collections, with the documents' field names as column names:
-money is INTEGER nano-USD, dates are INTEGER epoch milliseconds UTC, booleans 0/1, and
-NULL means the field is missing. A field without a column, or whose value does not fit
+Tables mirror the MongoDB collections, with the documents' field names as column names and
+types from their kinds (``burnmeter/schema.py``, ``docs/formats.md``): money is INTEGER
+nano-USD, dates are INTEGER epoch milliseconds UTC, booleans 0/1, and NULL means the field is
+missing. A field without a column, or whose value does not fit
 its column's type (a null, say), is kept as Extended JSON in ``extra``.
 
 Every write runs in ``BEGIN IMMEDIATE``: SQLite's single write lock makes each
@@ -37,21 +38,19 @@ from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from typing import Literal
 
+from burnmeter import schema
 from burnmeter.config import Pool
-from burnmeter.documents import BILLED_DETAIL_FIELDS
 from burnmeter.documents import utcnow
 from burnmeter.money import ZERO
 from burnmeter.money import from_nanos
 from burnmeter.money import to_nanos
+from burnmeter.schema import SQLITE_TYPES
+from burnmeter.schema import Kind
 from burnmeter.store import extjson
 from burnmeter.store import rules
-from burnmeter.store.base import DATE_FIELDS
 from burnmeter.store.base import KEYS
 from burnmeter.store.base import LOGS
-from burnmeter.store.base import MONEY_FIELDS
-from burnmeter.store.base import TOKEN_FIELDS
 from burnmeter.store.base import USERS
 from burnmeter.store.base import Document
 from burnmeter.store.base import Hold
@@ -68,51 +67,11 @@ from burnmeter.store.base import committed
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["money", "int", "date", "bool", "text"]
 Columns = Mapping[str, Kind]
 
-USER_COLUMNS: dict[str, Kind] = {
-    "isActive": "bool",
-    "role": "text",
-    "apiKey": "text",
-    **dict.fromkeys(MONEY_FIELDS, "money"),
-    **dict.fromkeys(TOKEN_FIELDS, "int"),
-    **dict.fromkeys(DATE_FIELDS, "date"),
-}
-KEY_COLUMNS: dict[str, Kind] = {
-    "name": "text",
-    "isActive": "bool",
-    "expiresAt": "date",
-    "tokensUsed": "int",
-    "requestsCount": "int",
-    "lastUsedAt": "date",
-    "createdAt": "date",
-}
-LOG_COLUMNS: dict[str, Kind] = {
-    "userId": "text",
-    "userKeyId": "text",
-    "model": "text",
-    "inputTokens": "int",
-    "outputTokens": "int",
-    "cacheWriteTokens": "int",
-    "cacheHitTokens": "int",
-    "reasoningTokens": "int",
-    "creditsCost": "money",
-    "creditType": "text",
-    "tokensUsed": "int",
-    "statusCode": "int",
-    "latencyMs": "int",
-    "ttftMs": "int",
-    "isSuccess": "bool",
-    "createdAt": "date",
-    "host": "text",
-    "upstream": "text",
-    "path": "text",
-    "stream": "bool",
-    "usageSource": "text",
-    **{name: "text" if name == "serviceTier" else "int" for name in BILLED_DETAIL_FIELDS},
-    "routeMultiplier": "text",
-}
+USER_COLUMN_KINDS = schema.USER.columns()
+KEY_COLUMN_KINDS = schema.KEY.columns()
+LOG_COLUMN_KINDS = schema.REQUEST_LOG.columns()
 HOLDS = "holds"
 
 # The log indexes lead with the keys of docs/documents.md and carry the columns the stats reports sum,
@@ -226,7 +185,7 @@ class SqliteStore(Store):
                 pool_columns[pool.tokens] = "int"
             if pool.expires:
                 pool_columns[pool.expires] = "date"
-        self.user_columns: dict[str, Kind] = pool_columns | USER_COLUMNS
+        self.user_columns: dict[str, Kind] = pool_columns | USER_COLUMN_KINDS
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
@@ -348,32 +307,27 @@ class SqliteStore(Store):
     def ensure_schema(self, log_ttl_days: int | None) -> None:
         """Tables and indexes. SQLite has no TTL: the proxy's writer purges old logs."""
         with self._write() as conn:
-            for table, columns in (
-                (USERS, USER_COLUMNS),
-                (KEYS, KEY_COLUMNS),
-                (LOGS, LOG_COLUMNS),
+            for table, created, columns in (
+                (USERS, USER_COLUMN_KINDS, self.user_columns),  # pool columns come after extra
+                (KEYS, KEY_COLUMN_KINDS, KEY_COLUMN_KINDS),
+                (LOGS, LOG_COLUMN_KINDS, LOG_COLUMN_KINDS),
             ):
-                defs = ", ".join(
-                    f'"{name}" {"TEXT" if kind == "text" else "INTEGER"}'
-                    for name, kind in columns.items()
-                )
+                defs = ", ".join(f'"{name}" {SQLITE_TYPES[kind]}' for name, kind in created.items())
                 conn.execute(
                     f"CREATE TABLE IF NOT EXISTS {table}(_id TEXT PRIMARY KEY, {defs}, extra TEXT)"
                 )
+                # the migration: a store written before a field existed gets its column (its
+                # rows read NULL: missing)
+                existing = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns.items():
+                    if name not in existing:
+                        conn.execute(
+                            f'ALTER TABLE {table} ADD COLUMN "{name}" {SQLITE_TYPES[kind]}'
+                        )
             conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {HOLDS}(_id TEXT PRIMARY KEY, userId TEXT,"
                 " pool TEXT, parts TEXT, createdAt INTEGER)"
             )
-            existing = {row["name"] for row in conn.execute(f"PRAGMA table_info({USERS})")}
-            for name in self.user_columns:
-                if name not in existing:
-                    conn.execute(f'ALTER TABLE {USERS} ADD COLUMN "{name}" INTEGER')
-            # a store written before a log column existed gets it (its rows read NULL: absent)
-            existing = {row["name"] for row in conn.execute(f"PRAGMA table_info({LOGS})")}
-            for name, kind in LOG_COLUMNS.items():
-                if name not in existing:
-                    sql_type = "TEXT" if kind == "text" else "INTEGER"
-                    conn.execute(f'ALTER TABLE {LOGS} ADD COLUMN "{name}" {sql_type}')
             for sql in INDEXES:
                 conn.execute(sql)
 
@@ -424,7 +378,7 @@ class SqliteStore(Store):
     def find_key(self, key: str) -> KeyOwner | None:
         return rules.find_key(
             key,
-            key_doc=lambda key_id: self._one(KEYS, KEY_COLUMNS, "_id", key_id),
+            key_doc=lambda key_id: self._one(KEYS, KEY_COLUMN_KINDS, "_id", key_id),
             user=self.user,
             user_by_api_key=lambda k: self._one(USERS, self.user_columns, "apiKey", k),
         )
@@ -445,7 +399,7 @@ class SqliteStore(Store):
         with self._write() as conn:
             if not self._insert(conn, USERS, _row(user, self.user_columns)):
                 raise UserExists(f"user {user_id!r} exists")
-            if not self._insert(conn, KEYS, _row(key, KEY_COLUMNS)):
+            if not self._insert(conn, KEYS, _row(key, KEY_COLUMN_KINDS)):
                 raise UserExists(f"key {key_doc_id!r} exists")
 
     def topup(self, user_id: str, field_name: str, amount: Decimal) -> Decimal:
@@ -472,7 +426,7 @@ class SqliteStore(Store):
                 f"UPDATE {KEYS} SET isActive = 0 WHERE name = ? AND COALESCE(isActive, 1)",
                 (user_id,),
             ).rowcount
-            if not self._insert(conn, KEYS, _row(key, KEY_COLUMNS)):
+            if not self._insert(conn, KEYS, _row(key, KEY_COLUMN_KINDS)):
                 raise UserExists(f"key {key_doc_id!r} exists")
         return stopped
 
@@ -543,7 +497,7 @@ class SqliteStore(Store):
 
     def _settle(self, conn: sqlite3.Connection, s: Settlement, now: datetime) -> bool:
         # the log first: a request id that is already logged was settled (same transaction)
-        if not self._insert(conn, LOGS, _row({**s.log, "_id": s.request_id}, LOG_COLUMNS)):
+        if not self._insert(conn, LOGS, _row({**s.log, "_id": s.request_id}, LOG_COLUMN_KINDS)):
             return False
         row = conn.execute(
             f"DELETE FROM {HOLDS} WHERE _id = ? RETURNING parts", (s.request_id,)
@@ -596,18 +550,18 @@ class SqliteStore(Store):
 
     # -- request logs -------------------------------------------------------------------
     def log(self, request_id: str) -> Document | None:
-        return self._one(LOGS, LOG_COLUMNS, "_id", request_id)
+        return self._one(LOGS, LOG_COLUMN_KINDS, "_id", request_id)
 
     def logs(self, limit: int, user_id: str | None = None) -> list[Document]:
         where, params = ("WHERE userId = ?", [user_id]) if user_id is not None else ("", [])
         tail = "ORDER BY createdAt DESC, _id DESC LIMIT ?"
-        return self._find(LOGS, LOG_COLUMNS, where, [*params, limit], tail)
+        return self._find(LOGS, LOG_COLUMN_KINDS, where, [*params, limit], tail)
 
     def logs_between(self, start: datetime | None, end: datetime) -> Iterator[Document]:
         where, params = "WHERE createdAt < ?", [extjson.to_ms(end)]
         if start is not None:
             where, params = f"{where} AND createdAt >= ?", [*params, extjson.to_ms(start)]
-        yield from self._find(LOGS, LOG_COLUMNS, where, params, "ORDER BY createdAt, _id")
+        yield from self._find(LOGS, LOG_COLUMN_KINDS, where, params, "ORDER BY createdAt, _id")
 
     def count_logs(self, before: datetime) -> int:
         rows = self._read(
@@ -641,4 +595,4 @@ class SqliteStore(Store):
         return self._import(USERS, self.user_columns, doc)
 
     def import_log(self, doc: Document) -> ImportOutcome:
-        return self._import(LOGS, LOG_COLUMNS, doc)
+        return self._import(LOGS, LOG_COLUMN_KINDS, doc)
