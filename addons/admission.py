@@ -40,10 +40,11 @@ from mitmproxy.net.http import url
 
 from addons import errors
 from addons.canonical import CanonicalRequest
-from addons.errors import Problem
 from addons.errors import Style
+from addons.exceptions import ConflictingKeys
+from addons.exceptions import DuplicateKey
+from addons.exceptions import Rejection
 from addons.holding import HoldQueue
-from addons.keys import ConflictingKeys
 from addons.keys import KeyCache
 from addons.keys import Query
 from addons.keys import client_key
@@ -60,15 +61,15 @@ from burnmeter.estimate import RequestEstimate
 from burnmeter.estimate import estimate_request
 from burnmeter.estimate import hold_amounts
 from burnmeter.estimate import output_tokens_paid
+from burnmeter.exceptions import StoreError
+from burnmeter.exceptions import UnknownModelError
 from burnmeter.pricing import PriceQuote
-from burnmeter.pricing import UnknownModelError
 from burnmeter.pricing import resolve_price
 from burnmeter.store.base import Hold
 from burnmeter.store.base import HoldRequest
+from burnmeter.store.base import InsufficientBalance
 from burnmeter.store.base import KeyOwner
-from burnmeter.store.base import Refusal
 from burnmeter.store.base import Store
-from burnmeter.store.base import StoreError
 from burnmeter.store.rules import split_hold
 from burnmeter.writer import SettlementWriter
 
@@ -81,24 +82,6 @@ STORE_RETRY = 2.0
 """Seconds a failed store call marks the store down for admission."""
 RECORD_RESERVE = 4096
 """Journal bytes kept free for each request in flight (a record is about 1 KiB)."""
-
-
-class Rejection(Exception):
-    """A request answered locally with ``problem``; ``extra`` joins OpenAI's error object."""
-
-    def __init__(
-        self,
-        problem: Problem,
-        message: str,
-        *,
-        headers: dict[str, str] | None = None,
-        **extra: Any,
-    ) -> None:
-        super().__init__(message)
-        self.problem = problem
-        self.message = message
-        self.headers = headers or {}
-        self.extra = extra
 
 
 @dataclass(slots=True)
@@ -378,12 +361,14 @@ class Admission:
         maximum, minimum = hold_amounts(ticket.estimate, ticket.quote)
         wanted = HoldRequest(flow.id, ticket.user_id, pool, maximum, minimum)
         try:
-            hold: Hold | Refusal | None = await self._store_call(lambda: self.holds.hold(wanted))
+            hold: Hold | InsufficientBalance | None = await self._store_call(
+                lambda: self.holds.hold(wanted)
+            )
         except StoreError as e:
             if not ticket.key_cached:
                 raise Rejection(errors.UNAVAILABLE, "Metering store unavailable") from e
             hold = holdless(ticket.owner, pool, maximum, minimum)
-        if isinstance(hold, Refusal):
+        if isinstance(hold, InsufficientBalance):
             raise Rejection(
                 errors.INSUFFICIENT_CREDITS,
                 f"Insufficient credits. Current balance: ${hold.balance:.2f}",
@@ -421,10 +406,6 @@ class Admission:
         except DuplicateKey as e:
             raise Rejection(errors.AMBIGUOUS, str(e)) from None
         return body
-
-
-class DuplicateKey(ValueError):
-    """A JSON object naming one key twice: parsers disagree on which value wins."""
 
 
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -473,12 +454,14 @@ def check_spellings(body: dict[str, Any]) -> None:
                 raise DuplicateKey(f"Request body key {key!r}: spell it {field_name!r}")
 
 
-def holdless(owner: KeyOwner, pool: Pool, maximum: Decimal, minimum: Decimal) -> Refusal | None:
+def holdless(
+    owner: KeyOwner, pool: Pool, maximum: Decimal, minimum: Decimal
+) -> InsufficientBalance | None:
     """Admission while the store is down: the cached balance (as of the key look-up) must
     cover what a hold would have; None admits without a hold."""
     balances = {name: _decimal(owner.user.get(name)) for name in pool.balance}
     if split_hold(balances, maximum, minimum) is None:
-        return Refusal(sum(balances.values(), Decimal(0)))
+        return InsufficientBalance(sum(balances.values(), Decimal(0)))
     return None
 
 

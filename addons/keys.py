@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from mitmproxy import http
 
 from addons.errors import Style
+from addons.exceptions import ConflictingKeys
 from burnmeter.documents import HASHED_PREFIX
 from burnmeter.store.base import KeyOwner
 
@@ -42,10 +43,6 @@ they would match by chance."""
 def searchable(key: str | None) -> bool:
     """A key long enough to be looked for inside other values (paths, headers, bodies)."""
     return key is not None and len(key) >= MIN_SEARCHED_KEY
-
-
-class ConflictingKeys(ValueError):
-    """The request carries two different keys: which one pays would depend on the reader."""
 
 
 def presented_keys(request: http.Request, query: Query | None = None) -> list[tuple[str, str]]:

@@ -72,14 +72,14 @@ from addons import billing
 from addons import errors
 from addons import options
 from addons.admission import Admission
-from addons.admission import Rejection
 from addons.admission import Ticket
 from addons.alerts import Alerts
-from addons.canonical import Ambiguous
 from addons.canonical import forward as forward_request
 from addons.canonical import raw_style
 from addons.canonical import read_request
 from addons.errors import error_response
+from addons.exceptions import Ambiguous
+from addons.exceptions import Rejection
 from addons.inspection import LLMStreamContentview
 from addons.inspection import Outcome
 from addons.inspection import annotate
@@ -96,17 +96,17 @@ from addons.ratelimit import RateLimiter
 from addons.streamtap import StreamTap
 from addons.trailers import refuse_http1_trailers
 from addons.usage_endpoint import UsageEndpoint
+from burnmeter.exceptions import DocumentError
+from burnmeter.exceptions import JournalError
+from burnmeter.exceptions import JournalLocked
+from burnmeter.exceptions import StoreError
+from burnmeter.exceptions import StoreURLError
 from burnmeter.journal import Journal
-from burnmeter.journal import JournalError
-from burnmeter.journal import JournalLocked
 from burnmeter.journal import to_json
 from burnmeter.records import UsageRecord
-from burnmeter.store import StoreURLError
 from burnmeter.store import open_store
-from burnmeter.store.base import DocumentError
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
-from burnmeter.store.base import StoreError
 from burnmeter.writer import SettlementWriter
 
 logger = logging.getLogger(__name__)

@@ -13,16 +13,16 @@ from typing import Any
 from mitmproxy import exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode
 
-from burnmeter.alerts import AlertConfigError
 from burnmeter.alerts import Rule
 from burnmeter.alerts import rules
 from burnmeter.config import Config
-from burnmeter.config import ConfigError
 from burnmeter.config import ConfigSource
 from burnmeter.config import Route
 from burnmeter.config import find_config
 from burnmeter.config import load_config
-from burnmeter.store import StoreURLError
+from burnmeter.exceptions import AlertConfigError
+from burnmeter.exceptions import ConfigError
+from burnmeter.exceptions import StoreURLError
 from burnmeter.store import resolve_url
 from burnmeter.store import sqlite_path
 

@@ -31,6 +31,7 @@ from pydantic import field_validator
 from pydantic import model_validator
 
 from burnmeter import price_model
+from burnmeter.exceptions import ConfigError
 from burnmeter.price_model import RATE_KEYS
 
 DEFAULT_DB_PATH = "burnmeter.db"
@@ -52,10 +53,6 @@ def iana_zone(name: str) -> ZoneInfo | None:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):  # "America" is a directory
         return None
-
-
-class ConfigError(ValueError):
-    """A config problem, as one line naming the key."""
 
 
 class _Strict(BaseModel):

@@ -44,6 +44,9 @@ from typing import Any
 from typing import NoReturn
 
 from burnmeter.documents import key_ref
+from burnmeter.exceptions import JournalError
+from burnmeter.exceptions import JournalFull
+from burnmeter.exceptions import JournalLocked
 from burnmeter.store.base import Settlement
 from burnmeter.text import encodable_tree
 
@@ -58,18 +61,6 @@ PROBE_BYTES = 4096
 MEMORY_RECORDS = 10_000
 """Records past the checkpoint also kept in memory, so the writer does not decode them."""
 _READ_CHUNK = 64 * 1024
-
-
-class JournalError(RuntimeError):
-    pass
-
-
-class JournalFull(JournalError):
-    """The journal reached ``max_bytes``: the store has been unreachable for too long."""
-
-
-class JournalLocked(JournalError):
-    """Another process (or another ``Journal`` in this one) has the journal open."""
 
 
 # -- one place for the record format ------------------------------------------------------

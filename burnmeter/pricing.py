@@ -26,6 +26,7 @@ from typing import Literal
 from burnmeter import money
 from burnmeter import price_model
 from burnmeter.config import Config
+from burnmeter.exceptions import UnknownModelError
 from burnmeter.price_model import Price
 from burnmeter.records import UsageRecord
 
@@ -36,10 +37,6 @@ FREE_INPUT_CACHE_WRITE_WEIGHT = Decimal(1)
 FREE_INPUT_CACHE_READ_WEIGHT = Decimal("0.1")
 # Enough digits that token counts times prices never round before the final quantize.
 _EXACT = decimal.Context(prec=60)
-
-
-class UnknownModelError(ValueError):
-    """No price for the model under the config's policy: the request is refused (400)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,10 +20,10 @@ from datetime import datetime
 from datetime import timedelta
 from decimal import Decimal
 
+from burnmeter.exceptions import StoreError
 from burnmeter.journal import Journal
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
-from burnmeter.store.base import StoreError
 
 logger = logging.getLogger(__name__)
 

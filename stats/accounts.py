@@ -18,11 +18,11 @@ from burnmeter.config import Pool
 from burnmeter.documents import hash_key
 from burnmeter.documents import new_key
 from burnmeter.documents import utcnow
+from burnmeter.exceptions import UserExists
 from burnmeter.money import PRECISION
 from burnmeter.store.base import Document
-from burnmeter.store.base import UserExists
 from stats.context import Context
-from stats.context import UserError
+from stats.exceptions import UserError
 from stats.output import emit_record
 from stats.output import emit_rows
 from stats.output import format_option

@@ -38,15 +38,12 @@ from burnmeter.store.base import Document
 from burnmeter.store.base import ImportOutcome
 from burnmeter.store.base import Store
 from stats.context import Context
+from stats.exceptions import BadLine
 from stats.output import emit_record
 from stats.output import format_option
 
 SHOWN_LINES = 10
 """Line numbers an import names in a message before it only counts them."""
-
-
-class Rejected(ValueError):
-    """A line that is not a document of the collection; the message is one line."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,22 +129,22 @@ def user_fields(pools: Mapping[str, Pool]) -> dict[str, Accepted]:
 
 
 def parse(line: str, fields: Mapping[str, Accepted]) -> Document:
-    """One exported document, decoded and checked; ``Rejected`` says what is wrong."""
+    """One exported document, decoded and checked; ``BadLine`` says what is wrong."""
     try:
         raw = json.loads(line)
     except json.JSONDecodeError as e:
-        raise Rejected(f"bad JSON: {e.msg} (column {e.colno})") from None
+        raise BadLine(f"bad JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(raw, dict):
-        raise Rejected(f"not a JSON object but {kind(raw)}")
+        raise BadLine(f"not a JSON object but {kind(raw)}")
     doc = {name: _decode(value, name) for name, value in raw.items()}
     if doc.get("_id") is None:
-        raise Rejected("missing _id")
+        raise BadLine("missing _id")
     for name, value in doc.items():
         expected = fields.get(name)
         if value is None or expected is None:
             continue
         if not expected.accepts(value):
-            raise Rejected(f"{name}: expected {expected.name}, got {kind(value)}")
+            raise BadLine(f"{name}: expected {expected.name}, got {kind(value)}")
         if expected is MONEY:
             doc[name] = _exact_usd(value, name)
     return doc
@@ -158,14 +155,14 @@ def _decode(value: Any, where: str) -> Any:
     try:
         decoded = extjson.python(value)
     except ArithmeticError:
-        raise Rejected(f"{where}: number out of range") from None
+        raise BadLine(f"{where}: number out of range") from None
     except (TypeError, ValueError, BSONError) as e:
         if isinstance(value, dict) and list(value) == ["$date"]:
-            raise Rejected(
+            raise BadLine(
                 f"{where}: {{$date: {json.dumps(value['$date'])}}} is not a date"
                 " (ISO 8601 with an offset, or epoch milliseconds, years 1-9999)"
             ) from None
-        raise Rejected(f"{where}: bad Extended JSON: {e}") from None
+        raise BadLine(f"{where}: bad Extended JSON: {e}") from None
     _check_storable(decoded, where)
     return decoded
 
@@ -174,19 +171,19 @@ def _check_storable(value: Any, where: str) -> None:
     if isinstance(value, dict):
         for name, item in value.items():
             if name.startswith("$"):
-                raise Rejected(f"{where}: unsupported Extended JSON {name}")
+                raise BadLine(f"{where}: unsupported Extended JSON {name}")
             _check_storable(item, f"{where}.{name}")
     elif isinstance(value, list):
         for item in value:
             _check_storable(item, where)
     elif not isinstance(value, STORABLE):
-        raise Rejected(f"{where}: unsupported value ({type(value).__name__})")
+        raise BadLine(f"{where}: unsupported value ({type(value).__name__})")
     elif isinstance(value, int) and not -INT64 <= value < INT64:
-        raise Rejected(f"{where}: {value} is out of range")
+        raise BadLine(f"{where}: {value} is out of range")
     elif isinstance(value, float) and not math.isfinite(value):
-        raise Rejected(f"{where}: {value} is not a finite number")
+        raise BadLine(f"{where}: {value} is not a finite number")
     elif isinstance(value, Decimal) and not value.is_finite():
-        raise Rejected(f"{where}: {value} is not a finite number")
+        raise BadLine(f"{where}: {value} is not a finite number")
 
 
 def _exact_usd(value: Any, name: str) -> Decimal:
@@ -195,7 +192,7 @@ def _exact_usd(value: Any, name: str) -> Decimal:
     except ArithmeticError:
         amount = None
     if amount is None or abs(amount) * NANOS_PER_USD >= INT64:
-        raise Rejected(f"{name}: {value} is out of range")
+        raise BadLine(f"{name}: {value} is out of range")
     return amount
 
 
@@ -252,7 +249,7 @@ def _import(
             continue
         try:
             doc = parse_line(line)
-        except Rejected as e:
+        except BadLine as e:
             report.rejects.append(Reject(number, str(e)))
             continue
         if expired(doc):

@@ -17,11 +17,11 @@ from typing import Any
 import click
 
 from burnmeter import schema
+from burnmeter.exceptions import PeriodError
 from burnmeter.periods import ALL
 from burnmeter.periods import BUCKETS
 from burnmeter.periods import PERIODS
 from burnmeter.periods import Bucket
-from burnmeter.periods import PeriodError
 from burnmeter.periods import Window
 from burnmeter.periods import requested_window
 from burnmeter.reports import reports_for

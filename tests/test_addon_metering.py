@@ -37,9 +37,9 @@ from addons.metering import ready_line
 from burnmeter.config import load_config
 from burnmeter.documents import hash_key
 from burnmeter.documents import utcnow
-from burnmeter.journal import JournalFull
+from burnmeter.exceptions import JournalFull
+from burnmeter.exceptions import StoreError
 from burnmeter.store import open_store
-from burnmeter.store.base import StoreError
 from tests.addon_support import BOB_KEY
 from tests.addon_support import CONFIG
 from tests.addon_support import KEY

@@ -23,7 +23,7 @@ from burnmeter.config import default_config
 from burnmeter.documents import mask_key
 from burnmeter.money import to_decimal
 from burnmeter.store.base import Document
-from stats.imports import Rejected
+from stats.exceptions import BadLine
 from stats.imports import parse
 from stats.imports import user_fields
 from tests.cli_backends import Backend
@@ -294,7 +294,7 @@ FIELDS = user_fields(default_config().pools)
     ],
 )
 def test_parse_rejects(line: str, reason: str) -> None:
-    with pytest.raises(Rejected) as e:
+    with pytest.raises(BadLine) as e:
         parse(line, FIELDS)
     assert str(e.value).startswith(reason)
 

@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 
 from burnmeter.config import default_config
 from burnmeter.documents import request_log
+from burnmeter.exceptions import JournalError
+from burnmeter.exceptions import JournalFull
+from burnmeter.exceptions import JournalLocked
 from burnmeter.journal import FORMAT_VERSION
 from burnmeter.journal import Journal
-from burnmeter.journal import JournalError
-from burnmeter.journal import JournalFull
-from burnmeter.journal import JournalLocked
 from burnmeter.journal import from_json
 from burnmeter.journal import to_json
 from burnmeter.records import UsageRecord

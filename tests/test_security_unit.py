@@ -28,11 +28,11 @@ from addons.metering import spill
 from addons.streamtap import DECOMPRESS_STEP
 from addons.streamtap import StreamTap
 from addons.streamtap import zstd
-from burnmeter.config import ConfigError
 from burnmeter.config import load_config
 from burnmeter.documents import hash_key
 from burnmeter.documents import mask_key
 from burnmeter.documents import new_key
+from burnmeter.exceptions import ConfigError
 from burnmeter.store.base import KeyOwner
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store

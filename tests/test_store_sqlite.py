@@ -11,9 +11,9 @@ import pytest
 from stores import POOLS
 
 from burnmeter.config import Pool
+from burnmeter.exceptions import StoreError
 from burnmeter.store.base import Hold
 from burnmeter.store.base import Settlement
-from burnmeter.store.base import StoreError
 from burnmeter.store.sqlite import SqliteStore
 
 OPENHANDS = POOLS["openhands"]
@@ -200,8 +200,8 @@ def test_a_file_deleted_or_replaced_is_an_outage_until_the_same_file_is_back(
 ) -> None:
     from burnmeter.documents import request_log
     from burnmeter.documents import utcnow
+    from burnmeter.exceptions import StoreError
     from burnmeter.store.base import HoldRequest
-    from burnmeter.store.base import StoreError
 
     path = tmp_path / "b.db"
     store = open_store(path)

@@ -21,13 +21,13 @@ import pytest
 
 from burnmeter.config import default_config
 from burnmeter.documents import request_log
+from burnmeter.exceptions import StoreError
 from burnmeter.journal import Journal
 from burnmeter.records import UsageRecord
 from burnmeter.store import open_store
 from burnmeter.store.base import Hold
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
-from burnmeter.store.base import StoreError
 from burnmeter.writer import SettlementWriter
 
 POOLS = default_config().pools

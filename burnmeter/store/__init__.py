@@ -7,16 +7,13 @@ from collections.abc import Mapping
 
 from burnmeter.config import DEFAULT_DB_URL
 from burnmeter.config import Pool
+from burnmeter.exceptions import StoreMissing
+from burnmeter.exceptions import StoreURLError
 from burnmeter.store.base import Store
-from burnmeter.store.base import StoreMissing
 
 ENV_DB = "BURNMETER_DB"
 
 __all__ = ["ENV_DB", "StoreMissing", "StoreURLError", "open_store", "resolve_url", "sqlite_path"]
-
-
-class StoreURLError(ValueError):
-    pass
 
 
 def resolve_url(explicit: str | None, config_db: str | None = None) -> str:

@@ -25,6 +25,8 @@ from typing import Literal
 
 from burnmeter import schema
 from burnmeter.config import Pool
+from burnmeter.exceptions import DocumentError
+from burnmeter.exceptions import StoreError
 
 Document = dict[str, Any]
 ImportOutcome = Literal["added", "skipped"]
@@ -32,23 +34,6 @@ ImportOutcome = Literal["added", "skipped"]
 USERS = schema.USER.name
 KEYS = schema.KEY.name
 LOGS = schema.REQUEST_LOG.name
-
-
-class StoreError(RuntimeError):
-    """The store cannot be reached or is not answering (an outage, not a user error)."""
-
-
-class StoreMissing(StoreError):
-    """There is no store where the URL points (opened without creating it)."""
-
-
-class UserExists(ValueError):
-    """``create_user`` for a user id that is taken."""
-
-
-class DocumentError(ValueError):
-    """The store answered, but cannot apply an operation to one document (e.g. a legacy
-    field holding a string): not an outage, and retrying will not help."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +63,7 @@ class Hold:
 
 
 @dataclass(frozen=True, slots=True)
-class Refusal:
+class InsufficientBalance:
     """A hold that could not be made: the pool's balance right now."""
 
     balance: Decimal
@@ -95,7 +80,7 @@ class HoldRequest:
     minimum: Decimal
 
 
-HoldOutcome = Hold | Refusal | StoreError | DocumentError
+HoldOutcome = Hold | InsufficientBalance | StoreError | DocumentError
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +165,7 @@ class Store(ABC):
     @abstractmethod
     def hold(
         self, request_id: str, user_id: str, pool: Pool, amount: Decimal, minimum: Decimal
-    ) -> Hold | Refusal:
+    ) -> Hold | InsufficientBalance:
         """Atomically set aside ``amount`` from the pool, spending its fields in order.
 
         If the balance is short of ``amount`` but covers ``minimum`` (and is > 0), hold what

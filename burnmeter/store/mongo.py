@@ -41,6 +41,10 @@ from pymongo.errors import WTimeoutError
 from burnmeter import schema
 from burnmeter.config import Pool
 from burnmeter.documents import utcnow
+from burnmeter.exceptions import DocumentError
+from burnmeter.exceptions import StoreError
+from burnmeter.exceptions import StoreMissing
+from burnmeter.exceptions import UserExists
 from burnmeter.money import ZERO
 from burnmeter.money import to_decimal
 from burnmeter.money import to_float
@@ -50,16 +54,12 @@ from burnmeter.store.base import KEYS
 from burnmeter.store.base import LOGS
 from burnmeter.store.base import USERS
 from burnmeter.store.base import Document
-from burnmeter.store.base import DocumentError
 from burnmeter.store.base import Hold
 from burnmeter.store.base import ImportOutcome
+from burnmeter.store.base import InsufficientBalance
 from burnmeter.store.base import KeyOwner
-from burnmeter.store.base import Refusal
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
-from burnmeter.store.base import StoreError
-from burnmeter.store.base import StoreMissing
-from burnmeter.store.base import UserExists
 from burnmeter.store.base import committed
 
 DEFAULT_DB = "fproxy"
@@ -341,13 +341,13 @@ class MongoStore(Store):
     @_guarded
     def hold(
         self, request_id: str, user_id: str, pool: Pool, amount: Decimal, minimum: Decimal
-    ) -> Hold | Refusal:
+    ) -> Hold | InsufficientBalance:
         path = _request_path(HOLDS, request_id)
         users = self.db[USERS]
         for _ in range(ATTEMPTS):
             doc = users.find_one({"_id": user_id}, projection=[*pool.balance, path])
             if doc is None:
-                return Refusal(ZERO)
+                return InsufficientBalance(ZERO)
             if request_id in doc.get(HOLDS, {}):
                 raise ValueError(f"request {request_id!r} already holds")
             for name in pool.balance:
@@ -358,7 +358,7 @@ class MongoStore(Store):
             balances = {name: to_decimal(doc.get(name)) for name in pool.balance}
             parts = rules.split_hold(balances, amount, minimum)
             if parts is None:
-                return Refusal(sum(balances.values(), ZERO))
+                return InsufficientBalance(sum(balances.values(), ZERO))
             now = extjson.utc(utcnow())
             query: Document = {"_id": user_id, path: {"$exists": False}}
             query |= {name: _guard(doc.get(name), part) for name, part in parts.items()}

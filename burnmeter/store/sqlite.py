@@ -42,6 +42,8 @@ from typing import Any
 from burnmeter import schema
 from burnmeter.config import Pool
 from burnmeter.documents import utcnow
+from burnmeter.exceptions import StoreError
+from burnmeter.exceptions import UserExists
 from burnmeter.money import ZERO
 from burnmeter.money import from_nanos
 from burnmeter.money import to_nanos
@@ -57,12 +59,10 @@ from burnmeter.store.base import Hold
 from burnmeter.store.base import HoldOutcome
 from burnmeter.store.base import HoldRequest
 from burnmeter.store.base import ImportOutcome
+from burnmeter.store.base import InsufficientBalance
 from burnmeter.store.base import KeyOwner
-from burnmeter.store.base import Refusal
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
-from burnmeter.store.base import StoreError
-from burnmeter.store.base import UserExists
 from burnmeter.store.base import committed
 
 logger = logging.getLogger(__name__)
@@ -449,7 +449,7 @@ class SqliteStore(Store):
     # -- metering -----------------------------------------------------------------------
     def hold(
         self, request_id: str, user_id: str, pool: Pool, amount: Decimal, minimum: Decimal
-    ) -> Hold | Refusal:
+    ) -> Hold | InsufficientBalance:
         with self._write() as conn:
             return self._hold(conn, HoldRequest(request_id, user_id, pool, amount, minimum))
 
@@ -461,13 +461,13 @@ class SqliteStore(Store):
         except StoreError as e:
             return [e] * len(requests)
 
-    def _hold(self, conn: sqlite3.Connection, r: HoldRequest) -> Hold | Refusal:
+    def _hold(self, conn: sqlite3.Connection, r: HoldRequest) -> Hold | InsufficientBalance:
         balances = self._balances(r.user_id, r.pool, conn)
         if balances is None:
-            return Refusal(ZERO)
+            return InsufficientBalance(ZERO)
         parts = rules.split_hold(balances, r.amount, r.minimum)
         if parts is None:
-            return Refusal(sum(balances.values(), ZERO))
+            return InsufficientBalance(sum(balances.values(), ZERO))
         self._add(conn, r.user_id, {name: -part for name, part in parts.items()})
         now = extjson.utc(utcnow())
         conn.execute(

@@ -36,21 +36,22 @@ from flask import stream_with_context
 from flask import url_for
 from werkzeug.exceptions import HTTPException
 
+from burnmeter.exceptions import PeriodError
+from burnmeter.exceptions import StoreError
 from burnmeter.periods import ALL
 from burnmeter.periods import BUCKETS
 from burnmeter.periods import PERIODS
 from burnmeter.periods import Bucket
-from burnmeter.periods import PeriodError
 from burnmeter.periods import Window
 from burnmeter.periods import requested_window
 from burnmeter.reports import reports_for
 from burnmeter.reports.base import OriginalPools
 from burnmeter.reports.base import Reports
 from burnmeter.store.base import Store
-from burnmeter.store.base import StoreError
 from stats.admin import chart
 from stats.admin import formats
 from stats.admin import payloads
+from stats.exceptions import BadQuery
 from stats.output import plain
 
 DASHBOARD_PERIOD = "8h"  # the original dashboard's default (README, "The admin dashboard")
@@ -69,14 +70,6 @@ SECURITY_HEADERS = {
 
 ZONES = sorted(available_timezones())  # the zone field's suggestions
 log = logging.getLogger("burnmeter.serve")
-
-
-class BadQuery(Exception):
-    """A query parameter the reports cannot take: answered 400 with ``body``."""
-
-    def __init__(self, body: dict[str, Any]) -> None:
-        super().__init__(body["error"])
-        self.body = body
 
 
 @dataclass(frozen=True, slots=True)
