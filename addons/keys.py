@@ -158,6 +158,3 @@ class KeyCache:
         while len(self._entries) >= self.max_entries:
             del self._entries[next(iter(self._entries))]
         self._entries[digest] = (self.clock() + self.ttl, owner)
-
-    def clear(self) -> None:
-        self._entries.clear()

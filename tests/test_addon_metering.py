@@ -39,6 +39,7 @@ from burnmeter.documents import hash_key
 from burnmeter.documents import utcnow
 from burnmeter.exceptions import JournalFull
 from burnmeter.exceptions import StoreError
+from burnmeter.sse import MAX_EVENT_BYTES
 from burnmeter.store import open_store
 from tests.addon_support import BOB_KEY
 from tests.addon_support import CONFIG
@@ -346,7 +347,9 @@ async def test_revoked_key_stops_within_the_cache_ttl(env: Env) -> None:
     await admit(env, cached)
     assert cached.response is None, "still cached"
     assert env.metering.admission is not None
-    env.metering.admission.cache.clear()  # the TTL has passed
+    cache = env.metering.admission.cache
+    later = cache.clock() + cache.ttl + 1
+    cache.clock = lambda: later  # the TTL has passed
     f = make_flow()
     await admit(env, f)
     assert f.response is not None and f.response.status_code == 401
@@ -1509,3 +1512,20 @@ def test_whatever_the_client_sends_a_forwarded_request_is_journaled(
     hypothesis.event("forwarded")
     records = {s.request_id for _, s in env.metering.writer.journal.pending(10_000)}
     assert f.id in records or env.store.log(f.id) is not None
+
+
+async def test_a_stream_with_oversized_events_says_so_in_its_record(env: Env) -> None:
+    """An event past the parser's limit is passed on unread (a usage in it is not seen): the
+    flow's record counts them, and the comment shows the tokens that were charged."""
+    f = make_flow(body={"model": "gpt-4o", "messages": [], "stream": True})
+    await admit(env, f)
+    f.response = sse_response()
+    env.metering.responseheaders(f)
+    tap = env.metering.tickets[f].tap
+    assert tap is not None
+    body = b"data: " + b"x" * (MAX_EVENT_BYTES + 1) + b"\n\n" + chat_sse(["Hi"], CHAT_USAGE)
+    assert tap(body) + tap(b"") == body
+    env.metering.response(f)
+    record = f.metadata["metering"]
+    assert record["oversized_events"] == 1
+    assert record["total_tokens"] == 1200 and "1,200 tok" in f.comment
