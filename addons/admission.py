@@ -20,7 +20,6 @@ journal write fails (a full disk, an I/O error) until a probe write succeeds aga
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -55,6 +54,7 @@ from addons.streamtap import StreamTap
 from burnmeter.config import Config
 from burnmeter.config import Pool
 from burnmeter.config import Route
+from burnmeter.documents import hash_key
 from burnmeter.documents import mask_key
 from burnmeter.documents import utcnow
 from burnmeter.estimate import RequestEstimate
@@ -63,6 +63,7 @@ from burnmeter.estimate import hold_amounts
 from burnmeter.estimate import output_tokens_paid
 from burnmeter.exceptions import StoreError
 from burnmeter.exceptions import UnknownModelError
+from burnmeter.money import amount_of
 from burnmeter.pricing import PriceQuote
 from burnmeter.pricing import resolve_price
 from burnmeter.store.base import Hold
@@ -294,7 +295,7 @@ class Admission:
             limit, scope = self.config.rate_limit_rpm, ""
         else:
             return
-        budget = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()  # no raw key kept
+        budget = hash_key(f"{scope}\0{key}")  # no raw key kept
         delay = self.limiter.check(budget, limit)
         if delay is not None:
             after = RateLimiter.retry_after(delay)
@@ -459,18 +460,10 @@ def holdless(
 ) -> InsufficientBalance | None:
     """Admission while the store is down: the cached balance (as of the key look-up) must
     cover what a hold would have; None admits without a hold."""
-    balances = {name: _decimal(owner.user.get(name)) for name in pool.balance}
+    balances = {name: amount_of(owner.user.get(name)) for name in pool.balance}
     if split_hold(balances, maximum, minimum) is None:
         return InsufficientBalance(sum(balances.values(), Decimal(0)))
     return None
-
-
-def _decimal(value: object) -> Decimal:
-    if isinstance(value, Decimal):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return Decimal(str(value))
-    return Decimal(0)
 
 
 def frame_body(request: http.Request) -> None:

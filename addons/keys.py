@@ -12,7 +12,6 @@ memory dump nor a timing difference in the look-up says anything about the keys 
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
@@ -22,6 +21,7 @@ from mitmproxy import http
 from addons.errors import Style
 from addons.exceptions import ConflictingKeys
 from burnmeter.documents import HASHED_PREFIX
+from burnmeter.documents import hash_key
 from burnmeter.store.base import KeyOwner
 
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
@@ -118,17 +118,12 @@ def set_upstream_key(
             request.headers["authorization"] = f"Bearer {key}"
 
 
-def key_digest(key: str) -> bytes:
-    """What the cache is keyed by: never the key itself."""
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
-
-
 class KeyCache:
     """Look-ups of the store's ``find_key``, unknown keys included, kept ``ttl`` seconds.
 
     A revoked key or disabled user therefore stops working within ``ttl``. At most
     ``max_entries`` keys are kept (oldest dropped first), so random keys cannot grow it.
-    Entries are keyed by ``key_digest``.
+    Entries are keyed by ``hash_key``: never the key itself.
     """
 
     def __init__(
@@ -137,11 +132,11 @@ class KeyCache:
         self.ttl = ttl
         self.max_entries = max_entries
         self.clock = clock
-        self._entries: dict[bytes, tuple[float, KeyOwner | None]] = {}
+        self._entries: dict[str, tuple[float, KeyOwner | None]] = {}
 
     def get(self, key: str) -> tuple[bool, KeyOwner | None]:
         """(found, owner): ``found`` is False when the store must be asked."""
-        digest = key_digest(key)
+        digest = hash_key(key)
         entry = self._entries.get(digest)
         if entry is None:
             return False, None
@@ -153,7 +148,7 @@ class KeyCache:
     def put(self, key: str, owner: KeyOwner | None) -> None:
         if self.ttl <= 0:
             return
-        digest = key_digest(key)
+        digest = hash_key(key)
         self._entries.pop(digest, None)
         while len(self._entries) >= self.max_entries:
             del self._entries[next(iter(self._entries))]

@@ -105,6 +105,7 @@ from burnmeter.journal import Journal
 from burnmeter.journal import to_json
 from burnmeter.records import UsageRecord
 from burnmeter.store import open_store
+from burnmeter.store import sqlite_path
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
 from burnmeter.writer import SettlementWriter
@@ -354,7 +355,7 @@ class Metering:
             sweep_interval=sweep_interval(settings.sweep_age),
             sweep_age=settings.sweep_age,
             # MongoDB has a TTL index; SQLite's logs are purged by the writer
-            log_ttl=timedelta(days=ttl) if ttl and settings.db_url.startswith("sqlite:") else None,
+            log_ttl=timedelta(days=ttl) if ttl and sqlite_path(settings.db_url) else None,
             purge_interval=PURGE_INTERVAL,
             on_settled=self.alerts.settled if self.alerts else None,
         )

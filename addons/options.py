@@ -23,6 +23,7 @@ from burnmeter.config import load_config
 from burnmeter.exceptions import AlertConfigError
 from burnmeter.exceptions import ConfigError
 from burnmeter.exceptions import StoreURLError
+from burnmeter.journal import DEFAULT_MAX_BYTES
 from burnmeter.store import resolve_url
 from burnmeter.store import sqlite_path
 
@@ -39,7 +40,7 @@ NAMES = frozenset(
 )
 JOURNAL_STEM = "burnmeter"
 """The journal's name stem when the store is not a file (MongoDB)."""
-DEFAULT_JOURNAL_MAX_KB = 256 * 1024
+DEFAULT_JOURNAL_MAX_KB = DEFAULT_MAX_BYTES // 1024
 MIN_JOURNAL_MAX_KB = 8
 
 

@@ -23,8 +23,11 @@ def new_key() -> str:
 
 
 def hash_key(key: str) -> str:
-    """The user_keys._id burnmeter stores for keys it creates: never the key itself."""
-    return HASHED_PREFIX + hashlib.sha256(key.encode("utf-8")).hexdigest()
+    """The user_keys._id burnmeter stores for keys it creates, and every other place that
+    must tell keys apart without keeping one (the key cache, rate-limit budgets). A key read
+    from headers that are not UTF-8 (surrogate escapes) hashes too: such a key is refused
+    (401), never an exception."""
+    return HASHED_PREFIX + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def key_ref(key_doc_id: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 from burnmeter.config import Pool
 from burnmeter.money import ZERO
+from burnmeter.money import amount_of
 from burnmeter.money import to_decimal
 from burnmeter.periods import SLOT_MS
 from burnmeter.periods import Window
@@ -53,12 +54,6 @@ def _match(window: Window | None) -> dict[str, Any]:
     return {"$match": {"createdAt": bounds}}
 
 
-def _number(value: Any) -> Decimal:
-    if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
-        return to_decimal(value)
-    return ZERO
-
-
 def _balance(pool: Pool) -> dict[str, Any]:
     return {"$add": [{"$ifNull": [f"${f}", 0]} for f in pool.balance]}
 
@@ -93,7 +88,9 @@ class MongoReports(Backend):
         """A field that holds no number counts 0, as ``$sum`` counts it in ``population``."""
         projection = {f: 1 for p in pools for f in p.balance}
         return {
-            doc["_id"]: {p.name: sum((_number(doc.get(f)) for f in p.balance), ZERO) for p in pools}
+            doc["_id"]: {
+                p.name: sum((amount_of(doc.get(f)) for f in p.balance), ZERO) for p in pools
+            }
             for doc in self.users.find({}, projection)
         }
 

@@ -46,6 +46,7 @@ from burnmeter.exceptions import StoreError
 from burnmeter.exceptions import StoreMissing
 from burnmeter.exceptions import UserExists
 from burnmeter.money import ZERO
+from burnmeter.money import is_number
 from burnmeter.money import to_decimal
 from burnmeter.money import to_float
 from burnmeter.store import extjson
@@ -130,14 +131,10 @@ def _to_bson(doc: Mapping[str, Any], money: Collection[str]) -> Document:
     }
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float | Decimal) and not isinstance(value, bool)
-
-
 def _from_bson(doc: Mapping[str, Any], money: Collection[str]) -> Document:
     out = extjson.python({k: v for k, v in doc.items() if k not in (HOLDS, SETTLED)})
     for k in money:
-        if _is_number(out.get(k)):
+        if is_number(out.get(k)):
             out[k] = to_decimal(out[k])
     return out
 
@@ -352,7 +349,7 @@ class MongoStore(Store):
                 raise ValueError(f"request {request_id!r} already holds")
             for name in pool.balance:
                 value = doc.get(name)
-                if not (value is None or _is_number(value) or isinstance(value, Decimal128)):
+                if not (value is None or is_number(value) or isinstance(value, Decimal128)):
                     # a string, say: the update's filter could never match it
                     raise DocumentError(f"user {user_id!r}: {name} is not a number")
             balances = {name: to_decimal(doc.get(name)) for name in pool.balance}

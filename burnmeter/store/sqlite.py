@@ -46,6 +46,7 @@ from burnmeter.exceptions import StoreError
 from burnmeter.exceptions import UserExists
 from burnmeter.money import ZERO
 from burnmeter.money import from_nanos
+from burnmeter.money import is_number
 from burnmeter.money import to_nanos
 from burnmeter.schema import SQLITE_TYPES
 from burnmeter.schema import Kind
@@ -93,7 +94,7 @@ _LOST_FILES: set[str] = set()
 def _cell(kind: Kind, value: Any) -> Any:
     """The column value for a field, or None when the value does not fit the column."""
     match kind:
-        case "money" if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+        case "money" if is_number(value):
             return to_nanos(value)
         case "int" if isinstance(value, int) and not isinstance(value, bool):
             return int(value)
