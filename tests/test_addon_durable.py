@@ -32,7 +32,7 @@ from tests.addon_support import chat_sse
 from tests.addon_support import json_response
 from tests.addon_support import make_flow
 from tests.addon_support import settled
-from tests.addon_support import sse_response
+from tests.addon_support import streaming
 
 CHAT_USAGE = {"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200}
 
@@ -113,12 +113,7 @@ async def test_a_stream_settled_at_its_end_event_ends_after_the_fsync(
     env: Env, gate: FsyncGate
 ) -> None:
     """The tap settles at ``[DONE]``; the stream's end of message waits for the fsync."""
-    f = make_flow(body={"model": "gpt-4o", "messages": [], "stream": True})
-    await admit(env, f)
-    f.response = sse_response()
-    env.metering.responseheaders(f)
-    tap = env.metering.tickets[f].tap
-    assert tap is not None
+    f, tap = await streaming(env)
     body = chat_sse(["Hel", "lo"], CHAT_USAGE)
     assert tap(body) + tap(b"") == body
     assert f not in env.metering.tickets, "settled at the end event"

@@ -54,6 +54,7 @@ from tests.addon_support import json_response
 from tests.addon_support import make_flow
 from tests.addon_support import settled
 from tests.addon_support import sse_response
+from tests.addon_support import streaming
 from tests.stores import put_key
 
 
@@ -1517,12 +1518,7 @@ def test_whatever_the_client_sends_a_forwarded_request_is_journaled(
 async def test_a_stream_with_oversized_events_says_so_in_its_record(env: Env) -> None:
     """An event past the parser's limit is passed on unread (a usage in it is not seen): the
     flow's record counts them, and the comment shows the tokens that were charged."""
-    f = make_flow(body={"model": "gpt-4o", "messages": [], "stream": True})
-    await admit(env, f)
-    f.response = sse_response()
-    env.metering.responseheaders(f)
-    tap = env.metering.tickets[f].tap
-    assert tap is not None
+    f, tap = await streaming(env)
     body = b"data: " + b"x" * (MAX_EVENT_BYTES + 1) + b"\n\n" + chat_sse(["Hi"], CHAT_USAGE)
     assert tap(body) + tap(b"") == body
     env.metering.response(f)

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from burnmeter.config import Config
-from burnmeter.store import open_store
 from burnmeter.store.base import Store
 from tests.e2e.harness import Accounts
 from tests.e2e.harness import Proxy
 from tests.e2e.harness import Upstream
+from tests.e2e.harness import proxy_store
 from tests.e2e.harness import wait_logs
 from tests.e2e.test_proxy_e2e import MESSAGES
 from tests.e2e.test_proxy_e2e import oa
@@ -27,23 +27,15 @@ def durable_proxy(
     upstream: Upstream, config_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Proxy]:
     workdir = tmp_path_factory.mktemp("durable")
-    handle = Proxy(upstream, config_path, workdir / "burnmeter.db", workdir)
-    handle.options["metering_durable"] = "true"
-    handle.start()
-    try:
+    durable = {"metering_durable": "true"}
+    with Proxy(upstream, config_path, workdir / "burnmeter.db", workdir, options=durable) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 @pytest.fixture(scope="module")
 def durable_store(durable_proxy: Proxy, config: Config) -> Iterator[Store]:
-    opened = open_store(durable_proxy.db_url, config.pools)
-    opened.ensure_schema(config.log_ttl_days)
-    try:
+    with proxy_store(durable_proxy, config) as opened:
         yield opened
-    finally:
-        opened.close()
 
 
 def test_durable_mode_charges_plain_and_streamed_answers(
