@@ -1043,12 +1043,7 @@ async def test_usage_command(env: Env) -> None:
 
 
 async def test_shutdown_settles_requests_still_in_flight(env: Env) -> None:
-    f = make_flow(body={"model": "gpt-4o", "messages": [], "stream": True})
-    await admit(env, f)
-    f.response = sse_response()
-    env.metering.responseheaders(f)
-    tap = env.metering.tickets[f].tap
-    assert tap is not None
+    f, tap = await streaming(env)
     tap(chat_sse(["Hello there, this was streamed"], None))
     waiting = make_flow()
     await admit(env, waiting)
