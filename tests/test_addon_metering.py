@@ -418,7 +418,8 @@ async def test_expired_pool_is_402_credits_expired(env: Env) -> None:
 
 
 async def test_an_expired_key_is_402_credits_expired(env: Env) -> None:
-    """An original key document's expiry is its package's: the original answered 402."""
+    """An original key document's expiry is its package's: the original answered 402
+    (docs/documents.md, user_keys.expiresAt)."""
     env.store.import_user({"_id": "minh", "credits": 5.0, "isActive": True})
     put_key(
         env.store,

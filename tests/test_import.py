@@ -1,4 +1,5 @@
-"""``burnmeter import``: mongoexport lines of the original's collections, on both stores.
+"""``burnmeter import``: mongoexport lines of the original's collections (docs/documents.md),
+on both stores.
 
 The fixtures in tests/data are written by hand in the original's shape. What the store
 reads back is compared field by field with the same line decoded independently, by

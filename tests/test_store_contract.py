@@ -382,7 +382,7 @@ def test_billed_details_round_trip_and_recompute_the_usage(store: Store) -> None
     assert log == s.log
     assert log is not None
     assert (log["webSearchRequests"], log["serviceTier"]) == (3, "priority")
-    assert "cacheImageReadTokens" not in log  # zero: left out, as the original never had it
+    assert "cacheImageReadTokens" not in log  # zero: left out (docs/documents.md: optional classes)
     assert usage_of_log(log) == usage
 
 

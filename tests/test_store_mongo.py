@@ -1,4 +1,5 @@
-"""MongoDB only (mongomock): indexes, the TTL, and field types as the original writes them."""
+"""MongoDB only (mongomock): indexes, the TTL, and field types as the original writes them
+(docs/documents.md)."""
 
 from __future__ import annotations
 

@@ -43,7 +43,8 @@ def metrics(reports: Reports, span: Window) -> dict[str, Any]:
 
 
 def model_stats(reports: Reports, span: Window) -> dict[str, Any]:
-    """``burnmeter models`` under the original admin API's names (module docstring), by ``totalTokens`` (then cost)."""
+    """``burnmeter models`` under the original admin API's names (module docstring), by
+    ``totalTokens`` (then cost)."""
     rows: list[dict[str, Any]] = [
         {
             "model": m.model,
