@@ -20,7 +20,6 @@ journal write fails (a full disk, an I/O error) until a probe write succeeds aga
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -40,10 +39,11 @@ from mitmproxy.net.http import url
 
 from addons import errors
 from addons.canonical import CanonicalRequest
-from addons.errors import Problem
 from addons.errors import Style
+from addons.exceptions import ConflictingKeys
+from addons.exceptions import DuplicateKey
+from addons.exceptions import Rejection
 from addons.holding import HoldQueue
-from addons.keys import ConflictingKeys
 from addons.keys import KeyCache
 from addons.keys import Query
 from addons.keys import client_key
@@ -54,21 +54,23 @@ from addons.streamtap import StreamTap
 from burnmeter.config import Config
 from burnmeter.config import Pool
 from burnmeter.config import Route
+from burnmeter.documents import hash_key
 from burnmeter.documents import mask_key
 from burnmeter.documents import utcnow
 from burnmeter.estimate import RequestEstimate
 from burnmeter.estimate import estimate_request
 from burnmeter.estimate import hold_amounts
 from burnmeter.estimate import output_tokens_paid
+from burnmeter.exceptions import StoreError
+from burnmeter.exceptions import UnknownModelError
+from burnmeter.money import amount_of
 from burnmeter.pricing import PriceQuote
-from burnmeter.pricing import UnknownModelError
 from burnmeter.pricing import resolve_price
 from burnmeter.store.base import Hold
 from burnmeter.store.base import HoldRequest
+from burnmeter.store.base import InsufficientBalance
 from burnmeter.store.base import KeyOwner
-from burnmeter.store.base import Refusal
 from burnmeter.store.base import Store
-from burnmeter.store.base import StoreError
 from burnmeter.store.rules import split_hold
 from burnmeter.writer import SettlementWriter
 
@@ -81,24 +83,6 @@ STORE_RETRY = 2.0
 """Seconds a failed store call marks the store down for admission."""
 RECORD_RESERVE = 4096
 """Journal bytes kept free for each request in flight (a record is about 1 KiB)."""
-
-
-class Rejection(Exception):
-    """A request answered locally with ``problem``; ``extra`` joins OpenAI's error object."""
-
-    def __init__(
-        self,
-        problem: Problem,
-        message: str,
-        *,
-        headers: dict[str, str] | None = None,
-        **extra: Any,
-    ) -> None:
-        super().__init__(message)
-        self.problem = problem
-        self.message = message
-        self.headers = headers or {}
-        self.extra = extra
 
 
 @dataclass(slots=True)
@@ -161,7 +145,7 @@ def check_owner(owner: KeyOwner | None, now: datetime) -> KeyOwner:
     if not owner.key_active or owner.user.get("isActive", True) is False:
         raise Rejection(errors.REVOKED_KEY, "API key has been revoked")
     if owner.key_expires_at is not None and owner.key_expires_at <= now:
-        # as the original answered: its keys expire with the credits they were sold with
+        # as the original answered (docs/documents.md, user_keys.expiresAt): its keys expire with the credits they were sold with
         raise Rejection(errors.CREDITS_EXPIRED, CREDITS_EXPIRED_MESSAGE)
     return owner
 
@@ -311,7 +295,7 @@ class Admission:
             limit, scope = self.config.rate_limit_rpm, ""
         else:
             return
-        budget = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()  # no raw key kept
+        budget = hash_key(f"{scope}\0{key}")  # no raw key kept
         delay = self.limiter.check(budget, limit)
         if delay is not None:
             after = RateLimiter.retry_after(delay)
@@ -378,12 +362,14 @@ class Admission:
         maximum, minimum = hold_amounts(ticket.estimate, ticket.quote)
         wanted = HoldRequest(flow.id, ticket.user_id, pool, maximum, minimum)
         try:
-            hold: Hold | Refusal | None = await self._store_call(lambda: self.holds.hold(wanted))
+            hold: Hold | InsufficientBalance | None = await self._store_call(
+                lambda: self.holds.hold(wanted)
+            )
         except StoreError as e:
             if not ticket.key_cached:
                 raise Rejection(errors.UNAVAILABLE, "Metering store unavailable") from e
             hold = holdless(ticket.owner, pool, maximum, minimum)
-        if isinstance(hold, Refusal):
+        if isinstance(hold, InsufficientBalance):
             raise Rejection(
                 errors.INSUFFICIENT_CREDITS,
                 f"Insufficient credits. Current balance: ${hold.balance:.2f}",
@@ -421,10 +407,6 @@ class Admission:
         except DuplicateKey as e:
             raise Rejection(errors.AMBIGUOUS, str(e)) from None
         return body
-
-
-class DuplicateKey(ValueError):
-    """A JSON object naming one key twice: parsers disagree on which value wins."""
 
 
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -473,21 +455,15 @@ def check_spellings(body: dict[str, Any]) -> None:
                 raise DuplicateKey(f"Request body key {key!r}: spell it {field_name!r}")
 
 
-def holdless(owner: KeyOwner, pool: Pool, maximum: Decimal, minimum: Decimal) -> Refusal | None:
+def holdless(
+    owner: KeyOwner, pool: Pool, maximum: Decimal, minimum: Decimal
+) -> InsufficientBalance | None:
     """Admission while the store is down: the cached balance (as of the key look-up) must
     cover what a hold would have; None admits without a hold."""
-    balances = {name: _decimal(owner.user.get(name)) for name in pool.balance}
+    balances = {name: amount_of(owner.user.get(name)) for name in pool.balance}
     if split_hold(balances, maximum, minimum) is None:
-        return Refusal(sum(balances.values(), Decimal(0)))
+        return InsufficientBalance(sum(balances.values(), Decimal(0)))
     return None
-
-
-def _decimal(value: object) -> Decimal:
-    if isinstance(value, Decimal):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return Decimal(str(value))
-    return Decimal(0)
 
 
 def frame_body(request: http.Request) -> None:

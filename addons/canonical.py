@@ -36,8 +36,9 @@ from mitmproxy import http
 from mitmproxy.net.http import url
 
 from addons import errors
-from addons.errors import Problem
 from addons.errors import Style
+from addons.exceptions import Ambiguous
+from addons.exceptions import UsageMasked
 from burnmeter.usage import api_for
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -79,19 +80,6 @@ READ_HEADERS = frozenset(
 """The headers the reading looks at (gathered in one pass over the request's headers)."""
 
 Fields = dict[str, list[str]]
-
-
-class Ambiguous(ValueError):
-    """A request refused before anything else is decided: ``problem`` in ``style``."""
-
-    def __init__(self, message: str, style: Style, problem: Problem = errors.AMBIGUOUS) -> None:
-        super().__init__(message)
-        self.style = style
-        self.problem = problem
-
-
-class UsageMasked(ValueError):
-    """A parameter that would make the upstream leave the usage out of its answer."""
 
 
 @dataclass(frozen=True, slots=True)

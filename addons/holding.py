@@ -20,12 +20,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from burnmeter.exceptions import StoreError
 from burnmeter.store.base import Hold
 from burnmeter.store.base import HoldOutcome
 from burnmeter.store.base import HoldRequest
-from burnmeter.store.base import Refusal
+from burnmeter.store.base import InsufficientBalance
 from burnmeter.store.base import Store
-from burnmeter.store.base import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ MAX_BATCH = 64
 @dataclass(slots=True)
 class _Waiting:
     request: HoldRequest
-    future: asyncio.Future[Hold | Refusal]
+    future: asyncio.Future[Hold | InsufficientBalance]
     loop: asyncio.AbstractEventLoop
 
 
@@ -54,10 +54,10 @@ class HoldQueue:
         self._thread = threading.Thread(target=self._run, name="burnmeter-holds", daemon=True)
         self._thread.start()
 
-    async def hold(self, request: HoldRequest) -> Hold | Refusal:
+    async def hold(self, request: HoldRequest) -> Hold | InsufficientBalance:
         """The store's answer; raises ``StoreError`` (the store failed) or what it raised."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Hold | Refusal] = loop.create_future()
+        future: asyncio.Future[Hold | InsufficientBalance] = loop.create_future()
         with self._cond:
             if self._stopping:
                 raise StoreError("shutting down")
@@ -138,5 +138,5 @@ class HoldQueue:
             elif isinstance(outcome, BaseException):
                 waiting.future.set_exception(outcome)
             else:
-                assert isinstance(outcome, Hold | Refusal)
+                assert isinstance(outcome, Hold | InsufficientBalance)
                 waiting.future.set_result(outcome)

@@ -37,7 +37,7 @@ MARKS: dict[str, str] = {
     "failed": ":x:",
     "estimated": ":warning:",
 }
-TOKEN_FIELDS = (
+USAGE_COUNTS = (
     "input_tokens",
     "output_tokens",
     "cache_read_tokens",
@@ -68,8 +68,12 @@ def describe(
             "host": ticket.host,
             "upstream": ticket.upstream,
         }
+    if ticket is not None and ticket.tap is not None and ticket.tap.usage.overflows:
+        # events past max_event_bytes were passed on unread: a usage in one is not seen
+        record["oversized_events"] = ticket.tap.usage.overflows
     if settlement is not None:
-        record |= {field: getattr(usage, field, 0) for field in TOKEN_FIELDS}
+        record |= {field: getattr(usage, field, 0) for field in USAGE_COUNTS}
+        record["total_tokens"] = usage.total_tokens if usage else 0
         record |= {
             "cost": str(settlement.cost),
             "billing_tokens": settlement.billing_tokens,
@@ -95,8 +99,7 @@ def comment(record: dict[str, Any]) -> str:
     if record.get("model"):
         parts.append(record["model"])
     if "cost" in record:
-        tokens = sum(record[field] for field in TOKEN_FIELDS if field != "reasoning_tokens")
-        parts += [f"{tokens:,} tok", usd(Decimal(record["cost"]))]
+        parts += [f"{record['total_tokens']:,} tok", usd(Decimal(record["cost"]))]
     parts.append(record["pool"])
     if record.get("usage_source") == "estimated":
         parts.append("estimated")
@@ -148,7 +151,7 @@ class LLMStreamContentview(contentviews.Contentview):
         if usage is None:
             return f"{text}\n\n{summary}\nusage: none reported"
         counts = " · ".join(
-            f"{f.removesuffix('_tokens')} {getattr(usage, f):,}" for f in TOKEN_FIELDS
+            f"{f.removesuffix('_tokens')} {getattr(usage, f):,}" for f in USAGE_COUNTS
         )
         return f"{text}\n\n{summary}\nusage: {counts}"
 

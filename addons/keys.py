@@ -12,7 +12,6 @@ memory dump nor a timing difference in the look-up says anything about the keys 
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
@@ -21,8 +20,10 @@ from urllib.parse import unquote
 from mitmproxy import http
 
 from addons.errors import Style
+from addons.exceptions import ConflictingKeys
 from burnmeter.documents import HASHED_PREFIX
 from burnmeter.documents import KEY_PREFIX
+from burnmeter.documents import hash_key
 from burnmeter.store.base import KeyOwner
 
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
@@ -44,10 +45,6 @@ they would match by chance."""
 def searchable(key: str | None) -> bool:
     """A key long enough to be looked for inside other values (paths, headers, bodies)."""
     return key is not None and len(key) >= MIN_SEARCHED_KEY
-
-
-class ConflictingKeys(ValueError):
-    """The request carries two different keys: which one pays would depend on the reader."""
 
 
 def presented_keys(request: http.Request, query: Query | None = None) -> list[tuple[str, str]]:
@@ -129,17 +126,12 @@ def set_upstream_key(
             request.headers["authorization"] = f"Bearer {key}"
 
 
-def key_digest(key: str) -> bytes:
-    """What the cache is keyed by: never the key itself."""
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
-
-
 class KeyCache:
     """Look-ups of the store's ``find_key``, unknown keys included, kept ``ttl`` seconds.
 
     A revoked key or disabled user therefore stops working within ``ttl``. At most
     ``max_entries`` keys are kept (oldest dropped first), so random keys cannot grow it.
-    Entries are keyed by ``key_digest``.
+    Entries are keyed by ``hash_key``: never the key itself.
     """
 
     def __init__(
@@ -148,11 +140,11 @@ class KeyCache:
         self.ttl = ttl
         self.max_entries = max_entries
         self.clock = clock
-        self._entries: dict[bytes, tuple[float, KeyOwner | None]] = {}
+        self._entries: dict[str, tuple[float, KeyOwner | None]] = {}
 
     def get(self, key: str) -> tuple[bool, KeyOwner | None]:
         """(found, owner): ``found`` is False when the store must be asked."""
-        digest = key_digest(key)
+        digest = hash_key(key)
         entry = self._entries.get(digest)
         if entry is None:
             return False, None
@@ -164,11 +156,8 @@ class KeyCache:
     def put(self, key: str, owner: KeyOwner | None) -> None:
         if self.ttl <= 0:
             return
-        digest = key_digest(key)
+        digest = hash_key(key)
         self._entries.pop(digest, None)
         while len(self._entries) >= self.max_entries:
             del self._entries[next(iter(self._entries))]
         self._entries[digest] = (self.clock() + self.ttl, owner)
-
-    def clear(self) -> None:
-        self._entries.clear()

@@ -46,6 +46,7 @@ is answered locally with the client's own balances and spend (``addons/usage_end
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import functools
 import logging
@@ -53,7 +54,9 @@ import os
 import sys
 import weakref
 from collections.abc import Callable
+from collections.abc import Coroutine
 from collections.abc import Sequence
+from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -72,14 +75,14 @@ from addons import billing
 from addons import errors
 from addons import options
 from addons.admission import Admission
-from addons.admission import Rejection
 from addons.admission import Ticket
 from addons.alerts import Alerts
-from addons.canonical import Ambiguous
 from addons.canonical import forward as forward_request
 from addons.canonical import raw_style
 from addons.canonical import read_request
 from addons.errors import error_response
+from addons.exceptions import Ambiguous
+from addons.exceptions import Rejection
 from addons.inspection import LLMStreamContentview
 from addons.inspection import Outcome
 from addons.inspection import annotate
@@ -97,17 +100,18 @@ from addons.redaction import LogRedaction
 from addons.streamtap import StreamTap
 from addons.trailers import refuse_http1_trailers
 from addons.usage_endpoint import UsageEndpoint
+from burnmeter.exceptions import DocumentError
+from burnmeter.exceptions import JournalError
+from burnmeter.exceptions import JournalLocked
+from burnmeter.exceptions import StoreError
+from burnmeter.exceptions import StoreURLError
 from burnmeter.journal import Journal
-from burnmeter.journal import JournalError
-from burnmeter.journal import JournalLocked
 from burnmeter.journal import to_json
 from burnmeter.records import UsageRecord
-from burnmeter.store import StoreURLError
 from burnmeter.store import open_store
-from burnmeter.store.base import DocumentError
+from burnmeter.store import sqlite_path
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
-from burnmeter.store.base import StoreError
 from burnmeter.writer import SettlementWriter
 
 logger = logging.getLogger(__name__)
@@ -120,6 +124,9 @@ SHUTDOWN_STATUS = 503
 """Logged for requests still open when the proxy stops."""
 DRAIN_TIMEOUT = 2.0
 """Seconds shutdown waits for the store calls under way (key look-ups, holds)."""
+DURABLE_WAIT = 5.0
+"""Seconds the end of a response waits for its settlement's fsync (durable mode); a slower
+disk lets it go, logged, rather than hold every client."""
 UNJOURNALED_KEPT = 10_000
 """Settlements the journal refused kept in memory for it (all are logged at ERROR)."""
 REQUIRED_OPTIONS = {"connection_strategy": "lazy", "keep_host_header": True}
@@ -141,7 +148,7 @@ def spill(settlement: Settlement, why: str) -> None:
 
 def open_journal(settings: options.Settings) -> Journal:
     try:
-        return Journal(settings.journal_path, settings.journal_max_bytes)
+        return Journal(settings.journal_path, settings.journal_max_bytes, fsync=settings.durable)
     except JournalLocked:
         raise exceptions.OptionsError(
             f"metering_journal: {settings.journal_path} is in use by another burnmeter process"
@@ -199,6 +206,11 @@ class Metering:
         self.metrics: Metrics | None = None
         """Set by ``MetricsAddon`` while ``metering_metrics`` serves them."""
         self.alerts: Alerts | None = None
+        self.unsynced: weakref.WeakKeyDictionary[http.HTTPFlow, Future[None]] = (
+            weakref.WeakKeyDictionary()
+        )
+        """Durable mode: settled flows whose journal record is not fsynced yet, until their
+        ``response`` hook (a flow that ends in ``error`` has no end to hold back)."""
         self.admitted: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         """Flows forwarded and not yet settled: each has journal room kept for it (a request
         still sending its body has none, so stalled uploads cannot use up that room)."""
@@ -341,12 +353,13 @@ class Metering:
             Alerts(settings.alert_rules, lambda: self.metrics) if settings.alert_rules else None
         )
         self.writer = SettlementWriter(
-            lambda: open_store(settings.db_url, config.pools),  # its own connection
+            # its own connection
+            lambda: open_store(settings.db_url, config.pools, durable=settings.durable),
             journal,
             sweep_interval=sweep_interval(settings.sweep_age),
             sweep_age=settings.sweep_age,
             # MongoDB has a TTL index; SQLite's logs are purged by the writer
-            log_ttl=timedelta(days=ttl) if ttl and settings.db_url.startswith("sqlite:") else None,
+            log_ttl=timedelta(days=ttl) if ttl and sqlite_path(settings.db_url) else None,
             purge_interval=PURGE_INTERVAL,
             on_settled=self.alerts.settled if self.alerts else None,
         )
@@ -484,11 +497,26 @@ class Metering:
             self._settle_response(f, ticket, f.response)
 
     @observed
-    def response(self, f: http.HTTPFlow) -> None:
+    def response(self, f: http.HTTPFlow) -> Coroutine[None, None, None] | None:
+        """mitmproxy sends the response's end (a body, or a stream's end of message) after
+        this hook, awaiting what it returns: in durable mode, the settlement's fsync."""
         ticket = self._take(f)
-        if ticket is None or not ticket.admitted or f.response is None:
-            return
-        self._settle_response(f, ticket, f.response)
+        if ticket is not None and ticket.admitted and f.response is not None:
+            self._settle_response(f, ticket, f.response)
+        if (synced := self.unsynced.pop(f, None)) is not None:
+            return self._durable(f, synced)
+        return None
+
+    @staticmethod
+    async def _durable(f: http.HTTPFlow, synced: Future[None]) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(synced)), DURABLE_WAIT)
+        except TimeoutError:
+            logger.warning(
+                "metering: %s: journal fsync slower than %ss: not waited for", f.id, DURABLE_WAIT
+            )
+        except JournalError as e:
+            logger.error("metering: %s: settlement journaled, maybe not durable: %s", f.id, e)
 
     def _settle_response(self, f: http.HTTPFlow, ticket: Ticket, response: http.Response) -> None:
         status = response.status_code
@@ -583,7 +611,9 @@ class Metering:
             logger.exception("metering: cannot price %s: charging its hold", f.id)
             usage = billing.held_usage(ticket)
             settlement = billing.settlement(f, ticket, usage, status)
-        self._record(settlement)
+        synced = self._record(settlement)
+        if synced is not None and not synced.done():
+            self.unsynced[f] = synced
         outcome: Outcome = "charged" if usage else "failed"
         record = describe(
             ticket, outcome, status=status, reason=reason, usage=usage, settlement=settlement
@@ -592,25 +622,27 @@ class Metering:
             record["holdless"] = True  # admitted while the store was down
         annotate(f, record)
 
-    def _record(self, settlement: Settlement) -> None:
+    def _record(self, settlement: Settlement) -> Future[None] | None:
         """The one hand-off of a settlement towards the store: journal it, wake the writer.
 
         Admission keeps room in the journal for every request in flight, so a refusal
         here means a disk error or a record far above the reserve: the settlement is then
         logged at ERROR as one JSON line (no key) for an operator to replay, never dropped
         silently, and kept to be journaled once the journal takes writes again (admission
-        refuses new requests meanwhile)."""
+        refuses new requests meanwhile). Returns the journal's future of the record's
+        durability (``Journal.append``), None for a refused one."""
         assert self.writer is not None
         try:
             if not self._journal_waiting():
                 raise JournalError(self.writer.journal.failing or "journal refused a record")
-            self.writer.submit(settlement)
+            synced = self.writer.submit(settlement)
         except JournalError as e:
             self.unjournaled += 1
             spill(settlement, str(e))
             self.waiting.append(settlement)
-            return
+            return None
         self._count(settlement)
+        return synced
 
     def _journal_waiting(self) -> bool:
         """Journal the settlements it refused before, oldest first; False if it still refuses."""

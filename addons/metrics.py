@@ -45,9 +45,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from addons import billing
+from burnmeter.exceptions import StoreError
 from burnmeter.reports import reports_for
 from burnmeter.store.base import Settlement
-from burnmeter.store.base import StoreError
 
 if TYPE_CHECKING:
     from addons.metering import Metering

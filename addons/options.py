@@ -13,16 +13,17 @@ from typing import Any
 from mitmproxy import exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode
 
-from burnmeter.alerts import AlertConfigError
 from burnmeter.alerts import Rule
 from burnmeter.alerts import rules
 from burnmeter.config import Config
-from burnmeter.config import ConfigError
 from burnmeter.config import ConfigSource
 from burnmeter.config import Route
 from burnmeter.config import find_config
 from burnmeter.config import load_config
-from burnmeter.store import StoreURLError
+from burnmeter.exceptions import AlertConfigError
+from burnmeter.exceptions import ConfigError
+from burnmeter.exceptions import StoreURLError
+from burnmeter.journal import DEFAULT_MAX_BYTES
 from burnmeter.store import resolve_url
 from burnmeter.store import sqlite_path
 
@@ -33,12 +34,13 @@ NAMES = frozenset(
         "metering_key_cache_ttl",
         "metering_journal",
         "metering_journal_max_kb",
+        "metering_durable",
         "metering_sweep_seconds",
     }
 )
 JOURNAL_STEM = "burnmeter"
 """The journal's name stem when the store is not a file (MongoDB)."""
-DEFAULT_JOURNAL_MAX_KB = 256 * 1024
+DEFAULT_JOURNAL_MAX_KB = DEFAULT_MAX_BYTES // 1024
 MIN_JOURNAL_MAX_KB = 8
 
 
@@ -91,6 +93,16 @@ def declare(loader: Any) -> None:
         """,
     )
     loader.add_option(
+        "metering_durable",
+        bool,
+        False,
+        """
+        fsync each journaled settlement before the end of its response reaches the client
+        (concurrent settlements share one fsync), and commit the SQLite store with
+        synchronous=FULL: a power cut then loses no charge of an answer a client received.
+        """,
+    )
+    loader.add_option(
         "metering_sweep_seconds",
         int | None,
         None,
@@ -112,6 +124,7 @@ class Settings:
     sweep_age: timedelta
     upstream_keys: dict[Route, str]
     alert_rules: tuple[Rule, ...] = ()
+    durable: bool = False
 
 
 def listen_spec(options: Any) -> str:
@@ -198,4 +211,5 @@ def read_settings(options: Any) -> Settings:
         sweep_age=timedelta(seconds=sweep if sweep is not None else config.hold_sweep_minutes * 60),
         upstream_keys=upstream_keys,
         alert_rules=alert_rules,
+        durable=options.metering_durable,
     )

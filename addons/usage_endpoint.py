@@ -30,17 +30,17 @@ from typing import Any
 from mitmproxy import http
 
 from addons import errors
-from addons.admission import Rejection
 from addons.errors import Problem
 from addons.errors import Style
 from addons.errors import error_response
+from addons.exceptions import Rejection
 from addons.inspection import annotate
 from addons.keys import drop_client_key
 from burnmeter import periods
+from burnmeter.exceptions import StoreError
 from burnmeter.money import ZERO
 from burnmeter.reports import reports_for
 from burnmeter.store.base import KeyOwner
-from burnmeter.store.base import StoreError
 
 if TYPE_CHECKING:
     from addons.metering import Metering

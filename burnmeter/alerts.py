@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 from burnmeter.config import Config
 from burnmeter.documents import utcnow
+from burnmeter.exceptions import AlertConfigError
 from burnmeter.store.base import Settlement
 
 logger = logging.getLogger(__name__)
@@ -46,10 +47,6 @@ BACKOFF = (0.5, 30.0)
 POST_TIMEOUT = 5.0
 MAX_QUEUED = 10_000
 """Alerts waiting for delivery; past that, new ones are dropped (and counted)."""
-
-
-class AlertConfigError(ValueError):
-    """A rule whose webhook cannot be used, as one line naming the key."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from burnmeter.exceptions import MissingListPrice
 from burnmeter.pricing import list_price
 
 COMMON_MODELS: dict[str, tuple[str, ...]] = {
@@ -38,10 +39,6 @@ COMMON_MODELS: dict[str, tuple[str, ...]] = {
     "gemini-2.5-flash-lite": (),
     "gemini-2.0-flash": (),
 }
-
-
-class MissingListPrice(LookupError):
-    """genai-prices no longer prices a built-in model, or prices it at 0."""
 
 
 def builtin_models() -> dict[str, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The TOML config file (SPEC "Interfaces"), validated once into typed state.
+"""The TOML config file (README "The config file", ``docs/routing.md``), validated once into typed state.
 
 ``load_config(path)`` returns a ``Config``; any unknown key or bad value raises
 ``ConfigError`` whose message is one line naming the key.
@@ -31,6 +31,7 @@ from pydantic import field_validator
 from pydantic import model_validator
 
 from burnmeter import price_model
+from burnmeter.exceptions import ConfigError
 from burnmeter.price_model import RATE_KEYS
 
 DEFAULT_DB_PATH = "burnmeter.db"
@@ -52,10 +53,6 @@ def iana_zone(name: str) -> ZoneInfo | None:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):  # "America" is a directory
         return None
-
-
-class ConfigError(ValueError):
-    """A config problem, as one line naming the key."""
 
 
 class _Strict(BaseModel):
@@ -433,7 +430,7 @@ DEFAULT_ROUTE = {"pool": "ohmygpt", "multiplier": 1}
 
 @functools.cache
 def default_config() -> Config:
-    """The built-in config: the original's two pools, a default route, and list prices for
+    """The built-in config: the original's two pools (``docs/routing.md``), a default route, and list prices for
     the models people call (``burnmeter.builtin``)."""
     from burnmeter.builtin import builtin_models  # it prices with burnmeter.pricing
 

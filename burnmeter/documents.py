@@ -1,8 +1,7 @@
-"""Key handling and the request_logs document (SPEC "Documents")."""
+"""Key handling and the request_logs document (``docs/documents.md``)."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import secrets
 from datetime import UTC
@@ -10,6 +9,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from burnmeter import schema
 from burnmeter.records import UsageRecord
 from burnmeter.text import bounded
 
@@ -23,14 +23,17 @@ def new_key() -> str:
 
 
 def hash_key(key: str) -> str:
-    """The user_keys._id burnmeter stores for keys it creates: never the key itself."""
-    return HASHED_PREFIX + hashlib.sha256(key.encode("utf-8")).hexdigest()
+    """The user_keys._id burnmeter stores for keys it creates, and every other place that
+    must tell keys apart without keeping one (the key cache, rate-limit budgets). A key read
+    from headers that are not UTF-8 (surrogate escapes) hashes too: such a key is refused
+    (401), never an exception."""
+    return HASHED_PREFIX + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def key_ref(key_doc_id: str) -> str:
     """A user_keys._id as settlements and the journal carry it: hashed when it is a raw key.
 
-    Documents of the original system use the raw key as ``_id``; the store maps the hash
+    Documents of the original system (``docs/documents.md``) use the raw key as ``_id``; the store maps the hash
     back to that document (``Store.settle``), so no raw key is ever written outside it."""
     return key_doc_id if key_doc_id.startswith(HASHED_PREFIX) else hash_key(key_doc_id)
 
@@ -46,22 +49,19 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-BILLED_DETAIL_FIELDS = {
-    # request_logs field: UsageRecord field; written only when set (absent reads as 0 / none)
-    "cacheWrite1hTokens": "cache_write_1h_tokens",
-    "inputAudioTokens": "input_audio_tokens",
-    "inputImageTokens": "input_image_tokens",
-    "cacheAudioReadTokens": "cache_audio_read_tokens",
-    "cacheImageReadTokens": "cache_image_read_tokens",
-    "outputAudioTokens": "output_audio_tokens",
-    "outputImageTokens": "output_image_tokens",
-    "webSearchRequests": "web_search_requests",
-    "codeExecutions": "code_executions",
-    "serviceTier": "service_tier",
-}
-"""burnmeter's optional request-log fields: the billed classes beyond the original's token
-counts, so that a cost can be recomputed from the log alone (``usage_of_log``; the route's
-multiplier is ``routeMultiplier``, a decimal string)."""
+USAGE_FIELDS = tuple((f, f.usage) for f in schema.REQUEST_LOG.fields if f.usage is not None)
+"""The request-log fields that record a usage class (``burnmeter/schema.py``): the original's
+token counts always, burnmeter's optional classes only when set, so that a cost can be
+recomputed from the log alone (``usage_of_log``; the route's multiplier is ``routeMultiplier``,
+a decimal string)."""
+
+
+def _usage_fields(u: UsageRecord) -> dict[str, Any]:
+    return {
+        f.name: value
+        for f, attribute in USAGE_FIELDS
+        if (value := getattr(u, attribute)) or not f.optional
+    }
 
 
 def request_log(
@@ -84,26 +84,18 @@ def request_log(
     created_at: datetime,
     route_multiplier: Decimal | None = None,
 ) -> dict[str, Any]:
-    """One request_logs document with the original's fields and burnmeter's own.
+    """One request_logs document with the original's fields and burnmeter's own
+    (``docs/documents.md``).
 
     The client-controlled strings are bounded and made encodable here, so that the
     document (and the journal record carrying it) can always be written."""
     u = usage or UsageRecord(source="none")
-    details = {
-        name: value
-        for name, attribute in BILLED_DETAIL_FIELDS.items()
-        if (value := getattr(u, attribute))
-    }
     return {
         "_id": request_id,
         "userId": user_id,
         "userKeyId": bounded(key_mask),
         "model": bounded(model) if model is not None else None,
-        "inputTokens": u.input_tokens,
-        "outputTokens": u.output_tokens,
-        "cacheWriteTokens": u.cache_write_tokens,
-        "cacheHitTokens": u.cache_read_tokens,
-        "reasoningTokens": u.reasoning_tokens,
+        **_usage_fields(u),
         "creditsCost": cost,
         "creditType": pool,
         "tokensUsed": billing_tokens,
@@ -117,7 +109,6 @@ def request_log(
         "path": bounded(path),
         "stream": stream,
         "usageSource": u.source if usage is not None else "none",
-        **details,
         **({"routeMultiplier": str(route_multiplier)} if route_multiplier is not None else {}),
     }
 
@@ -129,18 +120,12 @@ def usage_of_log(log: dict[str, Any]) -> UsageRecord:
         value = log.get(name)
         return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
-    tier = log.get("serviceTier")
-    recorded = UsageRecord(
-        input_tokens=count("inputTokens"),
-        output_tokens=count("outputTokens"),
-        cache_read_tokens=count("cacheHitTokens"),
-        cache_write_tokens=count("cacheWriteTokens"),
-        reasoning_tokens=count("reasoningTokens"),
-        service_tier=tier if isinstance(tier, str) else None,
-    )
-    details: dict[str, Any] = {
-        attribute: count(name)
-        for name, attribute in BILLED_DETAIL_FIELDS.items()
-        if attribute != "service_tier"
+    recorded: dict[str, Any] = {
+        attribute: count(f.name) if f.kind == "int" else _text(log.get(f.name))
+        for f, attribute in USAGE_FIELDS
     }
-    return dataclasses.replace(recorded, **details).clamped()
+    return UsageRecord(**recorded).clamped()
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

@@ -33,7 +33,7 @@ CacheTtl = Literal["5m", "1h"]
 
 CHARS_PER_TOKEN = 4
 MESSAGE_OVERHEAD_TOKENS = 4
-"""Role and separators around each message (the original's figure)."""
+"""Role and separators around each message (the figure the original system used, ``docs/estimator.md``)."""
 
 IMAGE_TOKENS = {"openai": 765, "anthropic": 1_600, "gemini": 258}
 """Per image: OpenAI's high-detail 1024x1024 (4 tiles x 170 + 85), Anthropic's ~1.15

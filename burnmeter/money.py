@@ -1,8 +1,8 @@
 """Exact money: Decimal USD in the code, integer nano-USD in the SQLite store.
 
 Costs are rounded once, to ``PRECISION`` (1e-9 USD), half-up. MongoDB keeps the original's
-doubles so that existing dashboards keep reading them; the value written is the rounded
-Decimal converted once.
+doubles (``docs/documents.md``) so that existing dashboards keep reading them; the value
+written is the rounded Decimal converted once.
 """
 
 from __future__ import annotations
@@ -26,6 +26,16 @@ def to_decimal(value: object) -> Decimal:
     if isinstance(value, float):
         return quantize(Decimal(repr(value)))
     return quantize(Decimal(str(value)))
+
+
+def is_number(value: object) -> bool:
+    """A stored number: int, float or Decimal (a bool is not one, though Python says so)."""
+    return isinstance(value, int | float | Decimal) and not isinstance(value, bool)
+
+
+def amount_of(value: object) -> Decimal:
+    """A stored field as USD: a number rounded; anything else (missing, a string) is 0."""
+    return to_decimal(value) if is_number(value) else ZERO
 
 
 def to_nanos(amount: Decimal | float | int | str) -> int:

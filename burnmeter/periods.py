@@ -28,6 +28,7 @@ from typing import Literal
 from zoneinfo import ZoneInfo
 
 from burnmeter.config import iana_zone
+from burnmeter.exceptions import PeriodError
 from burnmeter.store.extjson import from_ms
 from burnmeter.store.extjson import to_ms
 
@@ -52,15 +53,6 @@ SLOT = timedelta(minutes=15)
 SLOT_MS = SLOT // timedelta(milliseconds=1)
 MAX_BUCKETS = 10_000  # 416 days of hours, 27 years of days: more is a mistake, or an attack
 BUCKET_SPAN: dict[Bucket, timedelta] = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
-
-
-class PeriodError(ValueError):
-    """A bad period, zone or time, as one line; ``source`` names the input at fault
-    (``tz``, ``now``, ``since``, ``until``), None for a bad combination."""
-
-    def __init__(self, message: str, source: str | None = None) -> None:
-        super().__init__(message)
-        self.source = source
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from genai_prices.types import calc_unit_price
 from genai_prices.units import _get_registry
 from genai_prices.validation import validate_model_price
 
+from burnmeter.exceptions import PriceError
 from burnmeter.records import UsageRecord
 
 RateValue = Decimal | TieredPrices
@@ -78,10 +79,6 @@ _MODALITY_CACHE_DEFAULTS = tuple(
 
 _EXACT = decimal.Context(prec=60)
 """Enough digits that counts times rates never round before the one final rounding."""
-
-
-class PriceError(ValueError):
-    """A price that cannot be built or computed; the message names the problem."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Prices and costs (SPEC "Prices").
+"""Prices and costs (``docs/routing.md``, "Prices").
 
 ``resolve_price`` turns a requested model name into a ``PriceQuote`` under the config's
 unknown-model policy; ``cost`` and ``billing_tokens`` price a normalised ``UsageRecord``.
@@ -26,20 +26,17 @@ from typing import Literal
 from burnmeter import money
 from burnmeter import price_model
 from burnmeter.config import Config
+from burnmeter.exceptions import UnknownModelError
 from burnmeter.price_model import Price
 from burnmeter.records import UsageRecord
 
 PriceSource = Literal["config", "default", "list-price"]
 
-# The original's billing-token weights when a model's input price is 0.
+# The original's billing-token weights when a model's input price is 0 (docs/routing.md).
 FREE_INPUT_CACHE_WRITE_WEIGHT = Decimal(1)
 FREE_INPUT_CACHE_READ_WEIGHT = Decimal("0.1")
 # Enough digits that token counts times prices never round before the final quantize.
 _EXACT = decimal.Context(prec=60)
-
-
-class UnknownModelError(ValueError):
-    """No price for the model under the config's policy: the request is refused (400)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +143,7 @@ def cost_and_input_cost(usage: UsageRecord, quote: PriceQuote) -> tuple[Decimal,
 
 
 def billing_tokens(usage: UsageRecord, quote: PriceQuote) -> int:
-    """The original's ``tokensUsed``: cache tokens weighted by their price relative to input.
+    """The original's ``tokensUsed`` (``docs/routing.md``, "Prices"): cache tokens weighted by their price relative to input.
 
     The weights are the rates of the tier the whole prompt falls in and of the service tier
     granted; a modality's tokens count as the input or output they are part of.

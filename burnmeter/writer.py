@@ -14,30 +14,28 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
 from decimal import Decimal
 
+from burnmeter.exceptions import StoreError
 from burnmeter.journal import Journal
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
-from burnmeter.store.base import StoreError
 
 logger = logging.getLogger(__name__)
 
-OnApplied = Callable[[Settlement, bool], None]
 OnSettled = Callable[[Settlement, Decimal], None]
 
 
 class SettlementWriter:
     """``store_factory`` runs in the writer thread (SQLite connections are per thread).
 
-    ``on_applied(settlement, applied)`` also runs in the writer thread, after the
-    checkpoint moved; ``applied`` is False for a record the store already had. So does
-    ``on_settled(settlement, balance)``, for each record this writer applied, with its
-    pool's committed balance right after it (``Store.settle``'s ``balances``); it must
-    not block.
+    So does ``on_settled(settlement, balance)``, after the checkpoint moved, for each record
+    this writer applied (not one the store already had), with its pool's committed balance
+    right after it (``Store.settle``'s ``balances``); it must not block.
 
     ``backlog`` and ``healthy`` are for admission decisions and the status line. Every
     ``sweep_interval`` seconds, holds older than ``sweep_age`` whose request has no journaled
@@ -55,7 +53,6 @@ class SettlementWriter:
         *,
         batch_size: int = 200,
         batch_window: float = 0.02,
-        on_applied: OnApplied | None = None,
         on_settled: OnSettled | None = None,
         backoff: tuple[float, float] = (0.2, 5.0),
         sweep_interval: float = 60.0,
@@ -68,7 +65,6 @@ class SettlementWriter:
         self._store_factory = store_factory
         self._batch_size = batch_size
         self._batch_window = batch_window
-        self._on_applied = on_applied
         self._on_settled = on_settled
         self._backoff_min, self._backoff_max = backoff
         self._sweep_interval = sweep_interval
@@ -100,10 +96,12 @@ class SettlementWriter:
         self._thread = threading.Thread(target=self._run, name="burnmeter-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, settlement: Settlement) -> None:
-        """Journal one settlement (raises ``JournalFull``); cheap, safe on the event loop."""
-        self.journal.append(settlement)
+    def submit(self, settlement: Settlement) -> Future[None]:
+        """Journal one settlement (raises ``JournalFull``); cheap, safe on the event loop.
+        The future is done once the record is durable (``Journal.append``)."""
+        synced = self.journal.append(settlement)
         self._wake.set()
+        return synced
 
     def stop(self, timeout: float) -> int:
         """Apply what can be applied within ``timeout`` seconds; returns what is left.
@@ -139,7 +137,7 @@ class SettlementWriter:
                 if batch:
                     self._settling_since = time.monotonic()
                     try:
-                        applied = self._settle(store, batch, balances)
+                        self._settle(store, batch, balances)
                     finally:
                         self._settling_since = None
                 # also under a steady load, when the journal is never found empty
@@ -169,12 +167,6 @@ class SettlementWriter:
                 due = min(next_sweep, next_purge) - time.monotonic()
                 self._wake.wait(min(max(0.0, due), self._remaining()))
                 continue
-            if self._on_applied is not None:
-                for (_, settlement), was_applied in zip(batch, applied, strict=True):
-                    try:
-                        self._on_applied(settlement, was_applied)
-                    except Exception:
-                        logger.exception("on_applied failed for %s", settlement.request_id)
             if self._on_settled is not None and balances:
                 for _, settlement in batch:
                     if settlement.request_id in balances:
@@ -190,7 +182,7 @@ class SettlementWriter:
         store: Store,
         batch: list[tuple[int, Settlement]],
         balances: dict[str, Decimal] | None = None,
-    ) -> list[bool]:
+    ) -> None:
         """Apply a batch, then advance the journal past it.
 
         A failure that is no outage (``StoreError``) is a record the store can never apply
@@ -198,40 +190,38 @@ class SettlementWriter:
         the batch is applied one record at a time and such a record is set aside
         (``Journal.set_aside``, which advances past it), logged at ERROR for an operator."""
         try:
-            applied = self._apply(store, [s for _, s in batch], balances)
+            self._apply(store, [s for _, s in batch], balances)
         except StoreError:
             raise
         except Exception:
             logger.warning("a batch of settlements failed: applying them one by one")
         else:
             self.journal.advance(batch[-1][0])
-            return applied
-        applied = []
+            return
         set_aside = False
         for end, settlement in batch:
             set_aside = False
             try:
-                applied += self._apply(store, [settlement], balances)
+                self._apply(store, [settlement], balances)
             except StoreError:
                 raise
             except Exception as e:
                 self.journal.set_aside(end, settlement, e)
-                applied.append(False)
                 set_aside = True
         # Setting the last record aside advanced past it, and may have emptied the journal:
         # advancing again to an offset from before would cover records appended since.
         if not set_aside:
             self.journal.advance(batch[-1][0])
-        return applied
 
     @staticmethod
     def _apply(
         store: Store, settlements: list[Settlement], balances: dict[str, Decimal] | None
-    ) -> list[bool]:
+    ) -> None:
         """``Store.settle``, asking for the balances only when ``on_settled`` wants them."""
         if balances is None:
-            return store.settle(settlements)
-        return store.settle(settlements, balances)
+            store.settle(settlements)
+        else:
+            store.settle(settlements, balances)
 
     def _past_deadline(self) -> bool:
         return time.monotonic() >= self._deadline

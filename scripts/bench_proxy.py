@@ -1,7 +1,7 @@
 """Metering overhead against bare mitmproxy, measured side by side on 127.0.0.1.
 
     python scripts/bench_proxy.py [--quick] [--pairs N] [--format table|json] [--scale-out]
-        [--metrics] [--workload NAME ...] [--py-spy DIR]
+        [--metrics] [--durable] [--workload NAME ...] [--py-spy DIR]
 
 Starts the fake upstream (scripts/fake_upstream.py), then in turn (a) mitmdump in reverse mode
 with a stream-passthrough script (the honest baseline: SSE streamed, nothing parsed) and (b)
@@ -25,6 +25,8 @@ environment (``pip install py-spy``; attaching needs root or ptrace rights). Aft
 Σ creditsCost equal to the balance change; a run that drops writes is reported as failed.
 With ``--metrics`` each pair gains a third run, (c) metered with ``metering_metrics`` on (scraped
 once at the end, its Σ burnmeter_cost_usd_total checked against the logs), compared with (b).
+With ``--durable`` each pair gains a run (d) metered with ``metering_durable=true`` (each
+settlement fsynced before its response ends), compared with (b) the same way.
 """
 
 from __future__ import annotations
@@ -433,6 +435,8 @@ def run(
         args = metered_args(workdir, db_url)
     if kind == "metrics":
         args += ["--set", f"metering_metrics=127.0.0.1:{metrics_port}"]
+    if kind == "durable":
+        args += ["--set", "metering_durable=true"]
     proc = start_mitmdump(args, upstream_port, port, workdir)
     if kind != "baseline":
         user, key = new_account(db_url, workdir)
@@ -588,6 +592,9 @@ def main() -> int:
         choices=list(BY_NAME),
         help="only this workload (repeatable; default: all)",
     )
+    parser.add_argument(
+        "--durable", action="store_true", help="also metered with metering_durable on, per pair"
+    )
     args = parser.parse_args()
     load = QUICK if args.quick else FULL
     workloads = [BY_NAME[name] for name in args.workload] if args.workload else list(WORKLOADS)
@@ -596,6 +603,7 @@ def main() -> int:
     pin(os.getpid(), 0)
     pairs: list[tuple[RunResult, RunResult]] = []
     with_metrics: list[tuple[RunResult, RunResult]] = []  # (metered, metered with metrics)
+    durable: list[tuple[RunResult, RunResult]] = []  # (metered, metered durable)
     try:
         taps = {
             w.name: tap_us_per_event(w.api, asyncio.run(upstream_stream(upstream_port, w)))
@@ -611,17 +619,22 @@ def main() -> int:
                 if args.metrics:
                     metrics = run("metrics", load, workloads, upstream_port, workdir, args.py_spy)
                     with_metrics.append((metered, metrics))
+                if args.durable:
+                    durable_run = run("durable", load, workloads, upstream_port, workdir)
+                    durable.append((metered, durable_run))
             summary: dict[str, Any] = {
                 "ratios_metered_over_baseline": ratios(pairs, workloads),
                 "tap_us_per_event_in_process": taps,
             }
             if with_metrics:
                 summary["ratios_metrics_over_metered"] = ratios(with_metrics, workloads)
+            if durable:
+                summary["ratios_durable_over_metered"] = ratios(durable, workloads)
             if args.scale_out:
                 summary["scale_out"] = asyncio.run(scale_out(load, upstream_port, workdir))
     finally:
         stop_process(upstream)
-    metered_runs = [m for _, m in pairs] + [m for _, m in with_metrics]
+    metered_runs = [m for _, m in pairs] + [m for _, m in (*with_metrics, *durable)]
     complete = all(
         m.errors == 0 and m.logs == m.requests_ok and m.cost_matches for m in metered_runs
     )
@@ -632,10 +645,15 @@ def main() -> int:
     summary["writes_complete"] = complete
     if args.format == "json":
         runs = [[asdict(b), asdict(m)] for b, m in pairs]
-        out = {"runs": runs, "metrics_runs": [asdict(m) for _, m in with_metrics], **summary}
+        out = {
+            "runs": runs,
+            "metrics_runs": [asdict(m) for _, m in with_metrics],
+            "durable_runs": [asdict(m) for _, m in durable],
+            **summary,
+        }
         print(json.dumps(out, indent=2))
     else:
-        print(table([*pairs, *((m,) for _, m in with_metrics)], summary))
+        print(table([*pairs, *((m,) for _, m in (*with_metrics, *durable))], summary))
     return 0 if complete else 1
 
 

@@ -18,11 +18,11 @@ from burnmeter.config import Pool
 from burnmeter.documents import hash_key
 from burnmeter.documents import new_key
 from burnmeter.documents import utcnow
+from burnmeter.exceptions import UserExists
 from burnmeter.money import PRECISION
 from burnmeter.store.base import Document
-from burnmeter.store.base import UserExists
 from stats.context import Context
-from stats.context import UserError
+from stats.exceptions import UserError
 from stats.output import emit_record
 from stats.output import emit_rows
 from stats.output import format_option
@@ -299,7 +299,7 @@ def rotate_key(state: Context, user: str, fmt: str) -> None:
     """Give USER a new API key and print it once; every key USER had stops working.
 
     The old keys are deactivated (kept with their counters) and the original's
-    usersNew.apiKey is removed. The proxy refuses them once its key cache expires
+    usersNew.apiKey (docs/documents.md) is removed. The proxy refuses them once its key cache expires
     (`key_cache_seconds`)."""
     key = new_key()
     with known(user):

@@ -6,7 +6,7 @@ Every command reads the same store as the proxy (``--db``, $BURNMETER_DB, the co
 
 A command lives in a module of its own under ``stats/`` and is registered below with one
 ``cli.add_command`` line; it takes the shared ``stats.context.Context`` (``@pass_obj``:
-``read_only_store`` to read, ``store`` to write) and raises ``stats.context.UserError``
+``read_only_store`` to read, ``store`` to write) and raises ``stats.exceptions.UserError``
 where it finds a mistake of the user's. Command modules import from ``stats.context``,
 never from this module.
 """
@@ -18,8 +18,8 @@ import traceback
 
 import click
 
-from burnmeter.store.base import DocumentError
-from burnmeter.store.base import StoreError
+from burnmeter.exceptions import DocumentError
+from burnmeter.exceptions import StoreError
 from stats import accounts
 from stats import imports
 from stats import journal
@@ -28,7 +28,7 @@ from stats import reports
 from stats import reprice
 from stats import serve
 from stats.context import Context
-from stats.context import UserError
+from stats.exceptions import UserError
 
 
 class OneLineErrors(click.Group):

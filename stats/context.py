@@ -1,7 +1,7 @@
 """What every command shares: the config and the store, each found and opened once.
 
-Command modules import ``Context`` and ``UserError`` from here, and ``stats.cli`` imports
-the command modules: the dependency runs one way.
+Command modules import ``Context`` from here (``UserError`` from ``stats.exceptions``), and
+``stats.cli`` imports the command modules: the dependency runs one way.
 """
 
 from __future__ import annotations
@@ -9,29 +9,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from dataclasses import field
 from functools import cached_property
-from typing import IO
-from typing import Any
 
 import click
 
 from burnmeter.config import Config
-from burnmeter.config import ConfigError
 from burnmeter.config import ConfigSource
 from burnmeter.config import find_config
 from burnmeter.config import load_config
-from burnmeter.store import StoreURLError
+from burnmeter.exceptions import ConfigError
+from burnmeter.exceptions import StoreError
+from burnmeter.exceptions import StoreURLError
 from burnmeter.store import open_store
 from burnmeter.store import resolve_url
 from burnmeter.store.base import Store
-from burnmeter.store.base import StoreError
-
-
-class UserError(click.ClickException):
-    """A mistake in what the user asked for or set up, found where it is made: one line
-    on stderr, exit status 1."""
-
-    def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"burnmeter: error: {self.format_message()}", err=True, file=file)
+from stats.exceptions import UserError
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""``burnmeter import users|logs FILE``: the original's MongoDB data, from mongoexport output.
+"""``burnmeter import users|logs FILE``: the original's MongoDB data, from mongoexport output
+(``docs/documents.md``, "Compatibility with the original system").
 
 Each line is decoded (Extended JSON, ``burnmeter.store.extjson``), its known fields
 type-checked, its money made exact ``Decimal`` USD, and handed to the store whole or not
@@ -26,19 +27,18 @@ import click
 from bson import ObjectId
 from bson.errors import BSONError
 
+from burnmeter import schema
 from burnmeter.config import Pool
 from burnmeter.documents import mask_key
 from burnmeter.documents import utcnow
 from burnmeter.money import NANOS_PER_USD
 from burnmeter.money import to_decimal
 from burnmeter.store import extjson
-from burnmeter.store.base import DATE_FIELDS
-from burnmeter.store.base import MONEY_FIELDS
-from burnmeter.store.base import TOKEN_FIELDS
 from burnmeter.store.base import Document
 from burnmeter.store.base import ImportOutcome
 from burnmeter.store.base import Store
 from stats.context import Context
+from stats.exceptions import BadLine
 from stats.output import emit_record
 from stats.output import format_option
 
@@ -46,12 +46,8 @@ SHOWN_LINES = 10
 """Line numbers an import names in a message before it only counts them."""
 
 
-class Rejected(ValueError):
-    """A line that is not a document of the collection; the message is one line."""
-
-
 @dataclass(frozen=True, slots=True)
-class Kind:
+class Accepted:
     """What a known field may hold (null aside): a name for messages and Python types."""
 
     name: str
@@ -63,42 +59,31 @@ class Kind:
         return isinstance(value, self.types)
 
 
-STRING = Kind("a string", (str,))
-NUMBER = Kind("a number", (int, float))
-DATE = Kind('a date ({"$date": ...})', (datetime,))
-BOOLEAN = Kind("a boolean", (bool,))
-MONEY = Kind("a number", (int, float, Decimal))  # made Decimal USD
-LOG_ID = Kind("a string or an ObjectId", (str, ObjectId))
+STRING = Accepted("a string", (str,))
+NUMBER = Accepted("a number", (int, float))
+DATE = Accepted('a date ({"$date": ...})', (datetime,))
+BOOLEAN = Accepted("a boolean", (bool,))
+MONEY = Accepted("a number", (int, float, Decimal))  # made Decimal USD
+LOG_ID = Accepted("a string or an ObjectId", (str, ObjectId))
 STORABLE = (type(None), bool, int, float, Decimal, str, datetime, ObjectId)
 INT64 = 2**63  # BSON's and SQLite's integers; SQLite keeps money as integer nano-USD
 
-USER_FIELDS: dict[str, Kind] = {
-    "_id": STRING,
-    "isActive": BOOLEAN,
-    "role": STRING,
-    "apiKey": STRING,
-    **dict.fromkeys(MONEY_FIELDS, MONEY),
-    **dict.fromkeys(TOKEN_FIELDS, NUMBER),
-    **dict.fromkeys(
-        (*DATE_FIELDS, "purchasedAt", "purchasedAtNew", "lastLoginAt", "apiKeyCreatedAt"), DATE
-    ),
+ACCEPTED: dict[schema.Kind, Accepted] = {
+    "text": STRING,
+    "int": NUMBER,
+    "money": MONEY,
+    "date": DATE,
+    "bool": BOOLEAN,
 }
-LOG_FIELDS: dict[str, Kind] = {
-    "_id": LOG_ID,
-    **dict.fromkeys(
-        ("userId", "userKeyId", "model", "creditType", "host", "upstream", "path", "usageSource"),
-        STRING,
-    ),
-    **dict.fromkeys(
-        ("inputTokens", "outputTokens", "cacheWriteTokens", "cacheHitTokens", "reasoningTokens")
-        + ("tokensUsed", "statusCode", "latencyMs", "ttftMs"),
-        NUMBER,
-    ),
-    "creditsCost": MONEY,
-    "isSuccess": BOOLEAN,
-    "stream": BOOLEAN,
-    "createdAt": DATE,
-}
+
+
+def _accepted(collection: schema.Collection) -> dict[str, Accepted]:
+    """What each field of the collection may hold (objects unchecked: burnmeter's own)."""
+    return {f.name: ACCEPTED[f.kind] for f in collection.fields if f.kind in ACCEPTED}
+
+
+USER_FIELDS = _accepted(schema.USER)
+LOG_FIELDS = _accepted(schema.REQUEST_LOG) | {"_id": LOG_ID}  # the original's are ObjectIds
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +116,8 @@ class Report:
         }
 
 
-def user_fields(pools: Mapping[str, Pool]) -> dict[str, Kind]:
-    """The original's user fields and those the configured pools name."""
+def user_fields(pools: Mapping[str, Pool]) -> dict[str, Accepted]:
+    """The original's user fields (``docs/documents.md``) and those the configured pools name."""
     fields = dict(USER_FIELDS)
     for pool in pools.values():
         fields.update(dict.fromkeys((*pool.balance, pool.used), MONEY))
@@ -143,25 +128,25 @@ def user_fields(pools: Mapping[str, Pool]) -> dict[str, Kind]:
     return fields
 
 
-def parse(line: str, fields: Mapping[str, Kind]) -> Document:
-    """One exported document, decoded and checked; ``Rejected`` says what is wrong."""
+def parse(line: str, fields: Mapping[str, Accepted]) -> Document:
+    """One exported document, decoded and checked; ``BadLine`` says what is wrong."""
     try:
         raw = json.loads(line)
     except json.JSONDecodeError as e:
-        raise Rejected(f"bad JSON: {e.msg} (column {e.colno})") from None
+        raise BadLine(f"bad JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(raw, dict):
-        raise Rejected(f"not a JSON object but {kind(raw)}")
+        raise BadLine(f"not a JSON object but {kind(raw)}")
     doc = {name: _decode(value, name) for name, value in raw.items()}
     if doc.get("_id") is None:
-        raise Rejected("missing _id")
+        raise BadLine("missing _id")
     for name, value in doc.items():
         expected = fields.get(name)
         if value is None or expected is None:
             continue
         if not expected.accepts(value):
-            raise Rejected(f"{name}: expected {expected.name}, got {kind(value)}")
+            raise BadLine(f"{name}: expected {expected.name}, got {kind(value)}")
         if expected is MONEY:
-            doc[name] = _usd(value, name)
+            doc[name] = _exact_usd(value, name)
     return doc
 
 
@@ -170,14 +155,14 @@ def _decode(value: Any, where: str) -> Any:
     try:
         decoded = extjson.python(value)
     except ArithmeticError:
-        raise Rejected(f"{where}: number out of range") from None
+        raise BadLine(f"{where}: number out of range") from None
     except (TypeError, ValueError, BSONError) as e:
         if isinstance(value, dict) and list(value) == ["$date"]:
-            raise Rejected(
+            raise BadLine(
                 f"{where}: {{$date: {json.dumps(value['$date'])}}} is not a date"
                 " (ISO 8601 with an offset, or epoch milliseconds, years 1-9999)"
             ) from None
-        raise Rejected(f"{where}: bad Extended JSON: {e}") from None
+        raise BadLine(f"{where}: bad Extended JSON: {e}") from None
     _check_storable(decoded, where)
     return decoded
 
@@ -186,28 +171,28 @@ def _check_storable(value: Any, where: str) -> None:
     if isinstance(value, dict):
         for name, item in value.items():
             if name.startswith("$"):
-                raise Rejected(f"{where}: unsupported Extended JSON {name}")
+                raise BadLine(f"{where}: unsupported Extended JSON {name}")
             _check_storable(item, f"{where}.{name}")
     elif isinstance(value, list):
         for item in value:
             _check_storable(item, where)
     elif not isinstance(value, STORABLE):
-        raise Rejected(f"{where}: unsupported value ({type(value).__name__})")
+        raise BadLine(f"{where}: unsupported value ({type(value).__name__})")
     elif isinstance(value, int) and not -INT64 <= value < INT64:
-        raise Rejected(f"{where}: {value} is out of range")
+        raise BadLine(f"{where}: {value} is out of range")
     elif isinstance(value, float) and not math.isfinite(value):
-        raise Rejected(f"{where}: {value} is not a finite number")
+        raise BadLine(f"{where}: {value} is not a finite number")
     elif isinstance(value, Decimal) and not value.is_finite():
-        raise Rejected(f"{where}: {value} is not a finite number")
+        raise BadLine(f"{where}: {value} is not a finite number")
 
 
-def _usd(value: Any, name: str) -> Decimal:
+def _exact_usd(value: Any, name: str) -> Decimal:
     try:
         amount = to_decimal(value)
     except ArithmeticError:
         amount = None
     if amount is None or abs(amount) * NANOS_PER_USD >= INT64:
-        raise Rejected(f"{name}: {value} is out of range")
+        raise BadLine(f"{name}: {value} is out of range")
     return amount
 
 
@@ -240,7 +225,9 @@ def import_logs(lines: Iterable[bytes], store: Store, keep_after: datetime | Non
 def parse_log(line: str) -> Document:
     doc = parse(line, LOG_FIELDS)
     if isinstance(doc.get("userKeyId"), str) and "…" not in doc["userKeyId"]:
-        doc["userKeyId"] = mask_key(doc["userKeyId"])  # the original logged whole keys
+        doc["userKeyId"] = mask_key(
+            doc["userKeyId"]
+        )  # the original logged whole keys (docs/documents.md)
     return doc
 
 
@@ -262,7 +249,7 @@ def _import(
             continue
         try:
             doc = parse_line(line)
-        except Rejected as e:
+        except BadLine as e:
             report.rejects.append(Reject(number, str(e)))
             continue
         if expired(doc):
@@ -287,7 +274,8 @@ def import_command(state: Context, collection: str, file: BinaryIO, fmt: str) ->
     request_logs) writes it, relaxed or canonical Extended JSON ($date, $oid, $numberLong,
     $numberInt, $numberDouble, $numberDecimal); `-` reads standard input. Dates, numbers,
     ObjectId _ids and missing fields are kept as they are; money becomes exact USD. The
-    whole keys the original wrote into request_logs.userKeyId are masked (prefix + last 4).
+    whole keys the original wrote into request_logs.userKeyId are masked (prefix + last 4;
+    docs/documents.md).
 
     A document whose _id is already stored is skipped, so importing twice adds nothing.
     A line that is not a valid document (bad JSON, no _id, a known field of the wrong

@@ -23,10 +23,10 @@ from typing import Literal
 
 import click
 
+from burnmeter.exceptions import StoreError
 from burnmeter.journal import from_json
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
-from burnmeter.store.base import StoreError
 from stats.output import emit_rows
 from stats.output import format_option
 

@@ -14,6 +14,8 @@ from typing import Any
 import click
 from bson import ObjectId
 
+from burnmeter.money import is_number
+
 FORMATS = ("table", "json", "csv")
 
 format_option = click.option(
@@ -36,7 +38,7 @@ def plain(value: Any) -> Any:
         )
     if isinstance(value, datetime):
         return value.isoformat()
-    if isinstance(value, ObjectId):  # the original's request log ids
+    if isinstance(value, ObjectId):  # the original's request log ids (docs/documents.md)
         return str(value)
     if isinstance(value, Mapping):
         return {k: plain(v) for k, v in value.items()}
@@ -65,7 +67,7 @@ def exact(value: Any) -> str:
 def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     grid = [list(columns)] + [[cell(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(r[i]) for r in grid) for i in range(len(columns))]
-    numeric = [all(_is_number(row.get(c)) for row in rows) and rows for c in columns]
+    numeric = [all(is_number(row.get(c)) for row in rows) and rows for c in columns]
     lines = []
     for n, r in enumerate(grid):
         parts = [
@@ -76,10 +78,6 @@ def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float | Decimal) and not isinstance(value, bool)
 
 
 def emit_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: str) -> None:

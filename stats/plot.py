@@ -13,7 +13,7 @@ from burnmeter.money import ZERO
 from burnmeter.periods import Bucket
 from burnmeter.periods import Window
 from burnmeter.reports.base import SeriesRow
-from stats.context import UserError
+from stats.exceptions import UserError
 
 MAX_TICKS = 24
 MAX_HOUR_BARS = 96

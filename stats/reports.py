@@ -16,16 +16,15 @@ from typing import Any
 
 import click
 
+from burnmeter import schema
+from burnmeter.exceptions import PeriodError
 from burnmeter.periods import ALL
 from burnmeter.periods import BUCKETS
 from burnmeter.periods import PERIODS
 from burnmeter.periods import Bucket
-from burnmeter.periods import PeriodError
 from burnmeter.periods import Window
 from burnmeter.periods import requested_window
 from burnmeter.reports import reports_for
-from burnmeter.reports.base import LEGACY_POOL
-from burnmeter.reports.base import NEW_POOL
 from burnmeter.reports.base import Summary
 from stats.accounts import Amount
 from stats.context import Context
@@ -33,8 +32,8 @@ from stats.output import emit_record
 from stats.output import emit_rows
 from stats.output import format_option
 
-USER_COLUMNS = ["user", "pool", "cost", "input_tokens", "output_tokens", "requests"]
-MODEL_COLUMNS = [
+USERS_TABLE = ["user", "pool", "cost", "input_tokens", "output_tokens", "requests"]
+MODELS_TABLE = [
     "model",
     "requests",
     "input_tokens",
@@ -43,18 +42,8 @@ MODEL_COLUMNS = [
     "cache_read_tokens",
     "cost",
 ]
-LOG_COLUMNS = [
-    "createdAt",
-    "userId",
-    "model",
-    "creditType",
-    "inputTokens",
-    "outputTokens",
-    "creditsCost",
-    "statusCode",
-    "latencyMs",
-]
-RECONCILE_COLUMNS = ["user", "pool", "used", "logged", "difference"]
+LOGS_TABLE = schema.REQUEST_LOG.listed()
+RECONCILE_TABLE = ["user", "pool", "used", "logged", "difference"]
 
 
 def period_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -136,7 +125,7 @@ def summary(state: Context, span: Window, fmt: str) -> None:
     emit_record(record, fmt)
 
 
-def _usd(amount: Decimal) -> str:
+def _usd_text(amount: Decimal) -> str:
     return f"{amount:,.4f} USD"
 
 
@@ -146,18 +135,18 @@ def _active_word(s: Summary) -> str:
 
 
 def _summary_lines(s: Summary) -> dict[str, str]:
-    by_pool = {f"  {name}": _usd(amount) for name, amount in s.burned_by_pool.items()}
+    by_pool = {f"  {name}": _usd_text(amount) for name, amount in s.burned_by_pool.items()}
     rate = "—" if s.success_rate is None else f"{s.success_rate:g}% ok"
     latency = "—" if s.avg_latency_ms is None else f"{s.avg_latency_ms:,} ms"
     return {
         "Period": s.window.describe(),
         "Users": f"{s.total_users:,} ({s.active_users:,} {_active_word(s)})",
-        "Credits": _usd(s.balances["total_credits"]),
-        "Ref credits": _usd(s.balances["total_ref_credits"]),
-        "New credits": _usd(s.balances["total_creditsNew"]),
-        "Burned": f"{_usd(s.burned)}  ({LEGACY_POOL}, legacy logs included)",
-        "New Burned": f"{_usd(s.new_burned)}  ({NEW_POOL})",
-        "Burned, all pools": _usd(s.total_burned),
+        "Credits": _usd_text(s.balances["total_credits"]),
+        "Ref credits": _usd_text(s.balances["total_ref_credits"]),
+        "New credits": _usd_text(s.balances["total_creditsNew"]),
+        "Burned": f"{_usd_text(s.burned)}  ({s.original_pools.legacy}, legacy logs included)",
+        "New Burned": f"{_usd_text(s.new_burned)}  ({s.original_pools.new or 'no pool'})",
+        "Burned, all pools": _usd_text(s.total_burned),
         **by_pool,
         "Requests": f"{s.requests:,} ({rate})",
         "Avg latency": latency,
@@ -178,7 +167,7 @@ def _summary_lines(s: Summary) -> dict[str, str]:
 def users(state: Context, span: Window, top: int | None, fmt: str) -> None:
     """Spend, tokens and requests per user and pool over the period, biggest spenders first."""
     rows = reports_for(state.read_only_store).users(span, top)
-    emit_rows([asdict(r) for r in rows], USER_COLUMNS, fmt)
+    emit_rows([asdict(r) for r in rows], USERS_TABLE, fmt)
 
 
 @click.command()
@@ -188,7 +177,7 @@ def users(state: Context, span: Window, top: int | None, fmt: str) -> None:
 def models(state: Context, span: Window, fmt: str) -> None:
     """Requests, the four token counts and cost per model over the period, by cost."""
     rows = reports_for(state.read_only_store).models(span)
-    emit_rows([asdict(r) for r in rows], MODEL_COLUMNS, fmt)
+    emit_rows([asdict(r) for r in rows], MODELS_TABLE, fmt)
 
 
 @click.command()
@@ -252,7 +241,7 @@ def logs(state: Context, limit: int, user: str | None, fmt: str) -> None:
         doc | {"createdAt": doc["createdAt"].astimezone(reporting)} if "createdAt" in doc else doc
         for doc in docs
     ]
-    emit_rows(rows, LOG_COLUMNS, fmt)
+    emit_rows(rows, LOGS_TABLE, fmt)
 
 
 @click.command()
@@ -274,7 +263,7 @@ def reconcile(state: Context, tolerance: Decimal, fmt: str) -> None:
     then shows used > logged without anything being wrong.
     """
     rows = reports_for(state.read_only_store).reconcile(tolerance)
-    emit_rows([asdict(r) | {"difference": r.difference} for r in rows], RECONCILE_COLUMNS, fmt)
+    emit_rows([asdict(r) | {"difference": r.difference} for r in rows], RECONCILE_TABLE, fmt)
     ttl = state.config.log_ttl_days
     if ttl:
         click.echo(

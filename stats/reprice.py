@@ -19,10 +19,10 @@ import click
 
 from burnmeter.config import Config
 from burnmeter.documents import usage_of_log
+from burnmeter.exceptions import UnknownModelError
 from burnmeter.money import ZERO
 from burnmeter.money import to_decimal
 from burnmeter.periods import Window
-from burnmeter.pricing import UnknownModelError
 from burnmeter.pricing import cost
 from burnmeter.pricing import resolve_price
 from stats.output import emit_rows

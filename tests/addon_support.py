@@ -17,6 +17,7 @@ from mitmproxy.test import tflow
 from mitmproxy.test import tutils
 
 from addons.metering import Metering
+from addons.streamtap import StreamTap
 from burnmeter.config import load_config
 from burnmeter.documents import hash_key
 from burnmeter.store import open_store
@@ -131,6 +132,18 @@ def chat_sse(text: list[str], usage: dict[str, int] | None) -> bytes:
 async def admit(env: Env, f: http.HTTPFlow) -> None:
     await env.metering.requestheaders(f)
     await env.metering.request(f)
+
+
+async def streaming(env: Env) -> tuple[http.HTTPFlow, StreamTap]:
+    """An admitted chat completion answered with a stream: the flow, and the tap its body
+    runs through."""
+    f = make_flow(body={"model": "gpt-4o", "messages": [], "stream": True})
+    await admit(env, f)
+    f.response = sse_response()
+    env.metering.responseheaders(f)
+    tap = env.metering.tickets[f].tap
+    assert tap is not None
+    return f, tap
 
 
 def settled(env: Env, request_id: str) -> dict[str, Any] | None:

@@ -10,7 +10,7 @@ from burnmeter.store.base import Document
 from burnmeter.store.base import Store
 from burnmeter.store.mongo import MongoStore
 from burnmeter.store.mongo import _to_bson
-from burnmeter.store.sqlite import KEY_COLUMNS
+from burnmeter.store.sqlite import KEY_COLUMN_KINDS
 from burnmeter.store.sqlite import SqliteStore
 from burnmeter.store.sqlite import _row
 
@@ -21,7 +21,7 @@ def put_key(store: Store, doc: Document) -> None:
     """Write a user_keys document as an existing deployment would have it."""
     if isinstance(store, SqliteStore):
         with store._write() as conn:
-            store._insert(conn, KEYS, _row(doc, KEY_COLUMNS))
+            store._insert(conn, KEYS, _row(doc, KEY_COLUMN_KINDS))
     else:
         assert isinstance(store, MongoStore)
         store.db[KEYS].insert_one(_to_bson(doc, ()))
@@ -31,7 +31,7 @@ def key_doc(store: Store, key_id: str) -> dict[str, Any]:
     """A user_keys document as stored (the interface has no reader for them)."""
     doc: Document | None
     if isinstance(store, SqliteStore):
-        doc = store._one(KEYS, KEY_COLUMNS, "_id", key_id)
+        doc = store._one(KEYS, KEY_COLUMN_KINDS, "_id", key_id)
     else:
         assert isinstance(store, MongoStore)
         doc = store._one(KEYS, {"_id": key_id}, ())

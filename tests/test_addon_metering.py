@@ -37,9 +37,10 @@ from addons.metering import ready_line
 from burnmeter.config import load_config
 from burnmeter.documents import hash_key
 from burnmeter.documents import utcnow
-from burnmeter.journal import JournalFull
+from burnmeter.exceptions import JournalFull
+from burnmeter.exceptions import StoreError
+from burnmeter.sse import MAX_EVENT_BYTES
 from burnmeter.store import open_store
-from burnmeter.store.base import StoreError
 from tests.addon_support import BOB_KEY
 from tests.addon_support import CONFIG
 from tests.addon_support import KEY
@@ -53,6 +54,7 @@ from tests.addon_support import json_response
 from tests.addon_support import make_flow
 from tests.addon_support import settled
 from tests.addon_support import sse_response
+from tests.addon_support import streaming
 from tests.stores import put_key
 
 
@@ -346,7 +348,9 @@ async def test_revoked_key_stops_within_the_cache_ttl(env: Env) -> None:
     await admit(env, cached)
     assert cached.response is None, "still cached"
     assert env.metering.admission is not None
-    env.metering.admission.cache.clear()  # the TTL has passed
+    cache = env.metering.admission.cache
+    later = cache.clock() + cache.ttl + 1
+    cache.clock = lambda: later  # the TTL has passed
     f = make_flow()
     await admit(env, f)
     assert f.response is not None and f.response.status_code == 401
@@ -414,7 +418,8 @@ async def test_expired_pool_is_402_credits_expired(env: Env) -> None:
 
 
 async def test_an_expired_key_is_402_credits_expired(env: Env) -> None:
-    """An original key document's expiry is its package's: the original answered 402."""
+    """An original key document's expiry is its package's: the original answered 402
+    (docs/documents.md, user_keys.expiresAt)."""
     env.store.import_user({"_id": "minh", "credits": 5.0, "isActive": True})
     put_key(
         env.store,
@@ -683,7 +688,7 @@ async def test_upstream_unreachable_releases_the_hold(env: Env) -> None:
 async def test_an_upstream_error_cut_short_is_free_and_logged_with_its_status(
     env: Env, stream: bool
 ) -> None:
-    """SPEC: an upstream error without usage releases the hold and costs 0, also when its
+    """docs/guarantees.md: an upstream error without usage releases the hold and costs 0, also when its
     body never arrived whole (the connection dropped, or the client left)."""
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi" * 500}]}
     f = make_flow(body=body | {"stream": stream})
@@ -1039,12 +1044,7 @@ async def test_usage_command(env: Env) -> None:
 
 
 async def test_shutdown_settles_requests_still_in_flight(env: Env) -> None:
-    f = make_flow(body={"model": "gpt-4o", "messages": [], "stream": True})
-    await admit(env, f)
-    f.response = sse_response()
-    env.metering.responseheaders(f)
-    tap = env.metering.tickets[f].tap
-    assert tap is not None
+    f, tap = await streaming(env)
     tap(chat_sse(["Hello there, this was streamed"], None))
     waiting = make_flow()
     await admit(env, waiting)
@@ -1546,3 +1546,15 @@ def test_whatever_the_client_sends_a_forwarded_request_is_journaled(
     hypothesis.event("forwarded")
     records = {s.request_id for _, s in env.metering.writer.journal.pending(10_000)}
     assert f.id in records or env.store.log(f.id) is not None
+
+
+async def test_a_stream_with_oversized_events_says_so_in_its_record(env: Env) -> None:
+    """An event past the parser's limit is passed on unread (a usage in it is not seen): the
+    flow's record counts them, and the comment shows the tokens that were charged."""
+    f, tap = await streaming(env)
+    body = b"data: " + b"x" * (MAX_EVENT_BYTES + 1) + b"\n\n" + chat_sse(["Hi"], CHAT_USAGE)
+    assert tap(body) + tap(b"") == body
+    env.metering.response(f)
+    record = f.metadata["metering"]
+    assert record["oversized_events"] == 1
+    assert record["total_tokens"] == 1200 and "1,200 tok" in f.comment

@@ -15,9 +15,9 @@ from mitmproxy.test import tutils
 
 from addons import errors
 from addons.admission import METERED_FIELDS
-from addons.admission import DuplicateKey
 from addons.admission import check_spellings
 from addons.admission import unique_keys
+from addons.exceptions import DuplicateKey
 from addons.inspection import LLMStreamContentview
 from addons.keys import KeyCache
 from addons.keys import client_key

@@ -15,7 +15,6 @@ from http.server import ThreadingHTTPServer
 
 import pytest
 
-from burnmeter.alerts import AlertConfigError
 from burnmeter.alerts import AlertSender
 from burnmeter.alerts import Crossing
 from burnmeter.alerts import Rule
@@ -25,8 +24,9 @@ from burnmeter.alerts import crossings
 from burnmeter.alerts import post_json
 from burnmeter.alerts import rules
 from burnmeter.alerts import webhook_origin
-from burnmeter.config import ConfigError
 from burnmeter.config import parse_config
+from burnmeter.exceptions import AlertConfigError
+from burnmeter.exceptions import ConfigError
 from burnmeter.store.base import Settlement
 from scripts.processes import free_port
 

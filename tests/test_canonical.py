@@ -23,12 +23,12 @@ from mitmproxy.test import tutils
 
 from addons import errors
 from addons.canonical import FREE_POSTS
-from addons.canonical import Ambiguous
 from addons.canonical import canonical_host
 from addons.canonical import canonical_path
 from addons.canonical import forward
 from addons.canonical import read_request
-from addons.keys import ConflictingKeys
+from addons.exceptions import Ambiguous
+from addons.exceptions import ConflictingKeys
 from addons.keys import client_key
 from addons.keys import drop_client_key
 from addons.trailers import NoTrailersReader

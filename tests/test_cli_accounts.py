@@ -228,7 +228,9 @@ def test_show_prints_a_table_and_csv_with_pool_sums(backend: Backend) -> None:
 
 def test_rotate_key_gives_a_new_key_and_stops_every_old_one(backend: Backend) -> None:
     old = create(backend, "alice", "--pool", "openhands=5")
-    backend.store().set_fields("alice", {"apiKey": "sk-legacy-raw-key"})  # the original's
+    backend.store().set_fields(
+        "alice", {"apiKey": "sk-legacy-raw-key"}
+    )  # the original's (docs/documents.md)
     result = backend.run("accounts", "rotate-key", "alice", "--format", "json")
     assert result.exit_code == 0, result.stderr
     rotated = json.loads(result.stdout)

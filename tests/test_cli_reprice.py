@@ -15,7 +15,7 @@ import pytest
 
 from burnmeter.config import load_config
 from burnmeter.documents import request_log
-from burnmeter.pricing import UnknownModelError
+from burnmeter.exceptions import UnknownModelError
 from burnmeter.pricing import billing_tokens
 from burnmeter.pricing import cost
 from burnmeter.pricing import resolve_price

@@ -9,10 +9,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from burnmeter import price_model
-from burnmeter.config import ConfigError
 from burnmeter.config import default_config
 from burnmeter.config import load_config
 from burnmeter.config import parse_config
+from burnmeter.exceptions import ConfigError
 from burnmeter.pricing import list_price
 from burnmeter.pricing import resolve_price
 

@@ -13,10 +13,10 @@ from stores import POOLS
 
 from addons.holding import HoldQueue
 from burnmeter.documents import utcnow
+from burnmeter.exceptions import StoreError
 from burnmeter.store.base import Hold
 from burnmeter.store.base import HoldRequest
-from burnmeter.store.base import Refusal
-from burnmeter.store.base import StoreError
+from burnmeter.store.base import InsufficientBalance
 from burnmeter.store.sqlite import SqliteStore
 
 OPENHANDS = POOLS["openhands"]
@@ -68,8 +68,8 @@ async def test_holds_queued_meanwhile_are_made_in_one_batch(store: SqliteStore) 
     queue.stop(5)
     assert [len(batch) for batch in gate.batches] == [1, 6]
     # in arrival order: 1 + 2 * 4 = 9 of the 10 are held, then two refusals
-    assert [type(o) for o in outcomes] == [Hold] * 5 + [Refusal] * 2
-    assert outcomes[-1] == Refusal(Decimal(1))
+    assert [type(o) for o in outcomes] == [Hold] * 5 + [InsufficientBalance] * 2
+    assert outcomes[-1] == InsufficientBalance(Decimal(1))
     assert store.balance("alice", OPENHANDS) == 1
 
 
@@ -136,7 +136,7 @@ async def test_a_hold_answered_in_the_pass_its_request_gives_up_is_handed_back(
     orphans: list[Hold] = []
     queue = HoldQueue(store, orphaned=orphans.append)
 
-    async def held() -> Hold | Refusal:
+    async def held() -> Hold | InsufficientBalance:
         async with asyncio.timeout(0.2):
             return await queue.hold(wanted(0, 3))
 

@@ -1,4 +1,5 @@
-"""``burnmeter import``: mongoexport lines of the original's collections, on both stores.
+"""``burnmeter import``: mongoexport lines of the original's collections (docs/documents.md),
+on both stores.
 
 The fixtures in tests/data are written by hand in the original's shape. What the store
 reads back is compared field by field with the same line decoded independently, by
@@ -18,12 +19,12 @@ import pytest
 from bson import ObjectId
 from bson import json_util
 
+from burnmeter import schema
 from burnmeter.config import default_config
 from burnmeter.documents import mask_key
 from burnmeter.money import to_decimal
-from burnmeter.store.base import MONEY_FIELDS
 from burnmeter.store.base import Document
-from stats.imports import Rejected
+from stats.exceptions import BadLine
 from stats.imports import parse
 from stats.imports import user_fields
 from tests.cli_backends import Backend
@@ -89,7 +90,7 @@ def test_users_keep_their_fields_types_and_keys(keeping: Backend) -> None:
         },
     )
     store = keeping.store()
-    money = set(MONEY_FIELDS)
+    money = set(schema.USER.named("money"))
     for doc in source(USERS):
         assert_same(store.user(doc["_id"]), doc, money)
 
@@ -294,7 +295,7 @@ FIELDS = user_fields(default_config().pools)
     ],
 )
 def test_parse_rejects(line: str, reason: str) -> None:
-    with pytest.raises(Rejected) as e:
+    with pytest.raises(BadLine) as e:
         parse(line, FIELDS)
     assert str(e.value).startswith(reason)
 

@@ -21,16 +21,18 @@ from hypothesis import strategies as st
 
 from burnmeter.config import default_config
 from burnmeter.documents import request_log
+from burnmeter.exceptions import JournalError
+from burnmeter.exceptions import JournalFull
+from burnmeter.exceptions import JournalLocked
+from burnmeter.journal import FORMAT_VERSION
 from burnmeter.journal import Journal
-from burnmeter.journal import JournalError
-from burnmeter.journal import JournalFull
-from burnmeter.journal import JournalLocked
 from burnmeter.journal import from_json
 from burnmeter.journal import to_json
 from burnmeter.records import UsageRecord
 from burnmeter.store import open_store
 from burnmeter.store.base import Settlement
 from burnmeter.text import MAX_TEXT
+from burnmeter.writer import SettlementWriter
 
 
 def settlement(i: int, cost: str = "0.000123456") -> Settlement:
@@ -385,16 +387,103 @@ def test_a_write_the_kernel_refuses_marks_the_journal_failing_until_a_probe_succ
         assert all(line.startswith(b'{"request_id"') for line in f)
 
 
-def test_a_failed_fsync_is_a_refused_append(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_fsync_marks_the_journal_failing_and_fails_the_records_it_covered(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def eio(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
     with Journal(path, fsync=True) as journal:
         monkeypatch.setattr(os, "fsync", eio)
+        synced = journal.append(settlement(1))
         with pytest.raises(JournalError, match="cannot fsync"):
-            journal.append(settlement(1))
+            synced.result(timeout=10)
         assert journal.failing is not None
+        assert not journal.probe(), "a probe fsyncs too"
         monkeypatch.undo()
         assert journal.probe() and journal.failing is None
-        journal.append(settlement(1))  # the caller's retry: applied once, by request id
-        assert ids(journal.pending(10)) == ["req-1", "req-1"]
+        assert ids(journal.pending(10)) == ["req-1"]  # written: the writer applies it
+
+
+def test_without_fsync_an_append_is_done_at_once(path: str) -> None:
+    with Journal(path) as journal:
+        assert journal.append(settlement(1)).done()
+        assert journal.fsyncs == 0
+
+
+def test_group_commit_one_fsync_covers_every_record_appended_while_one_ran(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nine appends while the first record's fsync runs share the next fsync: two in all."""
+    entered, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def gated(fd: int) -> None:
+        entered.set()
+        assert release.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", gated)
+    with Journal(path, fsync=True) as journal:
+        first = journal.append(settlement(0))
+        assert entered.wait(10)  # the syncer is inside the first fsync
+        rest = [journal.append(settlement(i)) for i in range(1, 10)]
+        assert not first.done() and not any(f.done() for f in rest)
+        release.set()
+        for synced in [first, *rest]:
+            synced.result(timeout=10)
+        assert journal.fsyncs == 2
+
+
+def test_close_syncs_what_is_waiting(path: str) -> None:
+    journal = Journal(path, fsync=True)
+    synced = [journal.append(settlement(i)) for i in range(5)]
+    journal.close()
+    assert all(f.done() and f.exception() is None for f in synced)
+
+
+# -- format versions -----------------------------------------------------------------------
+V1_JOURNAL = Path(__file__).parent / "data" / "journal-v1.jsonl"
+"""Two records as the first format wrote them (no ``v``), by that version's code."""
+
+
+def test_records_carry_the_format_version() -> None:
+    line = to_json(settlement(1))
+    assert line.startswith('{"request_id"') and json.loads(line)["v"] == FORMAT_VERSION == 2
+
+
+def test_a_journal_of_the_previous_format_is_replayed(tmp_path: Path) -> None:
+    path = tmp_path / "old.journal"
+    path.write_bytes(V1_JOURNAL.read_bytes())
+    assert b'"v"' not in path.read_bytes()
+    store = open_store(store_url(tmp_path), default_config().pools)
+    store.ensure_schema(0)
+    store.create_user("alice", "sha256:x", {"creditsNew": Decimal(1), "credits": Decimal(1)})
+    with Journal(str(path)) as journal:
+        writer = SettlementWriter(
+            lambda: open_store(store_url(tmp_path), default_config().pools), journal
+        )
+        writer.start()
+        assert writer.stop(10) == 0
+        assert journal.set_aside_count == 0
+    log = store.log("v1-req-1")
+    assert log is not None and log["creditsCost"] == Decimal("0.0045")
+    assert log["createdAt"] == datetime(2026, 11, 30, 9, 15, 0, 123000, tzinfo=UTC)
+    assert store.balance("alice", store.pools["openhands"]) == Decimal("0.9955")
+    assert store.balance("alice", store.pools["ohmygpt"]) == Decimal("0.999876544")
+    store.close()
+
+
+def test_a_record_of_a_newer_format_is_set_aside_not_guessed_at(path: str) -> None:
+    newer = json.loads(to_json(settlement(1))) | {"v": FORMAT_VERSION + 1}
+    with open(path, "w") as f:
+        f.write(json.dumps(newer) + "\n" + to_json(settlement(2)) + "\n")
+    with Journal(path) as journal:
+        assert ids(journal.pending(10)) == ["req-2"]
+        assert journal.set_aside_count == 1
+    with open(path + ".rejected") as f:
+        assert json.loads(f.read())["v"] == FORMAT_VERSION + 1
+
+
+def store_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'b.db'}"

@@ -8,9 +8,9 @@ from datetime import timedelta
 
 import pytest
 
+from burnmeter.exceptions import PeriodError
 from burnmeter.periods import MAX_BUCKETS
 from burnmeter.periods import PERIODS
-from burnmeter.periods import PeriodError
 from burnmeter.periods import bucket_edges
 from burnmeter.periods import bucket_index
 from burnmeter.periods import day_start

@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 from burnmeter import price_model
 from burnmeter.config import DefaultPrice
 from burnmeter.config import parse_config
-from burnmeter.price_model import PriceError
+from burnmeter.exceptions import PriceError
+from burnmeter.exceptions import UnknownModelError
 from burnmeter.price_model import Rates
 from burnmeter.pricing import PriceQuote
-from burnmeter.pricing import UnknownModelError
 from burnmeter.pricing import cost
 from burnmeter.pricing import cost_and_input_cost
 from burnmeter.pricing import list_price

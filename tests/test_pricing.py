@@ -14,9 +14,9 @@ from burnmeter.config import DefaultPrice
 from burnmeter.config import default_config
 from burnmeter.config import load_config
 from burnmeter.config import parse_config
+from burnmeter.exceptions import UnknownModelError
 from burnmeter.price_model import Price
 from burnmeter.pricing import PriceQuote
-from burnmeter.pricing import UnknownModelError
 from burnmeter.pricing import billing_tokens
 from burnmeter.pricing import cost
 from burnmeter.pricing import list_price

@@ -253,6 +253,31 @@ def test_summary_all_counts_legacy_as_ohmygpt_and_funded_users(
     assert s.window.local_start is None
 
 
+def test_the_original_fields_follow_the_pools_counting_their_counters(
+    make_reports: Callable[..., Reports],
+) -> None:
+    """ "Burned" is the pool counting creditsUsed (whatever its name) plus the logs without
+    creditType; "New Burned" the pool counting creditsNewUsed; not the names ohmygpt and
+    openhands."""
+    renamed = {
+        "classic": POOLS["ohmygpt"],
+        "fresh": POOLS["openhands"],
+        "ohmygpt": {"balance": ["geminiCredits"], "used": "geminiUsed"},
+    }
+    logs = [
+        _log(1, "alice", None, "2025-03-10T02:00:00Z", "0.10", (1, 1)),
+        _log(2, "alice", "classic", "2025-03-10T02:00:00Z", "0.20", (1, 1)),
+        _log(3, "bob", "fresh", "2025-03-10T02:00:00Z", "0.40", (1, 1)),
+        _log(4, "bob", "ohmygpt", "2025-03-10T02:00:00Z", "0.80", (1, 1)),
+    ]
+    s = make_reports(parse_config({"pools": renamed}), logs).summary(at("24h"))
+    assert (s.burned, s.new_burned, s.total_burned) == (D("0.30"), D("0.40"), D("1.50"))
+    assert s.burned_by_pool == {"classic": D("0.30"), "fresh": D("0.40"), "ohmygpt": D("0.80")}
+    without = make_reports(parse_config({"pools": {"gemini": POOLS["gemini"]}}), logs)
+    s = without.summary(at("24h"))
+    assert (s.burned, s.new_burned) == (D("0.10"), D(0))  # the legacy logs alone
+
+
 def test_summary_rolling_windows(make_reports: Callable[..., Reports]) -> None:
     reports = make_reports()
     one = reports.summary(at("1h"))

@@ -22,17 +22,16 @@ from mitmproxy.test import tutils
 
 from addons.keys import KeyCache
 from addons.keys import client_key
-from addons.keys import key_digest
 from addons.keys import set_upstream_key
 from addons.metering import spill
 from addons.streamtap import DECOMPRESS_STEP
 from addons.streamtap import StreamTap
 from addons.streamtap import zstd
-from burnmeter.config import ConfigError
 from burnmeter.config import load_config
 from burnmeter.documents import hash_key
 from burnmeter.documents import mask_key
 from burnmeter.documents import new_key
+from burnmeter.exceptions import ConfigError
 from burnmeter.store.base import KeyOwner
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
@@ -64,8 +63,8 @@ def test_key_cache_holds_digests_never_raw_keys() -> None:
     keys = [new_key() for _ in range(3)]
     for i, key in enumerate(keys):
         cache.put(key, owner(f"user{i}"))
-    assert all(isinstance(k, bytes) and len(k) == 32 for k in cache._entries)
-    dump = repr(cache._entries).encode() + b"".join(cache._entries)
+    assert all(k.startswith("sha256:") and len(k) == 71 for k in cache._entries)
+    dump = repr(cache._entries).encode() + "".join(cache._entries).encode()
     for key in keys:
         assert key.encode() not in dump and key[-16:].encode() not in dump
     assert [cache.get(key)[1].user_id for key in keys] == ["user0", "user1", "user2"]  # type: ignore[union-attr]
@@ -82,9 +81,12 @@ def test_key_cache_never_compares_or_hashes_the_raw_key() -> None:
     assert cache.get(key) == (True, None)
 
 
-def test_key_digest_is_sha256_and_total() -> None:
-    assert key_digest("abc").hex() == hash_key("abc").removeprefix("sha256:")
-    assert len(key_digest("\udcff broken surrogate")) == 32  # never raises
+def test_hash_key_is_sha256_and_total() -> None:
+    """One hash for stored keys, the key cache and rate-limit budgets; a key that is not
+    UTF-8 (read from headers as surrogate escapes) hashes too, never raising."""
+    expected = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert hash_key("abc") == expected
+    assert len(hash_key("\udcff broken surrogate")) == 71
 
 
 # -- where keys travel -----------------------------------------------------------------------

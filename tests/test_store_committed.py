@@ -14,8 +14,8 @@ from stores import POOLS
 from test_store_contract import alice
 from test_store_contract import settlement
 
+from burnmeter.exceptions import StoreError
 from burnmeter.store.base import Store
-from burnmeter.store.base import StoreError
 from burnmeter.store.base import committed
 from burnmeter.store.mongo import MongoStore
 from burnmeter.store.sqlite import SqliteStore

@@ -20,7 +20,7 @@ from burnmeter.documents import usage_of_log
 from burnmeter.records import UsageRecord
 from burnmeter.store.base import Hold
 from burnmeter.store.base import HoldRequest
-from burnmeter.store.base import Refusal
+from burnmeter.store.base import InsufficientBalance
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
 
@@ -190,15 +190,15 @@ def test_hold_partial_covers_minimum(store: Store) -> None:
 
 def test_hold_refused(store: Store) -> None:
     alice(store, creditsNew="0.5")
-    assert store.hold("r1", "alice", OPENHANDS, D(3), D(1)) == Refusal(D("0.5"))
+    assert store.hold("r1", "alice", OPENHANDS, D(3), D(1)) == InsufficientBalance(D("0.5"))
     assert store.balance("alice", OPENHANDS) == D("0.5")
     store.topup("alice", "creditsNew", D("-0.5"))
-    assert store.hold("r2", "alice", OPENHANDS, D(3), D(0)) == Refusal(D(0))
-    assert store.hold("r3", "nobody", OPENHANDS, D(3), D(0)) == Refusal(D(0))
+    assert store.hold("r2", "alice", OPENHANDS, D(3), D(0)) == InsufficientBalance(D(0))
+    assert store.hold("r3", "nobody", OPENHANDS, D(3), D(0)) == InsufficientBalance(D(0))
     # an empty pool is refused even for a request that costs nothing (a free model)
-    assert store.hold("r4", "alice", OPENHANDS, D(0), D(0)) == Refusal(D(0))
+    assert store.hold("r4", "alice", OPENHANDS, D(0), D(0)) == InsufficientBalance(D(0))
     store.create_user("bob", "sk-bob", {"credits": D(-3), "refCredits": D(0)})  # overdrawn
-    assert store.hold("r5", "bob", OHMYGPT, D(0), D(0)) == Refusal(D(-3))
+    assert store.hold("r5", "bob", OHMYGPT, D(0), D(0)) == InsufficientBalance(D(-3))
     assert store.open_holds(datetime.now(UTC) + timedelta(days=1)) == []
 
 
@@ -233,7 +233,7 @@ def test_hold_many_in_turn(store: Store) -> None:
         ]
     )
     assert isinstance(outcomes[0], Hold) and outcomes[0].amount == D(3)
-    assert outcomes[1] == Refusal(D(2))
+    assert outcomes[1] == InsufficientBalance(D(2))
     assert isinstance(outcomes[2], Hold) and outcomes[2].amount == D(2)
     assert isinstance(outcomes[3], Hold) and outcomes[3].parts == {"credits": D("0.25")}
     assert store.balance("alice", OPENHANDS) == 0 and store.balance("bob", OHMYGPT) == D("0.75")
@@ -337,7 +337,7 @@ def test_whole_float_counters_of_the_original_keep_counting(store: Store) -> Non
 
 def test_settle_refused_request_logs_at_zero(store: Store) -> None:
     alice(store, creditsNew="0")
-    assert isinstance(store.hold("r1", "alice", OPENHANDS, D(1), D(1)), Refusal)
+    assert isinstance(store.hold("r1", "alice", OPENHANDS, D(1), D(1)), InsufficientBalance)
     s = settlement("r1", "0", usage=UsageRecord(source="none"))
     assert store.settle([s]) == [True]
     log = store.log("r1")
@@ -382,7 +382,7 @@ def test_billed_details_round_trip_and_recompute_the_usage(store: Store) -> None
     assert log == s.log
     assert log is not None
     assert (log["webSearchRequests"], log["serviceTier"]) == (3, "priority")
-    assert "cacheImageReadTokens" not in log  # zero: left out, as the original never had it
+    assert "cacheImageReadTokens" not in log  # zero: left out (docs/documents.md: optional classes)
     assert usage_of_log(log) == usage
 
 

@@ -1,4 +1,5 @@
-"""MongoDB only (mongomock): indexes, the TTL, and field types as the original writes them."""
+"""MongoDB only (mongomock): indexes, the TTL, and field types as the original writes them
+(docs/documents.md)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ import pymongo.errors
 import pytest
 from stores import POOLS
 
+from burnmeter.exceptions import DocumentError
+from burnmeter.exceptions import StoreError
 from burnmeter.journal import Journal
 from burnmeter.store.base import USERS
-from burnmeter.store.base import DocumentError
 from burnmeter.store.base import Hold
 from burnmeter.store.base import HoldRequest
 from burnmeter.store.base import Settlement
-from burnmeter.store.base import StoreError
 from burnmeter.store.mongo import MongoStore
 from burnmeter.writer import SettlementWriter
 

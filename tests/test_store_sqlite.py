@@ -11,9 +11,9 @@ import pytest
 from stores import POOLS
 
 from burnmeter.config import Pool
+from burnmeter.exceptions import StoreError
 from burnmeter.store.base import Hold
 from burnmeter.store.base import Settlement
-from burnmeter.store.base import StoreError
 from burnmeter.store.sqlite import SqliteStore
 
 OPENHANDS = POOLS["openhands"]
@@ -31,10 +31,11 @@ def test_columns_and_encodings(tmp_path: Path) -> None:
     store.import_log({"_id": {"$oid": "65a1b2c3d4e5f60718293a4b"}, "creditsCost": 0.25})
     db = sqlite3.connect(tmp_path / "b.db")
     columns = [row[1] for row in db.execute("PRAGMA table_info(usersNew)")]
-    assert columns[:16] == [
+    assert columns[:20] == [
         "_id", "isActive", "role", "apiKey", "credits", "refCredits", "creditsUsed",
         "creditsNew", "creditsNewUsed", "tokensUserNew", "totalInputTokens",
-        "totalOutputTokens", "expiresAt", "expiresAtNew", "createdAt", "extra",
+        "totalOutputTokens", "expiresAt", "expiresAtNew", "createdAt", "purchasedAt",
+        "purchasedAtNew", "lastLoginAt", "apiKeyCreatedAt", "extra",
     ]  # fmt: skip
     assert db.execute("SELECT creditsNew, createdAt, credits FROM usersNew").fetchone() == (
         1_500_000_000,
@@ -199,8 +200,8 @@ def test_a_file_deleted_or_replaced_is_an_outage_until_the_same_file_is_back(
 ) -> None:
     from burnmeter.documents import request_log
     from burnmeter.documents import utcnow
+    from burnmeter.exceptions import StoreError
     from burnmeter.store.base import HoldRequest
-    from burnmeter.store.base import StoreError
 
     path = tmp_path / "b.db"
     store = open_store(path)

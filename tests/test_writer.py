@@ -21,13 +21,13 @@ import pytest
 
 from burnmeter.config import default_config
 from burnmeter.documents import request_log
+from burnmeter.exceptions import StoreError
 from burnmeter.journal import Journal
 from burnmeter.records import UsageRecord
 from burnmeter.store import open_store
 from burnmeter.store.base import Hold
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
-from burnmeter.store.base import StoreError
 from burnmeter.writer import SettlementWriter
 
 POOLS = default_config().pools
@@ -126,19 +126,31 @@ class FlakyStore:
         return getattr(self.inner, name)
 
 
+class RecordingStore:
+    """The real store, recording what each ``settle`` was given and answered."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.seen: list[tuple[str, bool]] = []
+
+    def settle(self, settlements: Iterable[Settlement], *args: Any) -> list[bool]:
+        given = list(settlements)
+        applied = self.inner.settle(given, *args)
+        self.seen += [(s.request_id, a) for s, a in zip(given, applied, strict=True)]
+        return applied
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 def test_applies_in_order_exactly_once(url: str, journal: Journal) -> None:
-    seen: list[tuple[str, bool]] = []
-    writer = SettlementWriter(
-        lambda: make_store(url),
-        journal,
-        batch_size=7,
-        on_applied=lambda s, applied: seen.append((s.request_id, applied)),
-    )
+    recording = RecordingStore(make_store(url))
+    writer = SettlementWriter(lambda: recording, journal, batch_size=7)  # type: ignore[arg-type,return-value]
     writer.start()
     for i in range(50):
         writer.submit(settlement(i))
     assert writer.stop(5) == 0
-    assert seen == [(f"req-{i}", True) for i in range(50)]
+    assert recording.seen == [(f"req-{i}", True) for i in range(50)]
     assert spent(url) == charged(50)
     assert log_count(url) == 50
     assert os.path.getsize(journal.path) == 0
@@ -156,15 +168,11 @@ def test_replay_after_crash_does_not_charge_twice(url: str, journal: Journal) ->
     store = make_store(url)
     store.settle(s for _, s in journal.pending(6))  # applied, checkpoint not advanced
     store.close()
-    seen: dict[str, bool] = {}
-    writer = SettlementWriter(
-        lambda: make_store(url),
-        journal,
-        on_applied=lambda s, applied: seen.__setitem__(s.request_id, applied),
-    )
+    recording = RecordingStore(make_store(url))
+    writer = SettlementWriter(lambda: recording, journal)  # type: ignore[arg-type,return-value]
     writer.start()
     assert writer.stop(5) == 0
-    assert seen == {f"req-{i}": i >= 6 for i in range(10)}
+    assert dict(recording.seen) == {f"req-{i}": i >= 6 for i in range(10)}
     assert spent(url) == charged(10)
     assert log_count(url) == 10
 

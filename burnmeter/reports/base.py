@@ -1,8 +1,9 @@
 """Spend reports: result types and everything that does not depend on the store.
 
 A ``Backend`` answers a few grouped queries (SQL on SQLite, pipelines on MongoDB); the
-``Reports`` class turns them into what the SPEC's "Stats semantics" asks for. Both backends
-attribute a log with no ``creditType`` (legacy, or null) to ``LEGACY_POOL`` themselves.
+``Reports`` class turns them into the reports ``docs/reports.md`` describes. Both backends
+attribute a log with no ``creditType`` (legacy, or null) to the legacy pool they are given
+(``OriginalPools.legacy``) themselves.
 """
 
 from __future__ import annotations
@@ -28,13 +29,35 @@ from burnmeter.periods import bucket_edges
 from burnmeter.periods import bucket_index
 from burnmeter.store.extjson import from_ms
 
-LEGACY_POOL = "ohmygpt"  # logs written before creditType existed billed this pool
-NEW_POOL = "openhands"  # "New Burned"
 BALANCE_FIELDS = {
     "total_credits": "credits",
     "total_ref_credits": "refCredits",
     "total_creditsNew": "creditsNew",
 }
+"""The summary's balance totals: each sums one usersNew field, whichever pool spends it."""
+BURNED_COUNTER = "creditsUsed"
+NEW_BURNED_COUNTER = "creditsNewUsed"
+NO_POOL = "legacy"
+"""Where logs without ``creditType`` are reported when no configured pool counts
+``creditsUsed`` (the counter of the pool the original billed before it wrote the field)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OriginalPools:
+    """The pools the original's summary fields stand for, found in the config by the usersNew
+    counter each one charges (``docs/reports.md``): "Burned" (``total_credits_used``) is the
+    pool counting ``creditsUsed``, plus the logs without ``creditType``; "New Burned"
+    (``total_creditsNewUsed``) the pool counting ``creditsNewUsed``."""
+
+    legacy: str
+    new: str | None
+
+    @classmethod
+    def of(cls, pools: Mapping[str, Pool]) -> OriginalPools:
+        def counting(counter: str) -> str | None:
+            return next((name for name, p in pools.items() if p.used == counter), None)
+
+        return cls(legacy=counting(BURNED_COUNTER) or NO_POOL, new=counting(NEW_BURNED_COUNTER))
 
 
 # -- what a backend answers ---------------------------------------------------------------
@@ -119,7 +142,7 @@ class Backend(ABC):
 
     @abstractmethod
     def billing_tokens(self, window: Window) -> int:
-        """Σ ``tokensUsed`` (the original's billing tokens) of the logs in the window."""
+        """Σ ``tokensUsed`` (billing tokens, ``docs/routing.md``) of the logs in the window."""
 
     @abstractmethod
     def last_activity(self, window: Window) -> dict[str, datetime]:
@@ -143,23 +166,25 @@ class Summary:
     success_rate: float | None  # percent of requests with isSuccess; None without requests
     avg_latency_ms: int | None  # rounded; None without a logged latency
     active_users: int
+    original_pools: OriginalPools
 
     @property
     def burned(self) -> Decimal:
-        """ "Burned": the ohmygpt pool, legacy logs included."""
-        return self.burned_by_pool.get(LEGACY_POOL, ZERO)
+        """ "Burned": the legacy pool, logs without ``creditType`` included."""
+        return self.burned_by_pool.get(self.original_pools.legacy, ZERO)
 
     @property
     def new_burned(self) -> Decimal:
-        """ "New Burned": the openhands pool only."""
-        return self.burned_by_pool.get(NEW_POOL, ZERO)
+        """ "New Burned": the pool counting ``creditsNewUsed`` only."""
+        new = self.original_pools.new
+        return self.burned_by_pool.get(new, ZERO) if new is not None else ZERO
 
     @property
     def total_burned(self) -> Decimal:
         return sum(self.burned_by_pool.values(), ZERO)
 
     def as_dict(self) -> dict[str, Any]:
-        """The SPEC's summary fields, in its order."""
+        """The summary's fields (the original's names), in its order (``docs/reports.md``)."""
         return {
             "total_users": self.total_users,
             **self.balances,
@@ -181,7 +206,7 @@ class Summary:
 
 @dataclass(frozen=True, slots=True)
 class Metrics:
-    """The original's request metrics over a window."""
+    """The original admin API's request metrics over a window (README, "The admin dashboard")."""
 
     window: Window
     requests: int
@@ -281,6 +306,7 @@ class Reports:
             success_rate=_success_rate(usage),
             avg_latency_ms=_avg_latency(usage),
             active_users=active,
+            original_pools=OriginalPools.of(self.pools),
         )
 
     def metrics(self, window: Window) -> Metrics:

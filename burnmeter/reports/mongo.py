@@ -17,10 +17,10 @@ from typing import Any
 
 from burnmeter.config import Pool
 from burnmeter.money import ZERO
+from burnmeter.money import amount_of
 from burnmeter.money import to_decimal
 from burnmeter.periods import SLOT_MS
 from burnmeter.periods import Window
-from burnmeter.reports.base import LEGACY_POOL
 from burnmeter.reports.base import Backend
 from burnmeter.reports.base import ModelUsage
 from burnmeter.reports.base import PoolUsage
@@ -29,8 +29,6 @@ from burnmeter.reports.base import UserUsage
 from burnmeter.store.base import LOGS
 from burnmeter.store.base import USERS
 from burnmeter.store.extjson import EPOCH
-
-POOL = {"$ifNull": ["$creditType", LEGACY_POOL]}
 
 
 def _sum(field: str) -> dict[str, Any]:
@@ -42,7 +40,7 @@ def _count_if(condition: dict[str, Any]) -> dict[str, Any]:
 
 
 WITH_USER = {"$match": {"userId": {"$ne": None}}}
-"""Logs that belong to a user: the original wrote none for its own operator key (as SQL's
+"""Logs that belong to a user (``docs/documents.md``): the original wrote none for its own operator key (as SQL's
 COUNT(DISTINCT) and the SQLite reports skip NULL)."""
 
 
@@ -56,20 +54,16 @@ def _match(window: Window | None) -> dict[str, Any]:
     return {"$match": {"createdAt": bounds}}
 
 
-def _number(value: Any) -> Decimal:
-    if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
-        return to_decimal(value)
-    return ZERO
-
-
 def _balance(pool: Pool) -> dict[str, Any]:
     return {"$add": [{"$ifNull": [f"${f}", 0]} for f in pool.balance]}
 
 
 class MongoReports(Backend):
-    def __init__(self, db: Any) -> None:
+    def __init__(self, db: Any, legacy_pool: str) -> None:
         self.users = db[USERS]
         self.logs = db[LOGS]
+        self.pool = {"$ifNull": ["$creditType", legacy_pool]}
+        """A log's pool: legacy logs (no ``creditType``) count as the legacy pool."""
 
     def population(self, fields: Sequence[str]) -> tuple[int, dict[str, Decimal]]:
         group = {"_id": None, "n": {"$sum": 1}} | {f: _sum(f) for f in fields}
@@ -94,13 +88,15 @@ class MongoReports(Backend):
         """A field that holds no number counts 0, as ``$sum`` counts it in ``population``."""
         projection = {f: 1 for p in pools for f in p.balance}
         return {
-            doc["_id"]: {p.name: sum((_number(doc.get(f)) for f in p.balance), ZERO) for p in pools}
+            doc["_id"]: {
+                p.name: sum((amount_of(doc.get(f)) for f in p.balance), ZERO) for p in pools
+            }
             for doc in self.users.find({}, projection)
         }
 
     def pool_usage(self, window: Window) -> list[PoolUsage]:
         group = {
-            "_id": POOL,
+            "_id": self.pool,
             "cost": _sum("creditsCost"),
             "input": _sum("inputTokens"),
             "output": _sum("outputTokens"),
@@ -131,7 +127,7 @@ class MongoReports(Backend):
     def user_usage(self, window: Window | None, user: str | None = None) -> list[UserUsage]:
         who = WITH_USER if user is None else {"$match": {"userId": user}}
         group = {
-            "_id": {"user": "$userId", "pool": POOL},
+            "_id": {"user": "$userId", "pool": self.pool},
             "cost": _sum("creditsCost"),
             "input": _sum("inputTokens"),
             "output": _sum("outputTokens"),
@@ -175,7 +171,7 @@ class MongoReports(Backend):
     def slot_costs(self, window: Window) -> list[SlotCost]:
         ms = {"$subtract": ["$createdAt", EPOCH]}
         slot = {"$subtract": [ms, {"$mod": [ms, SLOT_MS]}]}
-        group = {"_id": {"slot": slot, "pool": POOL}, "cost": _sum("creditsCost")}
+        group = {"_id": {"slot": slot, "pool": self.pool}, "cost": _sum("creditsCost")}
         return [
             SlotCost(int(d["_id"]["slot"]), d["_id"]["pool"], to_decimal(d["cost"]))
             for d in self.logs.aggregate([_match(window), {"$group": group}])

@@ -19,7 +19,6 @@ from burnmeter.config import Pool
 from burnmeter.money import from_nanos
 from burnmeter.periods import SLOT_MS
 from burnmeter.periods import Window
-from burnmeter.reports.base import LEGACY_POOL
 from burnmeter.reports.base import Backend
 from burnmeter.reports.base import ModelUsage
 from burnmeter.reports.base import PoolUsage
@@ -29,7 +28,8 @@ from burnmeter.store.base import LOGS
 from burnmeter.store.base import USERS
 from burnmeter.store.extjson import from_ms
 
-POOL = f"COALESCE(creditType, '{LEGACY_POOL}')"
+POOL = "COALESCE(creditType, :legacy)"
+"""A log's pool: legacy logs (no ``creditType``) count as the legacy pool."""
 
 
 def _q(name: str) -> str:
@@ -42,14 +42,15 @@ def _balance(pool: Pool) -> str:
 
 
 class SqliteReports(Backend):
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, legacy_pool: str) -> None:
         self.conn = conn
+        self.legacy_pool = legacy_pool
 
     def _rows(
         self, sql: str, window: Window | None = None, params: dict[str, Any] | None = None
     ) -> list[Any]:
         """Runs ``sql``; ``{where}`` in it becomes the window's bounds on ``createdAt``."""
-        params = dict(params or {})
+        params = {"legacy": self.legacy_pool, **(params or {})}
         where = "1"
         if window is not None:
             params["end"] = window.end_ms

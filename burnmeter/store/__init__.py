@@ -7,16 +7,13 @@ from collections.abc import Mapping
 
 from burnmeter.config import DEFAULT_DB_URL
 from burnmeter.config import Pool
+from burnmeter.exceptions import StoreMissing
+from burnmeter.exceptions import StoreURLError
 from burnmeter.store.base import Store
-from burnmeter.store.base import StoreMissing
 
 ENV_DB = "BURNMETER_DB"
 
 __all__ = ["ENV_DB", "StoreMissing", "StoreURLError", "open_store", "resolve_url", "sqlite_path"]
-
-
-class StoreURLError(ValueError):
-    pass
 
 
 def resolve_url(explicit: str | None, config_db: str | None = None) -> str:
@@ -36,13 +33,20 @@ def sqlite_path(url: str) -> str | None:
 
 
 def open_store(
-    url: str, pools: Mapping[str, Pool], *, read_only: bool = False, create: bool = True
+    url: str,
+    pools: Mapping[str, Pool],
+    *,
+    read_only: bool = False,
+    create: bool = True,
+    durable: bool = False,
 ) -> Store:
     """The store at ``url``.
 
     ``read_only``: the store must exist (else ``StoreMissing``), and nothing is written to
     it, not even an index (a read-only SQLite file works). ``create=False``: a writable store
-    that must exist. The caller runs ``ensure_schema`` on a store it writes to."""
+    that must exist. ``durable``: a SQLite commit survives a power cut (synchronous=FULL);
+    a MongoDB store's durability is its URL's write concern (``w=majority&journal=true``).
+    The caller runs ``ensure_schema`` on a store it writes to."""
     path = sqlite_path(url)
     if path is not None:
         from burnmeter.store.sqlite import SqliteStore
@@ -51,7 +55,7 @@ def open_store(
             raise StoreMissing(
                 f"{path}: no such store (`burnmeter accounts create` or `import` makes one)"
             )
-        return SqliteStore(path, pools, read_only=read_only)
+        return SqliteStore(path, pools, read_only=read_only, durable=durable)
     if url.startswith(("mongodb://", "mongodb+srv://")):
         from burnmeter.store.mongo import MongoStore
 

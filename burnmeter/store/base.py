@@ -1,6 +1,6 @@
 """The store interface both backends implement (SQLite embedded, MongoDB production).
 
-Documents are exchanged as MongoDB-shaped dicts with the SPEC's field names: money as
+Documents are exchanged as MongoDB-shaped dicts with the field names of ``docs/documents.md``: money as
 ``Decimal`` USD, dates as timezone-aware UTC ``datetime``. A field missing from a stored
 document is missing from the dict too.
 
@@ -23,35 +23,17 @@ from decimal import Decimal
 from typing import Any
 from typing import Literal
 
+from burnmeter import schema
 from burnmeter.config import Pool
+from burnmeter.exceptions import DocumentError
+from burnmeter.exceptions import StoreError
 
 Document = dict[str, Any]
 ImportOutcome = Literal["added", "skipped"]
 
-USERS = "usersNew"
-KEYS = "user_keys"
-LOGS = "request_logs"
-
-MONEY_FIELDS = ("credits", "refCredits", "creditsUsed", "creditsNew", "creditsNewUsed")
-TOKEN_FIELDS = ("tokensUserNew", "totalInputTokens", "totalOutputTokens")
-DATE_FIELDS = ("expiresAt", "expiresAtNew", "createdAt")
-
-
-class StoreError(RuntimeError):
-    """The store cannot be reached or is not answering (an outage, not a user error)."""
-
-
-class StoreMissing(StoreError):
-    """There is no store where the URL points (opened without creating it)."""
-
-
-class UserExists(ValueError):
-    """``create_user`` for a user id that is taken."""
-
-
-class DocumentError(ValueError):
-    """The store answered, but cannot apply an operation to one document (e.g. a legacy
-    field holding a string): not an outage, and retrying will not help."""
+USERS = schema.USER.name
+KEYS = schema.KEY.name
+LOGS = schema.REQUEST_LOG.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +63,7 @@ class Hold:
 
 
 @dataclass(frozen=True, slots=True)
-class Refusal:
+class InsufficientBalance:
     """A hold that could not be made: the pool's balance right now."""
 
     balance: Decimal
@@ -98,7 +80,7 @@ class HoldRequest:
     minimum: Decimal
 
 
-HoldOutcome = Hold | Refusal | StoreError | DocumentError
+HoldOutcome = Hold | InsufficientBalance | StoreError | DocumentError
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +114,7 @@ class Store(ABC):
     # -- set-up -------------------------------------------------------------------------
     @abstractmethod
     def ensure_schema(self, log_ttl_days: int | None) -> None:
-        """Create tables/collections and the SPEC's indexes. Never deletes a log itself;
+        """Create tables/collections and the indexes of ``docs/documents.md``. Never deletes a log itself;
         a backend with a TTL index sets it to ``log_ttl_days`` (0 = keep forever, None =
         leave it as it is: only the proxy's config sets retention)."""
 
@@ -183,7 +165,7 @@ class Store(ABC):
     @abstractmethod
     def hold(
         self, request_id: str, user_id: str, pool: Pool, amount: Decimal, minimum: Decimal
-    ) -> Hold | Refusal:
+    ) -> Hold | InsufficientBalance:
         """Atomically set aside ``amount`` from the pool, spending its fields in order.
 
         If the balance is short of ``amount`` but covers ``minimum`` (and is > 0), hold what

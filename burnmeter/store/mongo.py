@@ -1,4 +1,5 @@
-"""The production store: MongoDB, with the original's collections, field names and types.
+"""The production store: MongoDB, with the original's collections, field names and types
+(``docs/documents.md``).
 
 Money is stored as doubles (the rounded Decimal converted once), counts as ints, dates as
 BSON dates; documents are read back as Decimal and aware UTC datetimes.
@@ -37,36 +38,37 @@ from pymongo.errors import PyMongoError
 from pymongo.errors import ServerSelectionTimeoutError
 from pymongo.errors import WTimeoutError
 
+from burnmeter import schema
 from burnmeter.config import Pool
 from burnmeter.documents import utcnow
+from burnmeter.exceptions import DocumentError
+from burnmeter.exceptions import StoreError
+from burnmeter.exceptions import StoreMissing
+from burnmeter.exceptions import UserExists
 from burnmeter.money import ZERO
+from burnmeter.money import is_number
 from burnmeter.money import to_decimal
 from burnmeter.money import to_float
 from burnmeter.store import extjson
 from burnmeter.store import rules
 from burnmeter.store.base import KEYS
 from burnmeter.store.base import LOGS
-from burnmeter.store.base import MONEY_FIELDS
 from burnmeter.store.base import USERS
 from burnmeter.store.base import Document
-from burnmeter.store.base import DocumentError
 from burnmeter.store.base import Hold
 from burnmeter.store.base import ImportOutcome
+from burnmeter.store.base import InsufficientBalance
 from burnmeter.store.base import KeyOwner
-from burnmeter.store.base import Refusal
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
-from burnmeter.store.base import StoreError
-from burnmeter.store.base import StoreMissing
-from burnmeter.store.base import UserExists
 from burnmeter.store.base import committed
 
 DEFAULT_DB = "fproxy"
-HOLDS = "burnmeterHolds"
-SETTLED = "burnmeterSettled"
-LOG_MONEY = frozenset({"creditsCost"})
+HOLDS = schema.HOLDS_FIELD
+SETTLED = schema.SETTLED_FIELD
+LOG_MONEY = frozenset(schema.REQUEST_LOG.named("money"))
 ATTEMPTS = 20
-TTL_KEY = [("createdAt", pymongo.ASCENDING)]  # {createdAt: -1} is the SPEC's plain index
+TTL_KEY = [("createdAt", pymongo.ASCENDING)]  # {createdAt: -1} is a plain index (docs/documents.md)
 SERVER_TIMEOUT_MS = 3000
 """How long a call waits for an unreachable server, unless the URL's
 ``serverSelectionTimeoutMS`` says otherwise."""
@@ -122,21 +124,17 @@ def _bson(value: Any) -> Any:
 
 
 def _to_bson(doc: Mapping[str, Any], money: Collection[str]) -> Document:
-    """Money fields as doubles, the way the original writes them."""
+    """Money fields as doubles, the way the original writes them (``docs/documents.md``)."""
     return {
         k: to_float(v) if k in money and isinstance(v, Decimal) else _bson(v)
         for k, v in doc.items()
     }
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float | Decimal) and not isinstance(value, bool)
-
-
 def _from_bson(doc: Mapping[str, Any], money: Collection[str]) -> Document:
     out = extjson.python({k: v for k, v in doc.items() if k not in (HOLDS, SETTLED)})
     for k in money:
-        if _is_number(out.get(k)):
+        if is_number(out.get(k)):
             out[k] = to_decimal(out[k])
     return out
 
@@ -165,7 +163,7 @@ class MongoStore(Store):
         super().__init__(pools)
         self.db = db
         self._client = client
-        self.money = set(MONEY_FIELDS)
+        self.money = set(schema.USER.named("money"))
         for pool in self.pools.values():
             self.money.update([*pool.balance, pool.used])
 
@@ -211,7 +209,7 @@ class MongoStore(Store):
     # -- set-up -------------------------------------------------------------------------
     @_guarded
     def ensure_schema(self, log_ttl_days: int | None) -> None:
-        """Creates the SPEC's indexes unless an index on the same keys exists (the original's
+        """Creates the indexes of ``docs/documents.md`` unless an index on the same keys exists (the original's
         mongoose indexes, e.g. the unique sparse ``apiKey_1``, are kept as they are).
 
         The TTL index is ``{createdAt: 1}``, the one mongoose's ``expires`` created, so that
@@ -340,24 +338,24 @@ class MongoStore(Store):
     @_guarded
     def hold(
         self, request_id: str, user_id: str, pool: Pool, amount: Decimal, minimum: Decimal
-    ) -> Hold | Refusal:
+    ) -> Hold | InsufficientBalance:
         path = _request_path(HOLDS, request_id)
         users = self.db[USERS]
         for _ in range(ATTEMPTS):
             doc = users.find_one({"_id": user_id}, projection=[*pool.balance, path])
             if doc is None:
-                return Refusal(ZERO)
+                return InsufficientBalance(ZERO)
             if request_id in doc.get(HOLDS, {}):
                 raise ValueError(f"request {request_id!r} already holds")
             for name in pool.balance:
                 value = doc.get(name)
-                if not (value is None or _is_number(value) or isinstance(value, Decimal128)):
+                if not (value is None or is_number(value) or isinstance(value, Decimal128)):
                     # a string, say: the update's filter could never match it
                     raise DocumentError(f"user {user_id!r}: {name} is not a number")
             balances = {name: to_decimal(doc.get(name)) for name in pool.balance}
             parts = rules.split_hold(balances, amount, minimum)
             if parts is None:
-                return Refusal(sum(balances.values(), ZERO))
+                return InsufficientBalance(sum(balances.values(), ZERO))
             now = extjson.utc(utcnow())
             query: Document = {"_id": user_id, path: {"$exists": False}}
             query |= {name: _guard(doc.get(name), part) for name, part in parts.items()}

@@ -50,7 +50,8 @@ def find_key(key: str, key_doc: Lookup, user: Lookup, user_by_api_key: Lookup) -
         )
         if found.key_expires_at is None or found.key_expires_at > utcnow():
             return found
-        # The original's payment keys expire with their package, and it then deleted them:
+        # The original's payment keys expire with their package, and it then deleted them
+        # (docs/documents.md, user_keys):
         # the same key may still be the user's usersNew.apiKey, for pools still valid.
         expired = found
     owner = user_by_api_key(key)

@@ -1,8 +1,9 @@
 """The embedded store: one SQLite file in WAL mode, shared by the proxy and the CLI.
 
-Tables mirror the MongoDB collections, with the documents' field names as column names:
-money is INTEGER nano-USD, dates are INTEGER epoch milliseconds UTC, booleans 0/1, and
-NULL means the field is missing. A field without a column, or whose value does not fit
+Tables mirror the MongoDB collections, with the documents' field names as column names and
+types from their kinds (``burnmeter/schema.py``, ``docs/formats.md``): money is INTEGER
+nano-USD, dates are INTEGER epoch milliseconds UTC, booleans 0/1, and NULL means the field is
+missing. A field without a column, or whose value does not fit
 its column's type (a null, say), is kept as Extended JSON in ``extra``.
 
 Every write runs in ``BEGIN IMMEDIATE``: SQLite's single write lock makes each
@@ -37,85 +38,44 @@ from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from typing import Literal
 
+from burnmeter import schema
 from burnmeter.config import Pool
-from burnmeter.documents import BILLED_DETAIL_FIELDS
 from burnmeter.documents import utcnow
+from burnmeter.exceptions import StoreError
+from burnmeter.exceptions import UserExists
 from burnmeter.money import ZERO
 from burnmeter.money import from_nanos
+from burnmeter.money import is_number
 from burnmeter.money import to_nanos
+from burnmeter.schema import SQLITE_TYPES
+from burnmeter.schema import Kind
 from burnmeter.store import extjson
 from burnmeter.store import rules
-from burnmeter.store.base import DATE_FIELDS
 from burnmeter.store.base import KEYS
 from burnmeter.store.base import LOGS
-from burnmeter.store.base import MONEY_FIELDS
-from burnmeter.store.base import TOKEN_FIELDS
 from burnmeter.store.base import USERS
 from burnmeter.store.base import Document
 from burnmeter.store.base import Hold
 from burnmeter.store.base import HoldOutcome
 from burnmeter.store.base import HoldRequest
 from burnmeter.store.base import ImportOutcome
+from burnmeter.store.base import InsufficientBalance
 from burnmeter.store.base import KeyOwner
-from burnmeter.store.base import Refusal
 from burnmeter.store.base import Settlement
 from burnmeter.store.base import Store
-from burnmeter.store.base import StoreError
-from burnmeter.store.base import UserExists
 from burnmeter.store.base import committed
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["money", "int", "date", "bool", "text"]
 Columns = Mapping[str, Kind]
 
-USER_COLUMNS: dict[str, Kind] = {
-    "isActive": "bool",
-    "role": "text",
-    "apiKey": "text",
-    **dict.fromkeys(MONEY_FIELDS, "money"),
-    **dict.fromkeys(TOKEN_FIELDS, "int"),
-    **dict.fromkeys(DATE_FIELDS, "date"),
-}
-KEY_COLUMNS: dict[str, Kind] = {
-    "name": "text",
-    "isActive": "bool",
-    "expiresAt": "date",
-    "tokensUsed": "int",
-    "requestsCount": "int",
-    "lastUsedAt": "date",
-    "createdAt": "date",
-}
-LOG_COLUMNS: dict[str, Kind] = {
-    "userId": "text",
-    "userKeyId": "text",
-    "model": "text",
-    "inputTokens": "int",
-    "outputTokens": "int",
-    "cacheWriteTokens": "int",
-    "cacheHitTokens": "int",
-    "reasoningTokens": "int",
-    "creditsCost": "money",
-    "creditType": "text",
-    "tokensUsed": "int",
-    "statusCode": "int",
-    "latencyMs": "int",
-    "ttftMs": "int",
-    "isSuccess": "bool",
-    "createdAt": "date",
-    "host": "text",
-    "upstream": "text",
-    "path": "text",
-    "stream": "bool",
-    "usageSource": "text",
-    **{name: "text" if name == "serviceTier" else "int" for name in BILLED_DETAIL_FIELDS},
-    "routeMultiplier": "text",
-}
+USER_COLUMN_KINDS = schema.USER.columns()
+KEY_COLUMN_KINDS = schema.KEY.columns()
+LOG_COLUMN_KINDS = schema.REQUEST_LOG.columns()
 HOLDS = "holds"
 
-# The log indexes lead with the SPEC's keys and carry the columns the stats reports sum,
+# The log indexes lead with the keys of docs/documents.md and carry the columns the stats reports sum,
 # so that a report over a window reads the index alone.
 INDEXES = (
     f"CREATE INDEX IF NOT EXISTS {USERS}_apiKey ON {USERS}(apiKey)",
@@ -134,12 +94,12 @@ _LOST_FILES: set[str] = set()
 def _cell(kind: Kind, value: Any) -> Any:
     """The column value for a field, or None when the value does not fit the column."""
     match kind:
-        case "money" if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+        case "money" if is_number(value):
             return to_nanos(value)
         case "int" if isinstance(value, int) and not isinstance(value, bool):
             return int(value)
         case "int" if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
-            # the original's counters are JavaScript numbers: mongoexport may write 3000000000.0;
+            # the original's counters are JavaScript numbers (docs/documents.md): mongoexport may write 3000000000.0;
             # kept aside, it would hide the column that settlements count up and reports sum
             return int(value)
         case "date" if isinstance(value, datetime):
@@ -204,13 +164,21 @@ def _names(columns: Iterable[str]) -> str:
 
 class SqliteStore(Store):
     def __init__(
-        self, path: str | os.PathLike[str], pools: Mapping[str, Pool], *, read_only: bool = False
+        self,
+        path: str | os.PathLike[str],
+        pools: Mapping[str, Pool],
+        *,
+        read_only: bool = False,
+        durable: bool = False,
     ) -> None:
         """``read_only``: opened with ``mode=ro`` (the file must exist; a read-only file
-        works), and a pool column the file lacks reads as a missing field."""
+        works), and a pool column the file lacks reads as a missing field. ``durable``: each
+        commit is synced (synchronous=FULL), so it survives a power cut; WAL's NORMAL keeps
+        the file consistent but may lose the last commits."""
         super().__init__(pools)
         self.path = os.fspath(path)
         self.read_only = read_only
+        self.durable = durable
         pool_columns: dict[str, Kind] = {}
         for pool in self.pools.values():
             pool_columns |= dict.fromkeys([*pool.balance, pool.used], "money")
@@ -218,7 +186,7 @@ class SqliteStore(Store):
                 pool_columns[pool.tokens] = "int"
             if pool.expires:
                 pool_columns[pool.expires] = "date"
-        self.user_columns: dict[str, Kind] = pool_columns | USER_COLUMNS
+        self.user_columns: dict[str, Kind] = pool_columns | USER_COLUMN_KINDS
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
@@ -287,7 +255,7 @@ class SqliteStore(Store):
             self.user_columns = {n: k for n, k in self.user_columns.items() if n in present}
         else:
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
         return conn
 
     def _read(
@@ -340,32 +308,27 @@ class SqliteStore(Store):
     def ensure_schema(self, log_ttl_days: int | None) -> None:
         """Tables and indexes. SQLite has no TTL: the proxy's writer purges old logs."""
         with self._write() as conn:
-            for table, columns in (
-                (USERS, USER_COLUMNS),
-                (KEYS, KEY_COLUMNS),
-                (LOGS, LOG_COLUMNS),
+            for table, created, columns in (
+                (USERS, USER_COLUMN_KINDS, self.user_columns),  # pool columns come after extra
+                (KEYS, KEY_COLUMN_KINDS, KEY_COLUMN_KINDS),
+                (LOGS, LOG_COLUMN_KINDS, LOG_COLUMN_KINDS),
             ):
-                defs = ", ".join(
-                    f'"{name}" {"TEXT" if kind == "text" else "INTEGER"}'
-                    for name, kind in columns.items()
-                )
+                defs = ", ".join(f'"{name}" {SQLITE_TYPES[kind]}' for name, kind in created.items())
                 conn.execute(
                     f"CREATE TABLE IF NOT EXISTS {table}(_id TEXT PRIMARY KEY, {defs}, extra TEXT)"
                 )
+                # the migration: a store written before a field existed gets its column (its
+                # rows read NULL: missing)
+                existing = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns.items():
+                    if name not in existing:
+                        conn.execute(
+                            f'ALTER TABLE {table} ADD COLUMN "{name}" {SQLITE_TYPES[kind]}'
+                        )
             conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {HOLDS}(_id TEXT PRIMARY KEY, userId TEXT,"
                 " pool TEXT, parts TEXT, createdAt INTEGER)"
             )
-            existing = {row["name"] for row in conn.execute(f"PRAGMA table_info({USERS})")}
-            for name in self.user_columns:
-                if name not in existing:
-                    conn.execute(f'ALTER TABLE {USERS} ADD COLUMN "{name}" INTEGER')
-            # a store written before a log column existed gets it (its rows read NULL: absent)
-            existing = {row["name"] for row in conn.execute(f"PRAGMA table_info({LOGS})")}
-            for name, kind in LOG_COLUMNS.items():
-                if name not in existing:
-                    sql_type = "TEXT" if kind == "text" else "INTEGER"
-                    conn.execute(f'ALTER TABLE {LOGS} ADD COLUMN "{name}" {sql_type}')
             for sql in INDEXES:
                 conn.execute(sql)
 
@@ -416,7 +379,7 @@ class SqliteStore(Store):
     def find_key(self, key: str) -> KeyOwner | None:
         return rules.find_key(
             key,
-            key_doc=lambda key_id: self._one(KEYS, KEY_COLUMNS, "_id", key_id),
+            key_doc=lambda key_id: self._one(KEYS, KEY_COLUMN_KINDS, "_id", key_id),
             user=self.user,
             user_by_api_key=lambda k: self._one(USERS, self.user_columns, "apiKey", k),
         )
@@ -437,7 +400,7 @@ class SqliteStore(Store):
         with self._write() as conn:
             if not self._insert(conn, USERS, _row(user, self.user_columns)):
                 raise UserExists(f"user {user_id!r} exists")
-            if not self._insert(conn, KEYS, _row(key, KEY_COLUMNS)):
+            if not self._insert(conn, KEYS, _row(key, KEY_COLUMN_KINDS)):
                 raise UserExists(f"key {key_doc_id!r} exists")
 
     def topup(self, user_id: str, field_name: str, amount: Decimal) -> Decimal:
@@ -464,7 +427,7 @@ class SqliteStore(Store):
                 f"UPDATE {KEYS} SET isActive = 0 WHERE name = ? AND COALESCE(isActive, 1)",
                 (user_id,),
             ).rowcount
-            if not self._insert(conn, KEYS, _row(key, KEY_COLUMNS)):
+            if not self._insert(conn, KEYS, _row(key, KEY_COLUMN_KINDS)):
                 raise UserExists(f"key {key_doc_id!r} exists")
         return stopped
 
@@ -487,7 +450,7 @@ class SqliteStore(Store):
     # -- metering -----------------------------------------------------------------------
     def hold(
         self, request_id: str, user_id: str, pool: Pool, amount: Decimal, minimum: Decimal
-    ) -> Hold | Refusal:
+    ) -> Hold | InsufficientBalance:
         with self._write() as conn:
             return self._hold(conn, HoldRequest(request_id, user_id, pool, amount, minimum))
 
@@ -499,13 +462,13 @@ class SqliteStore(Store):
         except StoreError as e:
             return [e] * len(requests)
 
-    def _hold(self, conn: sqlite3.Connection, r: HoldRequest) -> Hold | Refusal:
+    def _hold(self, conn: sqlite3.Connection, r: HoldRequest) -> Hold | InsufficientBalance:
         balances = self._balances(r.user_id, r.pool, conn)
         if balances is None:
-            return Refusal(ZERO)
+            return InsufficientBalance(ZERO)
         parts = rules.split_hold(balances, r.amount, r.minimum)
         if parts is None:
-            return Refusal(sum(balances.values(), ZERO))
+            return InsufficientBalance(sum(balances.values(), ZERO))
         self._add(conn, r.user_id, {name: -part for name, part in parts.items()})
         now = extjson.utc(utcnow())
         conn.execute(
@@ -535,7 +498,7 @@ class SqliteStore(Store):
 
     def _settle(self, conn: sqlite3.Connection, s: Settlement, now: datetime) -> bool:
         # the log first: a request id that is already logged was settled (same transaction)
-        if not self._insert(conn, LOGS, _row({**s.log, "_id": s.request_id}, LOG_COLUMNS)):
+        if not self._insert(conn, LOGS, _row({**s.log, "_id": s.request_id}, LOG_COLUMN_KINDS)):
             return False
         row = conn.execute(
             f"DELETE FROM {HOLDS} WHERE _id = ? RETURNING parts", (s.request_id,)
@@ -588,18 +551,18 @@ class SqliteStore(Store):
 
     # -- request logs -------------------------------------------------------------------
     def log(self, request_id: str) -> Document | None:
-        return self._one(LOGS, LOG_COLUMNS, "_id", request_id)
+        return self._one(LOGS, LOG_COLUMN_KINDS, "_id", request_id)
 
     def logs(self, limit: int, user_id: str | None = None) -> list[Document]:
         where, params = ("WHERE userId = ?", [user_id]) if user_id is not None else ("", [])
         tail = "ORDER BY createdAt DESC, _id DESC LIMIT ?"
-        return self._find(LOGS, LOG_COLUMNS, where, [*params, limit], tail)
+        return self._find(LOGS, LOG_COLUMN_KINDS, where, [*params, limit], tail)
 
     def logs_between(self, start: datetime | None, end: datetime) -> Iterator[Document]:
         where, params = "WHERE createdAt < ?", [extjson.to_ms(end)]
         if start is not None:
             where, params = f"{where} AND createdAt >= ?", [*params, extjson.to_ms(start)]
-        yield from self._find(LOGS, LOG_COLUMNS, where, params, "ORDER BY createdAt, _id")
+        yield from self._find(LOGS, LOG_COLUMN_KINDS, where, params, "ORDER BY createdAt, _id")
 
     def count_logs(self, before: datetime) -> int:
         rows = self._read(
@@ -633,4 +596,4 @@ class SqliteStore(Store):
         return self._import(USERS, self.user_columns, doc)
 
     def import_log(self, doc: Document) -> ImportOutcome:
-        return self._import(LOGS, LOG_COLUMNS, doc)
+        return self._import(LOGS, LOG_COLUMN_KINDS, doc)

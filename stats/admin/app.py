@@ -1,4 +1,5 @@
-"""The admin web surface: the original's JSON endpoints under ``/admin/…`` and the dashboard.
+"""The admin web surface: the original admin API's JSON endpoints under ``/admin/…`` (README,
+"The admin dashboard") and the dashboard.
 
 Read-only over the store it is given. Every request needs the admin token: an
 ``Authorization: Bearer`` header, or the session cookie the browser gets by opening
@@ -35,25 +36,25 @@ from flask import stream_with_context
 from flask import url_for
 from werkzeug.exceptions import HTTPException
 
+from burnmeter.exceptions import PeriodError
+from burnmeter.exceptions import StoreError
 from burnmeter.periods import ALL
 from burnmeter.periods import BUCKETS
 from burnmeter.periods import PERIODS
 from burnmeter.periods import Bucket
-from burnmeter.periods import PeriodError
 from burnmeter.periods import Window
 from burnmeter.periods import requested_window
 from burnmeter.reports import reports_for
-from burnmeter.reports.base import LEGACY_POOL
-from burnmeter.reports.base import NEW_POOL
+from burnmeter.reports.base import OriginalPools
 from burnmeter.reports.base import Reports
 from burnmeter.store.base import Store
-from burnmeter.store.base import StoreError
 from stats.admin import chart
 from stats.admin import formats
 from stats.admin import payloads
+from stats.exceptions import BadQuery
 from stats.output import plain
 
-DASHBOARD_PERIOD = "8h"  # the original dashboard's default
+DASHBOARD_PERIOD = "8h"  # the original dashboard's default (README, "The admin dashboard")
 API_PERIOD = "24h"  # the CLI's default
 TOP_USERS = 10
 REFRESH_SECONDS = 30
@@ -69,14 +70,6 @@ SECURITY_HEADERS = {
 
 ZONES = sorted(available_timezones())  # the zone field's suggestions
 log = logging.getLogger("burnmeter.serve")
-
-
-class BadQuery(Exception):
-    """A query parameter the reports cannot take: answered 400 with ``body``."""
-
-    def __init__(self, body: dict[str, Any]) -> None:
-        super().__init__(body["error"])
-        self.body = body
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +249,7 @@ class _Reports:
         return self.workers.submit(lambda: job(reports_for(self.store), self.window))
 
 
-def _cards(summary: dict[str, Any]) -> list[Card]:
+def _cards(summary: dict[str, Any], original: OriginalPools) -> list[Card]:
     by_pool = [
         Card(f"Burned · {pool}", f"burned_by_pool.{pool}", formats.money(amount))
         for pool, amount in summary["burned_by_pool"].items()
@@ -266,13 +259,13 @@ def _cards(summary: dict[str, Any]) -> list[Card]:
             "Burned",
             "total_credits_used",
             formats.money(summary["total_credits_used"]),
-            f"{LEGACY_POOL} pool, legacy logs included",
+            f"{original.legacy} pool, legacy logs included",
         ),
         Card(
             "New Burned",
             "total_creditsNewUsed",
             formats.money(summary["total_creditsNewUsed"]),
-            f"{NEW_POOL} pool",
+            f"{original.new or 'no'} pool",
         ),
         Card("Burned, all pools", "total_burned", formats.money(summary["total_burned"])),
         *by_pool,
@@ -316,7 +309,9 @@ def _page(
     try:
         if reports is not None:
             summary = reports.start(payloads.user_stats).result()
-            yield render_template("admin/cards.html", cards=_cards(summary))
+            yield render_template(
+                "admin/cards.html", cards=_cards(summary, OriginalPools.of(reports.store.pools))
+            )
             unit = payloads.default_bucket(reports.window)
             series = reports.start(lambda r, w: payloads.series(r, w, unit))
             users = reports.start(lambda r, w: payloads.users(r, w, TOP_USERS))

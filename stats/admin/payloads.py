@@ -2,7 +2,8 @@
 
 Each function returns a record of Decimals and datetimes: the endpoint serialises it as the
 CLI's JSON does (``stats.output.plain``), the dashboard formats the same record for people.
-Field names are the original admin API's where it had the field.
+Field names are the original admin API's where it had the field (README, "The admin
+dashboard"; the summary's in ``docs/reports.md``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def metrics(reports: Reports, span: Window) -> dict[str, Any]:
 
 
 def model_stats(reports: Reports, span: Window) -> dict[str, Any]:
-    """``burnmeter models`` under the original's names, by ``totalTokens`` (then cost)."""
+    """``burnmeter models`` under the original admin API's names (module docstring), by
+    ``totalTokens`` (then cost)."""
     rows: list[dict[str, Any]] = [
         {
             "model": m.model,

@@ -15,7 +15,6 @@ import pytest
 
 from burnmeter.config import Config
 from burnmeter.config import load_config
-from burnmeter.store import open_store
 from burnmeter.store.base import Store
 from scripts.processes import stop_process
 from tests.e2e.harness import CONFIG_TOML
@@ -23,6 +22,7 @@ from tests.e2e.harness import ROOT
 from tests.e2e.harness import Accounts
 from tests.e2e.harness import Proxy
 from tests.e2e.harness import Upstream
+from tests.e2e.harness import proxy_store
 
 
 @pytest.fixture(scope="session")
@@ -63,23 +63,15 @@ def config(config_path: Path) -> Config:
 
 @pytest.fixture(scope="session")
 def proxy(upstream: Upstream, config_path: Path, e2e_dir: Path) -> Iterator[Proxy]:
-    handle = Proxy(upstream, config_path, e2e_dir / "burnmeter.db", e2e_dir)
-    handle.start()
-    try:
+    with Proxy(upstream, config_path, e2e_dir / "burnmeter.db", e2e_dir) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 @pytest.fixture(scope="session")
 def store(proxy: Proxy, config: Config) -> Iterator[Store]:
     """The proxy's SQLite file, opened by the test process as a second client."""
-    opened = open_store(proxy.db_url, config.pools)
-    opened.ensure_schema(config.log_ttl_days)
-    try:
+    with proxy_store(proxy, config) as opened:
         yield opened
-    finally:
-        opened.close()
 
 
 @pytest.fixture(scope="session")

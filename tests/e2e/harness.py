@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field
 from decimal import Decimal
@@ -15,8 +17,10 @@ from typing import Any
 
 import httpx
 
+from burnmeter.config import Config
 from burnmeter.documents import hash_key
 from burnmeter.documents import new_key
+from burnmeter.store import open_store
 from burnmeter.store.base import Document
 from burnmeter.store.base import Store
 from scripts.processes import free_port
@@ -187,6 +191,25 @@ class Proxy:
         """SIGTERM: mitmdump runs ``done()``, which drains the settlement writer."""
         assert self.proc is not None
         return stop_process(self.proc)
+
+    def __enter__(self) -> Proxy:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def proxy_store(proxy: Proxy, config: Config) -> Iterator[Store]:
+    """The proxy's SQLite file, opened by the test process as a second client (its schema
+    made here too: the port can be open before the addon made it)."""
+    opened = open_store(proxy.db_url, config.pools)
+    opened.ensure_schema(config.log_ttl_days)
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,6 @@ from burnmeter.config import Config
 from burnmeter.documents import hash_key
 from burnmeter.documents import new_key
 from burnmeter.reports import reports_for
-from burnmeter.store import open_store
 from burnmeter.store.base import Document
 from burnmeter.store.base import Store
 from tests.e2e.harness import CONFIG_TOML
@@ -52,6 +51,7 @@ from tests.e2e.harness import Account
 from tests.e2e.harness import Accounts
 from tests.e2e.harness import Proxy
 from tests.e2e.harness import Upstream
+from tests.e2e.harness import proxy_store
 from tests.e2e.harness import wait_logs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
@@ -326,22 +326,14 @@ def small_proxy(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) ->
     config_path = workdir / "burnmeter.toml"
     config_path.write_text(f"max_request_bytes = {SMALL_LIMIT}\n" + CONFIG_TOML)
     config_path.chmod(0o600)
-    handle = Proxy(upstream, config_path, workdir / "burnmeter.db", workdir)
-    handle.start()
-    try:
+    with Proxy(upstream, config_path, workdir / "burnmeter.db", workdir) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 @pytest.fixture(scope="module")
 def small_store(small_proxy: Proxy, config: Config) -> Iterator[Store]:
-    opened = open_store(small_proxy.db_url, config.pools)
-    opened.ensure_schema(config.log_ttl_days)  # the port opens before the addon has made it
-    try:
+    with proxy_store(small_proxy, config) as opened:
         yield opened
-    finally:
-        opened.close()
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])

@@ -48,12 +48,8 @@ MESSAGES: list[Any] = [{"role": "user", "content": "Count from one to twenty, sl
 @pytest.fixture
 def own_proxy(upstream: Upstream, config_path: Path, tmp_path: Path) -> Iterator[Proxy]:
     """A proxy of its own: its store holds exactly this test's traffic."""
-    handle = Proxy(upstream, config_path, tmp_path / "burnmeter.db", tmp_path)
-    handle.start()
-    try:
+    with Proxy(upstream, config_path, tmp_path / "burnmeter.db", tmp_path) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 def test_dashboard_shows_what_the_cli_prints_for_proxy_traffic(

@@ -87,12 +87,8 @@ def priced_proxy(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -
     config_path = workdir / "burnmeter.toml"
     config_path.write_text(CONFIG_TOML)
     config_path.chmod(0o600)
-    handle = Proxy(upstream, config_path, workdir / "burnmeter.db", workdir)
-    handle.start()
-    try:
+    with Proxy(upstream, config_path, workdir / "burnmeter.db", workdir) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ class Tokens:
 
 
 def expected_charge(config: Config, tokens: Tokens, host: str) -> tuple[Decimal, int]:
-    """(creditsCost, tokensUsed) by the SPEC's formulas, from the config's prices."""
+    """(creditsCost, tokensUsed) by the formulas of docs/routing.md, from the config's prices."""
     found = config.model(tokens.model)
     assert found is not None
     price = found[1]

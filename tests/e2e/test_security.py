@@ -175,7 +175,7 @@ def test_no_raw_key_anywhere_and_none_forwarded(
         assert secret not in output, f"a raw key in mitmdump's output: {key[:10]}…"
         for name, data in files.items():
             if key in (legacy, api_key) and name.startswith("burnmeter.db"):
-                continue  # the original's own documents hold these raw keys by design
+                continue  # the original's own documents hold these raw keys (docs/documents.md)
             assert secret.encode() not in data, f"a raw key in {name}"
 
 

@@ -137,7 +137,7 @@ CJK_PROMPT = [{"role": "user", "content": "漢字仮名交じり文を書いて�
 def test_parallel_requests_on_a_balance_for_n_holds_overdraw_by_at_most_one_request(
     upstream: Upstream, tmp_path: Path
 ) -> None:
-    """No output limit named, each request would generate 20,000 tokens (the issue's case:
+    """No output limit named, each request would generate 20,000 tokens (the case that overdrew:
     20 such requests took +0.67 to -2.6), and a CJK prompt undercounted by chars / 4."""
     with running_site(
         upstream, tmp_path, "default_max_output_tokens = 1000\n" + CONFIG_TOML
