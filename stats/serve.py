@@ -76,5 +76,5 @@ def serve(state: Context, host: str, port: int, token: str | None) -> None:
         signal.signal(signal.SIGTERM, _stop)
         server.run()
     finally:
-        app.extensions["burnmeter_workers"].shutdown(cancel_futures=True)
-        store.close()
+        # reports under way use the store's connections, which the context closes next
+        app.extensions["burnmeter_workers"].shutdown(wait=True, cancel_futures=True)

@@ -444,3 +444,30 @@ def test_a_store_that_fails_is_503_and_a_note_on_the_page(tmp_path: Path) -> Non
     page = client.get("/admin", headers=BEARER).get_data(as_text=True)
     assert "The reports failed" in page and page.rstrip().endswith("</html>")
     store.close()
+
+
+def test_no_report_outlives_a_dashboard_page_that_failed(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page whose chart's report fails still waits for the reports it started beside it:
+    they read the store, which may be closed once the page is done."""
+    from stats.admin import payloads
+
+    finished: list[str] = []
+    started = threading.Event()
+
+    def failing_series(*_: Any) -> dict[str, Any]:
+        started.wait(5)  # the users' report is under way when this one fails
+        raise RuntimeError("series failed")
+
+    def slow_users(*_: Any) -> dict[str, Any]:
+        started.set()
+        threading.Event().wait(0.3)  # still running when the series fails
+        finished.append("users")
+        return {"users": []}
+
+    monkeypatch.setattr(payloads, "series", failing_series)
+    monkeypatch.setattr(payloads, "users", slow_users)
+    page = client.get("/admin?period=all", headers=BEARER).get_data(as_text=True)
+    assert "The reports failed" in page
+    assert finished == ["users"]  # done before the page ended, not after

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait
 from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any
@@ -244,9 +245,19 @@ class _Reports:
         self.workers = workers
         self.store = store
         self.window = window
+        self.started: list[Future[dict[str, Any]]] = []
 
     def start(self, job: Callable[[Reports, Window], dict[str, Any]]) -> Future[dict[str, Any]]:
-        return self.workers.submit(lambda: job(reports_for(self.store), self.window))
+        future = self.workers.submit(lambda: job(reports_for(self.store), self.window))
+        self.started.append(future)
+        return future
+
+    def finish(self) -> None:
+        """Cancel the reports not begun and wait for the rest: none outlives the page (one
+        that failed, or a client gone, would leave them reading a store that may be closed)."""
+        for future in self.started:
+            future.cancel()
+        wait(self.started)
 
 
 def _cards(summary: dict[str, Any], original: OriginalPools) -> list[Card]:
@@ -333,6 +344,9 @@ def _page(
     except Exception as e:  # the page has begun: say so on it, in one line in the log
         log.error("dashboard: %s: %s", type(e).__name__, e)
         yield render_template("admin/failed.html", error=e)
+    finally:
+        if reports is not None:
+            reports.finish()
     yield render_template("admin/end.html", zones=ZONES, **common)
 
 
