@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
+
+import pymongo
 
 from burnmeter.config import default_config
 from burnmeter.store.base import KEYS
@@ -37,3 +40,14 @@ def key_doc(store: Store, key_id: str) -> dict[str, Any]:
         doc = store._one(KEYS, {"_id": key_id}, ())
     assert doc is not None
     return doc
+
+
+def unreachable_mongo_store() -> MongoStore:
+    """A MongoStore on a real pymongo client with nothing listening (100 ms to give up)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again before the client tries it
+    client: pymongo.MongoClient[Any] = pymongo.MongoClient(
+        f"mongodb://127.0.0.1:{port}/fproxy", tz_aware=True, serverSelectionTimeoutMS=100
+    )
+    return MongoStore(client["fproxy"], POOLS, client)

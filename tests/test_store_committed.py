@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import random
-import socket
 import sqlite3
 from decimal import Decimal as D
-from typing import Any
 
-import pymongo
 import pytest
 from stores import POOLS
+from stores import unreachable_mongo_store
 from test_store_contract import alice
 from test_store_contract import settlement
 
 from burnmeter.exceptions import StoreError
 from burnmeter.store.base import Store
 from burnmeter.store.base import committed
-from burnmeter.store.mongo import MongoStore
 from burnmeter.store.sqlite import SqliteStore
 
 OPENHANDS = POOLS["openhands"]
@@ -100,13 +97,7 @@ def test_probe_write_does_not_create_a_missing_file(tmp_path) -> None:
 
 
 def test_probe_write_fails_when_mongodb_is_unreachable() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again before the client tries it
-    client: pymongo.MongoClient[Any] = pymongo.MongoClient(
-        f"mongodb://127.0.0.1:{port}/fproxy", tz_aware=True, serverSelectionTimeoutMS=100
-    )
-    store = MongoStore(client["fproxy"], POOLS, client)
+    store = unreachable_mongo_store()
     try:
         with pytest.raises(StoreError, match="MongoDB"):
             store.probe_write(0.1)

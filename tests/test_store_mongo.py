@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Mapping
 from datetime import UTC
 from datetime import datetime
@@ -16,6 +15,7 @@ import pymongo
 import pymongo.errors
 import pytest
 from stores import POOLS
+from stores import unreachable_mongo_store
 
 from burnmeter.exceptions import DocumentError
 from burnmeter.exceptions import StoreError
@@ -131,13 +131,7 @@ def test_hold_filter_rechecks_the_balance(
 def test_an_unreachable_server_is_an_outage_on_every_call_the_proxy_makes() -> None:
     """A real pymongo client, nothing listening: each call is a StoreError (the proxy's cue
     to serve cached keys hold-less and keep settlements in the journal), never a crash."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again before the client tries it
-    client: pymongo.MongoClient[Any] = pymongo.MongoClient(
-        f"mongodb://127.0.0.1:{port}/fproxy", tz_aware=True, serverSelectionTimeoutMS=100
-    )
-    store = MongoStore(client["fproxy"], POOLS, client)
+    store = unreachable_mongo_store()
     openhands = POOLS["openhands"]
     try:
         with pytest.raises(StoreError, match="MongoDB"):
