@@ -20,7 +20,6 @@ journal write fails (a full disk, an I/O error) until a probe write succeeds aga
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable
@@ -38,10 +37,11 @@ from mitmproxy import http
 from mitmproxy.net.http import url
 
 from addons import errors
+from addons.body import decode_body
+from addons.body import encode_body
 from addons.canonical import CanonicalRequest
 from addons.errors import Style
 from addons.exceptions import ConflictingKeys
-from addons.exceptions import DuplicateKey
 from addons.exceptions import Rejection
 from addons.holding import HoldQueue
 from addons.keys import KeyCache
@@ -328,7 +328,7 @@ class Admission:
         key = ticket.client_key
         if searchable(key) and key.encode() in (request.raw_content or b""):
             raise Rejection(errors.AMBIGUOUS, "The request body must not hold the API key")
-        body = self._json_body(request)
+        body = decode_body(request)
         if ticket.api == "openai.responses" and body.get("background") is True:
             # its output is fetched later (GET /v1/responses/ID): it could not be metered
             raise Rejection(errors.BAD_REQUEST, "Background responses are not supported")
@@ -383,7 +383,7 @@ class Admission:
             ticket.output_tokens_paid = paid
             rewritten = cap_output(ticket.api, body, paid) or rewritten
         if rewritten:
-            request.set_content(json.dumps(body).encode())
+            request.set_content(encode_body(body))
         ticket.admitted = True
 
     def journal_has_room(self) -> bool:
@@ -391,68 +391,6 @@ class Admission:
         journal = self.writer.journal
         reserve = (self.in_flight() + 1) * RECORD_RESERVE
         return journal.size + reserve <= journal.max_bytes
-
-    @staticmethod
-    def _json_body(request: http.Request) -> dict[str, Any]:
-        try:
-            body = json.loads(request.content or b"", object_pairs_hook=unique_keys)
-        except DuplicateKey as e:
-            raise Rejection(errors.AMBIGUOUS, str(e)) from None
-        except (ValueError, RecursionError) as e:
-            raise Rejection(errors.BAD_REQUEST, f"Request body is not valid JSON: {e}") from e
-        if not isinstance(body, dict):
-            raise Rejection(errors.BAD_REQUEST, "Request body must be a JSON object")
-        try:
-            check_spellings(body)
-        except DuplicateKey as e:
-            raise Rejection(errors.AMBIGUOUS, str(e)) from None
-        return body
-
-
-def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``json.loads``' object hook: an object, refusing a key given twice (at any depth)."""
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise DuplicateKey(f"Request body names {key!r} twice")
-            seen.add(key)
-    return obj
-
-
-def spelling(key: str) -> str:
-    """How a lenient decoder matches a key to a field: case-insensitively (Go's encoding/json,
-    Unicode folding included) and camelCase = snake_case (protobuf's JSON mapping)."""
-    return key.casefold().replace("_", "")
-
-
-METERED_FIELDS = frozenset(
-    {
-        "model", "messages", "stream", "stream_options", "include_usage", "max_tokens",
-        "max_completion_tokens", "max_output_tokens", "n", "background", "input",
-        "instructions", "tools", "functions", "system", "cache_control", "contents",
-        "systemInstruction", "system_instruction", "generationConfig", "generation_config",
-        "maxOutputTokens", "candidateCount", "candidate_count", "requests", "content",
-    }
-)  # fmt: skip
-"""Body fields the estimate and the price are read from, as their APIs spell them."""
-_METERED_SPELLINGS = {spelling(name): name for name in METERED_FIELDS}
-
-
-def check_spellings(body: dict[str, Any]) -> None:
-    """No two keys of the body, or of one of its objects, that a lenient upstream reads as
-    one field (``model`` and ``Model``, ``maxOutputTokens`` and ``max_output_tokens``), and
-    no metered field spelt otherwise (``MAX_TOKENS`` would be a limit the hold never saw)."""
-    for obj in [body, *(value for value in body.values() if isinstance(value, dict))]:
-        spelt: dict[str, str] = {}
-        for key in obj:
-            other = spelt.setdefault(spelling(key), key)
-            if other != key:
-                raise DuplicateKey(f"Request body names {other!r} and {key!r}: one field")
-            field_name = _METERED_SPELLINGS.get(spelling(key), key)
-            if key not in METERED_FIELDS and field_name != key:
-                raise DuplicateKey(f"Request body key {key!r}: spell it {field_name!r}")
 
 
 def holdless(

@@ -14,7 +14,7 @@ For each benchmark workload (``scripts/bench_proxy.py``'s ``WORKLOADS``), two vi
   (decode, estimate, price, hold, settlement, journal, ...) are wrapped with a timer while
   they run (µs per request, median; a part nested in another is counted in both).
 - the parts, each timed alone on the workload's request (median of repeats): JSON decode
-  (stdlib, with the duplicate-key hook, orjson if installed), the spelling scan, the
+  (stdlib, with the duplicate-key hook, orjson, ``decode_body``), the spelling scan, the
   estimate, the price quote, the hold amounts and the output limit paid for (with how many
   genai-prices ``calc_price`` calls each makes), a hold through the hold thread against
   one made on the calling thread, the settlement (cost, log document), its journal line
@@ -46,6 +46,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import orjson  # noqa: E402
 from genai_prices.types import ModelPrice  # noqa: E402
 from mitmproxy import connection  # noqa: E402
 from mitmproxy import http  # noqa: E402
@@ -56,11 +57,13 @@ from mitmproxy.test import tutils  # noqa: E402
 
 from addons import admission as admission_module  # noqa: E402
 from addons import billing  # noqa: E402
+from addons import body as body_module  # noqa: E402
 from addons import metering as metering_module  # noqa: E402
 from addons.admission import Admission  # noqa: E402
 from addons.admission import Ticket  # noqa: E402
-from addons.admission import check_spellings  # noqa: E402
-from addons.admission import unique_keys  # noqa: E402
+from addons.body import check_spellings  # noqa: E402
+from addons.body import encode_body  # noqa: E402
+from addons.body import unique_keys  # noqa: E402
 from addons.holding import HoldQueue  # noqa: E402
 from addons.metering import Metering  # noqa: E402
 from burnmeter.config import load_config  # noqa: E402
@@ -82,11 +85,6 @@ from scripts.bench_proxy import Workload  # noqa: E402
 from scripts.bench_proxy import start_upstream  # noqa: E402
 from scripts.bench_proxy import upstream_stream  # noqa: E402
 from scripts.processes import stop_process  # noqa: E402
-
-try:
-    import orjson
-except ImportError:  # optional: only for the comparison
-    orjson = None
 
 KEY = "sk-burn-bench-0123456789abcdef"
 REPEATS = 41
@@ -143,8 +141,10 @@ IN_SITU: list[tuple[str, Any, str]] = [
     # (label, owner, attribute): what the hooks call, where they look it up
     ("identify (key, owner)", Admission, "identify"),
     ("read_request (canonical)", metering_module, "read_request"),
-    ("_json_body (decode + duplicate keys + spellings)", Admission, "_json_body"),
-    ("  check_spellings", admission_module, "check_spellings"),
+    ("decode_body (decode + duplicate keys + spellings)", admission_module, "decode_body"),
+    ("  orjson_object (orjson's reading, checked)", body_module, "orjson_object"),
+    ("  stdlib_object (the stdlib's reading)", body_module, "stdlib_object"),
+    ("  check_spellings", body_module, "check_spellings"),
     ("estimate_request", admission_module, "estimate_request"),
     ("resolve_price", admission_module, "resolve_price"),
     ("hold_amounts", admission_module, "hold_amounts"),
@@ -278,8 +278,9 @@ def parts(
     out: dict[str, Any] = {"bytes": len(w.body)}
     out["json.loads"] = timed(lambda: json.loads(w.body))
     out["json.loads+unique_keys"] = timed(lambda: json.loads(w.body, object_pairs_hook=unique_keys))
-    if orjson is not None:
-        out["orjson.loads"] = timed(lambda: orjson.loads(w.body))
+    out["orjson.loads"] = timed(lambda: orjson.loads(w.body))
+    as_sent = make_flow(w).request  # the admitted request's body may have been rewritten
+    out["decode_body"] = timed(lambda: body_module.decode_body(as_sent))
     out["check_spellings"] = timed(lambda: check_spellings(body))
     estimate = estimate_request(w.api, body, config, w.path, model)
     out["estimate_request"] = timed(lambda: estimate_request(w.api, body, config, w.path, model))
@@ -296,6 +297,8 @@ def parts(
         lambda: output_tokens_paid(estimate, quote, maximum)
     )
     out["json.dumps(body)"] = timed(lambda: json.dumps(body).encode())
+    decoded = body_module.decode_body(as_sent)
+    out["encode_body(body)"] = timed(lambda: encode_body(decoded))
     out["held_input_tokens"] = estimate.held_input_tokens
     out["estimated_input_tokens"] = estimate.input_tokens
 

@@ -2,22 +2,14 @@ from __future__ import annotations
 
 import json
 import logging
-import string
 
 import pytest
-from hypothesis import given
-from hypothesis import settings
-from hypothesis import strategies as st
 from mitmproxy import contentviews
 from mitmproxy import http
 from mitmproxy.test import tflow
 from mitmproxy.test import tutils
 
 from addons import errors
-from addons.admission import METERED_FIELDS
-from addons.admission import check_spellings
-from addons.admission import unique_keys
-from addons.exceptions import DuplicateKey
 from addons.inspection import LLMStreamContentview
 from addons.keys import KeyCache
 from addons.keys import client_key
@@ -165,53 +157,3 @@ def test_contentview_declines_other_bodies() -> None:
     assert view.render_priority(b"data: 1\n\n", meta) < 0
     json_meta = contentviews.Metadata(flow=tflow.tflow(), content_type="application/json")
     assert view.render_priority(b"{}", json_meta) < 0
-
-
-# -- the body: one reading of each key ----------------------------------------------------
-json_keys = st.text(string.ascii_letters + "_", min_size=1, max_size=8)
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(json_keys, inner, max_size=3),
-    max_leaves=10,
-)
-
-
-def objects_in(value: object) -> list[dict[str, object]]:
-    found: list[dict[str, object]] = []
-    if isinstance(value, dict):
-        found.append(value)
-        for item in value.values():
-            found += objects_in(item)
-    elif isinstance(value, list):
-        for item in value:
-            found += objects_in(item)
-    return found
-
-
-@settings(deadline=None)  # no timing asserted: a loaded machine is slow
-@given(st.dictionaries(json_keys, json_values, min_size=1, max_size=4), st.data())
-def test_a_key_given_twice_at_any_depth_is_refused(body: dict[str, object], data) -> None:
-    target = data.draw(st.sampled_from(objects_in(body)))
-    if not target:
-        target["k"] = 1
-    key = data.draw(st.sampled_from(sorted(target)))
-    marker = '"__dup0__": 0'
-    target["__dup0__"] = 0
-    text = json.dumps(body).replace(marker, f"{json.dumps(key)}: {json.dumps('again')}", 1)
-    with pytest.raises(DuplicateKey):
-        json.loads(text, object_pairs_hook=unique_keys)
-
-
-@settings(deadline=None)  # no timing asserted: a loaded machine is slow
-@given(st.sampled_from(sorted(METERED_FIELDS)), st.data())
-def test_a_metered_field_spelt_otherwise_is_refused(name: str, data) -> None:
-    respelt = data.draw(
-        st.tuples(*(st.sampled_from([c.lower(), c.upper()]) for c in name)).map("".join)
-    )
-    if respelt in METERED_FIELDS:  # the same spelling, or the API's other one
-        check_spellings({respelt: 1})
-        return
-    with pytest.raises(DuplicateKey):
-        check_spellings({respelt: 1})
-    with pytest.raises(DuplicateKey):
-        check_spellings({"outer": {name: 1, respelt: 2}})
