@@ -35,6 +35,7 @@ from addons import billing
 from addons.metering import Metering
 from addons.metering import ready_line
 from addons.phases import Admitted
+from addons.phases import Quoted
 from burnmeter.config import load_config
 from burnmeter.documents import hash_key
 from burnmeter.documents import utcnow
@@ -1068,6 +1069,36 @@ async def test_shutdown_settles_requests_still_in_flight(env: Env) -> None:
     assert whole["statusCode"] == 200 and whole["usageSource"] == "reported"
     assert whole["creditsCost"] == Decimal("0.009")
     assert env.store.open_holds(utcnow() + timedelta(days=1)) == []
+
+
+async def test_shutdown_settles_a_request_waiting_for_its_hold_at_zero(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its hold is made meanwhile (shutdown waits for the holds under way): the settlement
+    at 0 releases it."""
+    assert env.metering.store is not None
+    hold_many = env.metering.store.hold_many
+    asked = threading.Event()
+
+    def slow_holds(*args: object) -> object:
+        asked.set()
+        time.sleep(0.1)
+        return hold_many(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(env.metering.store, "hold_many", slow_holds)
+    f = make_flow()
+    admitting = asyncio.create_task(admit(env, f))
+    assert await asyncio.to_thread(asked.wait, 5)
+    phase = env.metering.phases[f]
+    assert isinstance(phase, Quoted) and not isinstance(phase, Admitted)
+    log = settled(env, f.id)  # done() before admission could go on
+    admitting.cancel()
+    await asyncio.gather(admitting, return_exceptions=True)
+    assert log is not None and log["creditsCost"] == 0 and log["statusCode"] == 503
+    assert log["model"] == "gpt-4o" and log["creditType"] == "openhands"
+    assert env.store.open_holds(utcnow() + timedelta(days=1)) == []
+    assert openhands_balance(env) == 5
+    assert f.metadata["metering"]["outcome"] == "failed" and f.error is not None
 
 
 # -- hostile requests: each read once, refused or metered as forwarded -----------------------
