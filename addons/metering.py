@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import functools
 import logging
 import os
@@ -75,6 +74,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 from addons import billing
 from addons import errors
 from addons import options
+from addons import phases
 from addons.admission import Admission
 from addons.alerts import Alerts
 from addons.canonical import forward as forward_request
@@ -501,7 +501,7 @@ class Metering:
                 f.response.headers.get("content-encoding"),
                 on_end_event=functools.partial(self._settle_at_end_event, weakref.ref(f)),
             )
-            self.phases[f] = dataclasses.replace(admitted, tap=tap)
+            self.phases[f] = phases.answered(admitted, tap)
             f.response.stream = tap
 
     def _settle_at_end_event(self, ref: weakref.ref[http.HTTPFlow]) -> None:

@@ -12,8 +12,7 @@
 Each phase is a subclass of the one before, so what needs only the caller takes any of
 them, and what needs a price or a hold asks for that type: no field stands empty for a
 phase that has not happened. The metering addon keeps each flow's latest record and
-replaces it (``quoted``, ``admitted``, ``dataclasses.replace`` for the tap), never
-changes one in place.
+replaces it (``quoted``, ``admitted``, ``answered``), never changes one in place.
 
 The client's key is in no record: admission is handed it as an argument, and the addon
 keeps it only until the flow's admission is done.
@@ -113,7 +112,7 @@ def quoted(
     quote: PriceQuote,
 ) -> Quoted:
     """``authenticated`` priced; the quote's own pool, if it names one, pays."""
-    carried = _fields(authenticated, Authenticated) | {
+    carried = _fields(authenticated, _AUTHENTICATED) | {
         "api": api,
         "pool": quote.pool or authenticated.pool,
     }
@@ -122,9 +121,24 @@ def quoted(
 
 def admitted(quoted: Quoted, hold: Hold | None, output_tokens_paid: int | None) -> Admitted:
     """``quoted`` with its hold made (None: hold-less), before any answer."""
-    return Admitted(**_fields(quoted, Quoted), hold=hold, output_tokens_paid=output_tokens_paid)
+    return Admitted(**_fields(quoted, _QUOTED), hold=hold, output_tokens_paid=output_tokens_paid)
 
 
-def _fields(record: Authenticated, phase: type[Authenticated]) -> dict[str, Any]:
-    """The fields ``record`` has as a ``phase``, to build the next phase from."""
-    return {field.name: getattr(record, field.name) for field in dataclasses.fields(phase)}
+def answered(admitted: Admitted, tap: StreamTap) -> Admitted:
+    """``admitted`` with the stream tap its answer runs through (``responseheaders``)."""
+    return Admitted(**_fields(admitted, _ADMITTED), tap=tap)
+
+
+def _names(phase: type[Authenticated]) -> tuple[str, ...]:
+    return tuple(field.name for field in dataclasses.fields(phase))
+
+
+# read once: building the next phase is on every request's path
+_AUTHENTICATED = _names(Authenticated)
+_QUOTED = _names(Quoted)
+_ADMITTED = tuple(name for name in _names(Admitted) if name != "tap")
+
+
+def _fields(record: Authenticated, names: tuple[str, ...]) -> dict[str, Any]:
+    """The fields ``names`` of ``record``, to build the next phase from."""
+    return {name: getattr(record, name) for name in names}

@@ -30,6 +30,7 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
+from mitmproxy.utils.asyncio_utils import create_task
 
 from addons import billing
 from addons.metering import Metering
@@ -1087,7 +1088,7 @@ async def test_shutdown_settles_a_request_waiting_for_its_hold_at_zero(
 
     monkeypatch.setattr(env.metering.store, "hold_many", slow_holds)
     f = make_flow()
-    admitting = asyncio.create_task(admit(env, f))
+    admitting = create_task(admit(env, f), name="admitting", keep_ref=False)
     assert await asyncio.to_thread(asked.wait, 5)
     phase = env.metering.phases[f]
     assert isinstance(phase, Quoted) and not isinstance(phase, Admitted)

@@ -11,6 +11,7 @@ from addons import phases
 from addons.phases import Admitted
 from addons.phases import Authenticated
 from addons.phases import Quoted
+from addons.streamtap import StreamTap
 from burnmeter.documents import utcnow
 from burnmeter.store.base import Hold
 from tests.addon_support import KEY
@@ -47,6 +48,10 @@ def test_admission_extends_the_quote() -> None:
     assert fields_of(admitted, Quoted) == fields_of(priced, Quoted)
     assert (admitted.hold, admitted.output_tokens_paid, admitted.tap) == (hold, 321, None)
     assert admitted.stream and not quoted(make_flow()).stream
+    tap = StreamTap("openai.chat")
+    answered = phases.answered(admitted, tap)
+    assert answered.tap is tap and admitted.tap is None, "a new record"
+    assert fields_of(answered, Admitted) == fields_of(admitted, Admitted) | {"tap": tap}
 
 
 def test_phases_are_immutable() -> None:
