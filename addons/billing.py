@@ -1,14 +1,18 @@
 """What a finished (or failed) request costs: usage, or an estimate, priced into a Settlement.
 
 Usage the upstream reported wins. When it is missing or a stream was cut short, the charge
-is an estimate flagged ``usageSource: "estimated"``: the request's input estimate plus
-output from the characters generated, never less than what was reported. An answer that
+is an estimate flagged ``usageSource: "estimated"``: the request's input estimate (made
+only then, from the body as forwarded) plus output from the characters generated, never
+less than what was reported. An answer that
 arrived whole and successful without the usage its API always reports (an upstream talked
 into leaving it out) is charged what was held for it: the estimated input and the whole
 output limit, not the visible text. So is an answer the proxy cannot read past: an interim
 1xx (``100``/``102``/``103``) or a ``101`` nobody asked for, after which mitmproxy reads no
 final answer (its HTTP/1 client takes the 1xx for the whole response), while the upstream
 may well have generated.
+
+Each function takes the phase it needs (``addons/phases.py``): the usage of an answer needs
+an ``Admitted`` request, a settlement a ``Quoted`` one at least.
 """
 
 from __future__ import annotations

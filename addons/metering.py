@@ -11,7 +11,8 @@ forwarded, and settled from the usage the upstream reports. Locally answered req
 (401/402/400/413/421/503) never reach the upstream.
 
 Each request is read once (``addons/canonical.py``); what is decided and what is
-forwarded come from that reading. The addon sets three mitmproxy options itself when it
+forwarded come from that reading. What each hook learns is an immutable record of the
+request's phase (``addons/phases.py``), which the next hook extends. The addon sets three mitmproxy options itself when it
 loads (mitmproxy listens before scripts' ``running`` hook) and refuses a change to the first
 two: ``connection_strategy=lazy`` (so no upstream connection is opened for a request answered
 locally, and an unreachable upstream still lets the addon answer),
