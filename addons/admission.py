@@ -1,34 +1,31 @@
 """Admission: who is calling, which pool pays, and an atomic hold before forwarding.
 
-``authenticate`` runs in ``requestheaders`` (key, route); ``admit`` runs in ``request``
-once the body is there (size, JSON, estimate, price, expiry, hold). Both raise
-``Rejection`` for anything that must be answered locally. Store calls never run on the
-event loop: key look-ups on a small thread pool, holds on the ``HoldQueue`` thread (many
-to a transaction); both are given up after ``STORE_TIMEOUT``.
+``authenticate`` runs in ``requestheaders`` (key, route): an ``Authenticated`` phase, and
+the client's key apart from it. In ``request``, once the body is there, ``price`` reads it
+(size, JSON, model, estimate, price: the ``Quoted`` phase) and ``admit`` holds the
+estimated maximum (the ``Admitted`` phase; ``addons/phases.py``). Each raises ``Rejection``
+for anything that must be answered locally. Store calls never run on the event loop: key
+look-ups on a small thread pool, holds on the ``HoldQueue`` thread (many to a
+transaction); both are given up after ``STORE_TIMEOUT``.
 
-Store outage: a failed or slow store call marks the store down for ``STORE_RETRY``
-seconds, and so does a writer whose settlements are not getting through; meanwhile
-admission does not wait for the store. Keys that were in the key cache are
-still served, admitted without a hold if their cached balance covers it (the settlement
-then charges the balance directly, once, by request id, when the writer reaches the
-store); other keys get 503, even if a look-up could still read them. New
-metered requests also get 503 once the journal could not take one settlement more for
-each request in flight: the journal never has to refuse a finished request; and while a
-journal write fails (a full disk, an I/O error) until a probe write succeeds again.
+Store outage (``addons/outage.py`` knows whether there is one): while the store is marked
+down, admission does not wait for it. Keys that were in the key cache are still served,
+admitted without a hold if their cached balance covers it (the settlement then charges
+the balance directly, once, by request id, when the writer reaches the store); other keys
+get 503, even if a look-up could still read them. New metered requests also get 503 while
+the journal could not take their settlement.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait
 from dataclasses import dataclass
-from dataclasses import field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -37,6 +34,7 @@ from mitmproxy import http
 from mitmproxy.net.http import url
 
 from addons import errors
+from addons import phases
 from addons.body import decode_body
 from addons.body import encode_body
 from addons.canonical import CanonicalRequest
@@ -48,23 +46,25 @@ from addons.keys import KeyCache
 from addons.keys import Query
 from addons.keys import client_key
 from addons.keys import searchable
+from addons.outage import STORE_TIMEOUT
+from addons.outage import Outage
 from addons.outputcap import cap_output
+from addons.phases import Admitted
+from addons.phases import Authenticated
+from addons.phases import Quoted
 from addons.ratelimit import RateLimiter
-from addons.streamtap import StreamTap
 from burnmeter.config import Config
 from burnmeter.config import Pool
 from burnmeter.config import Route
 from burnmeter.documents import hash_key
 from burnmeter.documents import mask_key
 from burnmeter.documents import utcnow
-from burnmeter.estimate import RequestEstimate
 from burnmeter.estimate import estimate_request
 from burnmeter.estimate import hold_amounts
 from burnmeter.estimate import output_tokens_paid
 from burnmeter.exceptions import StoreError
 from burnmeter.exceptions import UnknownModelError
 from burnmeter.money import amount_of
-from burnmeter.pricing import PriceQuote
 from burnmeter.pricing import resolve_price
 from burnmeter.store.base import Hold
 from burnmeter.store.base import HoldRequest
@@ -72,57 +72,19 @@ from burnmeter.store.base import InsufficientBalance
 from burnmeter.store.base import KeyOwner
 from burnmeter.store.base import Store
 from burnmeter.store.rules import split_hold
-from burnmeter.writer import SettlementWriter
 
 logger = logging.getLogger(__name__)
 
 CREDITS_EXPIRED_MESSAGE = "Credits have expired. Please purchase new credits."
-STORE_TIMEOUT = 1.0
-"""Seconds admission waits for one store call (key look-up, hold)."""
-STORE_RETRY = 2.0
-"""Seconds a failed store call marks the store down for admission."""
-RECORD_RESERVE = 4096
-"""Journal bytes kept free for each request in flight (a record is about 1 KiB)."""
 
 
-@dataclass(slots=True)
-class Ticket:
-    """What admission learned about one request; settlement and inspection read it."""
+@dataclass(frozen=True, slots=True)
+class Admitting:
+    """A priced request on its way to its hold, for the one ``request`` hook: its phase,
+    and its body as decoded (admission edits it once the hold says what it pays for)."""
 
-    api: str | None
-    """The metered API, or None for a path that is passed through uncharged."""
-    style: Style
-    path: str
-    host: str
-    """The client-facing host and port, as ``addons.canonical`` reads them."""
-    upstream: str
-    owner: KeyOwner
-    key_mask: str
-    route: Route
-    pool: str
-    request: CanonicalRequest
-    client_key: str = field(default="", repr=False)
-    """The client's key, until admission is done: to strip it wherever the request holds it
-    and to refuse a body that holds it."""
-    model: str | None = None
-    quote: PriceQuote | None = None
-    estimate: RequestEstimate | None = None
-    key_cached: bool = False
-    """The key was in the key cache: it may be admitted without a hold in an outage."""
-    hold: Hold | None = None
-    output_tokens_paid: int | None = None
-    """The output limit per choice the request was forwarded with (``cap_output_tokens``)."""
-    admitted: bool = False
-    """Forwarded and metered; with ``hold`` None the store was down (a hold-less admission)."""
-    tap: StreamTap | None = None
-
-    @property
-    def user_id(self) -> str:
-        return self.owner.user_id
-
-    @property
-    def stream(self) -> bool:
-        return self.estimate is not None and self.estimate.stream
+    quoted: Quoted
+    body: dict[str, Any]
 
 
 def model_of(request: CanonicalRequest, body: dict[str, Any]) -> str:
@@ -156,35 +118,22 @@ class Admission:
         config: Config,
         store: Store,
         cache: KeyCache,
-        writer: SettlementWriter,
+        outage: Outage,
         executor: ThreadPoolExecutor,
         limiter: RateLimiter | None = None,
-        in_flight: Callable[[], int] = lambda: 0,
     ) -> None:
         self.config = config
         self.store = store
         self.cache = cache
-        self.writer = writer
+        self.outage = outage
         self.executor = executor
         self.limiter = limiter or RateLimiter()
-        self.in_flight = in_flight
-        """Requests admitted and not yet settled (each needs room for its journal record)."""
-        self._down_until = 0.0
         self._calls: set[Future[Any]] = set()
         self.holds = HoldQueue(store, self._give_back)
 
-    @property
-    def store_down(self) -> bool:
-        return time.monotonic() < self._down_until or self.writer.stalled(STORE_TIMEOUT)
-
-    def _mark_down(self, error: Exception) -> None:
-        if not self.store_down:
-            logger.warning("metering: store unavailable for admission: %s", error)
-        self._down_until = time.monotonic() + STORE_RETRY
-
     async def _store_call[T](self, call: Callable[[], Awaitable[T]]) -> T:
         """``call()``'s answer; ``StoreError`` if it fails or takes over ``STORE_TIMEOUT``."""
-        if self.store_down:
+        if self.outage.store_down:
             raise StoreError("store marked down after a failed call")
         try:
             async with asyncio.timeout(STORE_TIMEOUT):
@@ -193,7 +142,7 @@ class Admission:
             error = StoreError(f"no answer within {STORE_TIMEOUT}s")
         except StoreError as e:
             error = e
-        self._mark_down(error)
+        self.outage.mark_down(error)
         raise error
 
     def _in_thread[T](self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
@@ -249,8 +198,12 @@ class Admission:
             self.cache.put(key, owner)
         return key, check_owner(owner, utcnow()), found
 
-    async def authenticate(self, flow: http.HTTPFlow, canonical: CanonicalRequest) -> Ticket:
-        """Who calls (``canonical``: the request as read once) and which route bills it."""
+    async def authenticate(
+        self, flow: http.HTTPFlow, canonical: CanonicalRequest
+    ) -> tuple[Authenticated, str]:
+        """Who calls (``canonical``: the request as read once) and which route bills it; and
+        the client's key, which the caller keeps until admission is done (to strip it from
+        the request and to refuse a body that holds it), and which no phase holds."""
         request = flow.request
         route = self.config.route(canonical.host, canonical.port, flow.client_conn.sockname[1])
         if route is None:
@@ -269,7 +222,7 @@ class Admission:
                 f"{canonical.method} {canonical.path} is not served by this gateway",
             )
         self.check_rate(key, route)
-        return Ticket(
+        authenticated = Authenticated(
             api=canonical.api,
             style=canonical.style,
             path=canonical.path,
@@ -280,9 +233,9 @@ class Admission:
             route=route,
             pool=route.pool,
             request=canonical,
-            client_key=key,
             key_cached=found,
         )
+        return authenticated, key
 
     def check_rate(self, key: str, route: Route | None) -> None:
         """429 past the key's requests per minute: the route's own limit, else the global one
@@ -313,9 +266,11 @@ class Admission:
                 f"{self.config.max_request_bytes} bytes",
             )
 
-    async def admit(self, flow: http.HTTPFlow, ticket: Ticket) -> None:
-        """Price the request and hold its estimated maximum; rewrites stream requests."""
-        assert ticket.api is not None
+    def price(self, flow: http.HTTPFlow, authenticated: Authenticated, key: str) -> Admitting:
+        """Read the body (``key``: the client's, which it must not hold) and price the
+        request: its ``Quoted`` phase."""
+        api = authenticated.api
+        assert api is not None, "a request passed through uncharged is never priced"
         request = flow.request
         self.check_size(len(request.raw_content or b""))
         encoding = request.headers.get("content-encoding", "").strip().lower()
@@ -325,72 +280,62 @@ class Admission:
                 errors.COMPRESSED_BODY,
                 f"Content-Encoding {encoding!r} is not supported on requests: send it uncompressed",
             )
-        key = ticket.client_key
         if searchable(key) and key.encode() in (request.raw_content or b""):
             raise Rejection(errors.AMBIGUOUS, "The request body must not hold the API key")
         body = decode_body(request)
-        if ticket.api == "openai.responses" and body.get("background") is True:
+        if api == "openai.responses" and body.get("background") is True:
             # its output is fetched later (GET /v1/responses/ID): it could not be metered
             raise Rejection(errors.BAD_REQUEST, "Background responses are not supported")
-        ticket.model = model_of(ticket.request, body)
+        model = model_of(authenticated.request, body)
         try:
-            ticket.estimate = estimate_request(
-                ticket.api, body, self.config, ticket.path, ticket.model
-            )
+            estimate = estimate_request(api, body, self.config, authenticated.path, model)
         except (ValueError, RecursionError) as e:
             raise Rejection(errors.BAD_REQUEST, str(e)) from e
         try:
-            ticket.quote = resolve_price(
-                self.config, ticket.model, ticket.route.multiplier, upstream_url=request.url
+            quote = resolve_price(
+                self.config, model, authenticated.route.multiplier, upstream_url=request.url
             )
         except UnknownModelError as e:
             raise Rejection(errors.UNKNOWN_MODEL, str(e)) from e
-        ticket.pool = ticket.quote.pool or ticket.pool
+        return Admitting(phases.quoted(authenticated, api, model, estimate, quote), body)
+
+    async def admit(self, flow: http.HTTPFlow, admitting: Admitting) -> Admitted:
+        """Hold the priced request's estimated maximum; rewrites stream requests."""
+        quoted, body = admitting.quoted, admitting.body
+        request = flow.request
         frame_body(request)
-        rewritten = ticket.estimate.stream and prepare_stream(request, ticket.api, body)
-        pool = self.config.pools[ticket.pool]
-        expires = ticket.owner.user.get(pool.expires) if pool.expires else None
+        rewritten = quoted.stream and prepare_stream(request, quoted.api, body)
+        pool = self.config.pools[quoted.pool]
+        expires = quoted.owner.user.get(pool.expires) if pool.expires else None
         if isinstance(expires, datetime) and expires <= utcnow():
             raise Rejection(errors.CREDITS_EXPIRED, CREDITS_EXPIRED_MESSAGE)
-        if not self.writer.journal.probe():
-            # its settlement could not be journaled: refuse rather than serve it uncharged
-            raise Rejection(errors.UNAVAILABLE, "Metering journal cannot be written, retry later")
-        if not self.journal_has_room():
-            raise Rejection(
-                errors.UNAVAILABLE, "Metering store unreachable and journal full, retry later"
-            )
-        maximum, minimum = hold_amounts(ticket.estimate, ticket.quote)
-        wanted = HoldRequest(flow.id, ticket.user_id, pool, maximum, minimum)
+        if (refusal := self.outage.refusal()) is not None:
+            raise refusal
+        maximum, minimum = hold_amounts(quoted.estimate, quoted.quote)
+        wanted = HoldRequest(flow.id, quoted.user_id, pool, maximum, minimum)
         try:
             hold: Hold | InsufficientBalance | None = await self._store_call(
                 lambda: self.holds.hold(wanted)
             )
         except StoreError as e:
-            if not ticket.key_cached:
+            if not quoted.key_cached:
                 raise Rejection(errors.UNAVAILABLE, "Metering store unavailable") from e
-            hold = holdless(ticket.owner, pool, maximum, minimum)
+            hold = holdless(quoted.owner, pool, maximum, minimum)
         if isinstance(hold, InsufficientBalance):
             raise Rejection(
                 errors.INSUFFICIENT_CREDITS,
                 f"Insufficient credits. Current balance: ${hold.balance:.2f}",
                 balance=float(hold.balance),
             )
-        ticket.hold = hold
+        paid = None
         if self.config.cap_output_tokens:
             # the hold taken decides: a balance that covered only part of it pays for less
             held = hold.amount if hold is not None else maximum
-            paid = output_tokens_paid(ticket.estimate, ticket.quote, held)
-            ticket.output_tokens_paid = paid
-            rewritten = cap_output(ticket.api, body, paid) or rewritten
+            paid = output_tokens_paid(quoted.estimate, quoted.quote, held)
+            rewritten = cap_output(quoted.api, body, paid) or rewritten
         if rewritten:
             request.set_content(encode_body(body))
-        ticket.admitted = True
-
-    def journal_has_room(self) -> bool:
-        """Room for one more record per request in flight, this one included."""
-        journal = self.writer.journal
-        reserve = (self.in_flight() + 1) * RECORD_RESERVE
-        return journal.size + reserve <= journal.max_bytes
+        return phases.admitted(quoted, hold, paid)
 
 
 def holdless(

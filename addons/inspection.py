@@ -22,9 +22,10 @@ from mitmproxy import contentviews
 from mitmproxy import flow
 from mitmproxy import http
 
-from addons.admission import Ticket
-from burnmeter.records import UsageRecord
-from burnmeter.store.base import Settlement
+from addons.phases import Admitted
+from addons.phases import Authenticated
+from addons.phases import Quoted
+from addons.phases import Settled
 from burnmeter.usage import StreamUsage
 from burnmeter.usage import api_for
 
@@ -47,38 +48,50 @@ USAGE_COUNTS = (
 
 
 def describe(
-    ticket: Ticket | None,
+    phase: Authenticated | None,
     outcome: Outcome,
     *,
     status: int | None = None,
     reason: str | None = None,
-    usage: UsageRecord | None = None,
-    settlement: Settlement | None = None,
 ) -> dict[str, Any]:
-    """The flow's ``metadata["metering"]`` record: plain JSON types, money as a string."""
+    """The flow's ``metadata["metering"]`` record: plain JSON types, money as a string;
+    ``phase``: what was known of the request (None: not even who calls)."""
     record: dict[str, Any] = {"outcome": outcome, "status": status, "reason": reason}
-    if ticket is not None:
-        record |= {
-            "user": ticket.user_id,
-            "key": ticket.key_mask,
-            "pool": ticket.pool,
-            "model": ticket.quote.model if ticket.quote else ticket.model,
-            "api": ticket.api,
-            "stream": ticket.stream,
-            "host": ticket.host,
-            "upstream": ticket.upstream,
-        }
-    if ticket is not None and ticket.tap is not None and ticket.tap.usage.overflows:
+    if phase is None:
+        return record
+    quoted = phase if isinstance(phase, Quoted) else None
+    record |= {
+        "user": phase.user_id,
+        "key": phase.key_mask,
+        "pool": phase.pool,
+        "model": quoted.quote.model if quoted else None,
+        "api": phase.api,
+        "stream": quoted is not None and quoted.stream,
+        "host": phase.host,
+        "upstream": phase.upstream,
+    }
+    tap = phase.tap if isinstance(phase, Admitted) else None
+    if tap is not None and tap.usage.overflows:
         # events past max_event_bytes were passed on unread: a usage in one is not seen
-        record["oversized_events"] = ticket.tap.usage.overflows
-    if settlement is not None:
-        record |= {field: getattr(usage, field, 0) for field in USAGE_COUNTS}
-        record["total_tokens"] = usage.total_tokens if usage else 0
-        record |= {
-            "cost": str(settlement.cost),
-            "billing_tokens": settlement.billing_tokens,
-            "usage_source": usage.source if usage else "none",
-        }
+        record["oversized_events"] = tap.usage.overflows
+    return record
+
+
+def describe_settled(settled: Settled) -> dict[str, Any]:
+    """``describe`` of a settled request, with its usage and charge."""
+    usage, settlement = settled.usage, settled.settlement
+    outcome: Outcome = "charged" if usage else "failed"
+    record = describe(settled.phase, outcome, status=settled.status, reason=settled.reason)
+    record |= {field: getattr(usage, field, 0) for field in USAGE_COUNTS}
+    record["total_tokens"] = usage.total_tokens if usage else 0
+    record |= {
+        "cost": str(settlement.cost),
+        "billing_tokens": settlement.billing_tokens,
+        "usage_source": usage.source if usage else "none",
+    }
+    phase = settled.phase
+    if isinstance(phase, Admitted) and phase.hold is None:
+        record["holdless"] = True  # admitted while the store was down
     return record
 
 

@@ -11,7 +11,8 @@ forwarded, and settled from the usage the upstream reports. Locally answered req
 (401/402/400/413/421/503) never reach the upstream.
 
 Each request is read once (``addons/canonical.py``); what is decided and what is
-forwarded come from that reading. The addon sets three mitmproxy options itself when it
+forwarded come from that reading. What each hook learns is an immutable record of the
+request's phase (``addons/phases.py``), which the next hook extends. The addon sets three mitmproxy options itself when it
 loads (mitmproxy listens before scripts' ``running`` hook) and refuses a change to the first
 two: ``connection_strategy=lazy`` (so no upstream connection is opened for a request answered
 locally, and an unreachable upstream still lets the addon answer),
@@ -74,8 +75,8 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 from addons import billing
 from addons import errors
 from addons import options
+from addons import phases
 from addons.admission import Admission
-from addons.admission import Ticket
 from addons.alerts import Alerts
 from addons.canonical import forward as forward_request
 from addons.canonical import raw_style
@@ -84,9 +85,9 @@ from addons.errors import error_response
 from addons.exceptions import Ambiguous
 from addons.exceptions import Rejection
 from addons.inspection import LLMStreamContentview
-from addons.inspection import Outcome
 from addons.inspection import annotate
 from addons.inspection import describe
+from addons.inspection import describe_settled
 from addons.inspection import format_balances
 from addons.inspection import usage_summary
 from addons.keys import KeyCache
@@ -95,6 +96,11 @@ from addons.keys import set_upstream_key
 from addons.metrics import Metrics
 from addons.metrics import MetricsAddon
 from addons.metrics import observed
+from addons.outage import Outage
+from addons.phases import Admitted
+from addons.phases import Authenticated
+from addons.phases import Quoted
+from addons.phases import Settled
 from addons.ratelimit import RateLimiter
 from addons.redaction import LogRedaction
 from addons.streamtap import StreamTap
@@ -198,11 +204,21 @@ class Metering:
         self.journal: Journal | None = None
         self.executor: ThreadPoolExecutor | None = None
         self.admission: Admission | None = None
+        self.outage: Outage | None = None
         self.unjournaled = 0
         """Settlements the journal refused (logged at ERROR for an operator to replay)."""
         self.waiting: collections.deque[Settlement] = collections.deque(maxlen=UNJOURNALED_KEPT)
         """Settlements the journal refused, journaled as soon as it takes writes again."""
-        self.tickets: weakref.WeakKeyDictionary[http.HTTPFlow, Ticket] = weakref.WeakKeyDictionary()
+        self.phases: weakref.WeakKeyDictionary[http.HTTPFlow, Authenticated] = (
+            weakref.WeakKeyDictionary()
+        )
+        """Each metered flow's latest phase (``addons/phases.py``), until it is settled or
+        answered locally; a phase is replaced by the next, never changed."""
+        self.client_keys: weakref.WeakKeyDictionary[http.HTTPFlow, str] = (
+            weakref.WeakKeyDictionary()
+        )
+        """Each authenticated flow's client key, until its admission is done: to refuse a
+        body that holds it and to strip it from what mitmproxy prints. No phase holds it."""
         self.metrics: Metrics | None = None
         """Set by ``MetricsAddon`` while ``metering_metrics`` serves them."""
         self.alerts: Alerts | None = None
@@ -211,7 +227,7 @@ class Metering:
         )
         """Durable mode: settled flows whose journal record is not fsynced yet, until their
         ``response`` hook (a flow that ends in ``error`` has no end to hold back)."""
-        self.admitted: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+        self.in_flight: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         """Flows forwarded and not yet settled: each has journal room kept for it (a request
         still sending its body has none, so stalled uploads cannot use up that room)."""
 
@@ -318,27 +334,27 @@ class Metering:
         if self.writer is None or self.admission is None:
             return
         self.admission.drain(DRAIN_TIMEOUT)
-        for f, ticket in list(self.tickets.items()):
+        for f, phase in list(self.phases.items()):
             self._take(f)
             try:
-                self._settle_at_shutdown(f, ticket)
+                self._settle_at_shutdown(f, phase)
             except Exception:
                 logger.exception("metering: cannot settle %s at shutdown", f.id)
 
-    def _settle_at_shutdown(self, f: http.HTTPFlow, ticket: Ticket) -> None:
+    def _settle_at_shutdown(self, f: http.HTTPFlow, phase: Authenticated) -> None:
         response = f.response
-        if ticket.admitted and response and billing.arrived_whole(ticket, response):
-            self._settle_response(f, ticket, response)
+        admitted = phase if isinstance(phase, Admitted) else None
+        if admitted and response and billing.arrived_whole(admitted, response):
+            self._settle_response(f, admitted, response)
             return
         if f.killable:
             f.kill()
-        if ticket.quote is None:  # no hold asked for: nothing to settle
+        if not isinstance(phase, Quoted):  # no hold asked for: nothing to settle
             return
-        admitted = ticket.admitted
         self._settle(
             f,
-            ticket,
-            lambda: billing.error_usage(ticket, response) if admitted else None,
+            phase,
+            lambda: billing.error_usage(admitted, f.request, response) if admitted else None,
             SHUTDOWN_STATUS,
             "proxy shut down",
         )
@@ -365,14 +381,14 @@ class Metering:
         )
         self.writer.start()
         self.executor = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="metering-store")
+        self.outage = Outage(self.writer, self.in_flight)
         self.admission = Admission(
             config,
             store,
             KeyCache(settings.key_cache_ttl),
-            self.writer,
+            self.outage,
             self.executor,
             RateLimiter(),
-            in_flight=lambda: len(self.admitted),
         )
         legacy = options.legacy_journal(settings.db_url)
         if legacy != settings.journal_path and os.path.isfile(legacy) and os.path.getsize(legacy):
@@ -399,7 +415,7 @@ class Metering:
         if self.store is not None:
             self.store.close()
         self.settings = self.store = self.writer = self.executor = self.admission = None
-        self.journal = self.alerts = None
+        self.journal = self.alerts = self.outage = None
 
     @observed
     async def requestheaders(self, f: http.HTTPFlow) -> None:
@@ -423,7 +439,7 @@ class Metering:
             self._reject(f, None, Rejection(e.problem, str(e)), e.style)
             return
         try:
-            ticket = await self.admission.authenticate(f, canonical)
+            authenticated, key = await self.admission.authenticate(f, canonical)
         except Rejection as r:
             self._reject(f, None, r, canonical.style)
             return
@@ -432,38 +448,42 @@ class Metering:
             logger.exception("metering: authentication failed")
             self._reject(f, None, Rejection(errors.UNAVAILABLE, "Metering failed, retry later"))
             return
-        self._forward(f, ticket)
-        if ticket.api is None:
-            annotate(f, describe(ticket, "passthrough"))
+        self._forward(f, authenticated, key)
+        if authenticated.api is None:
+            annotate(f, describe(authenticated, "passthrough"))
             return
+        self.phases[f] = authenticated
+        self.client_keys[f] = key
         try:
             self.admission.check_size(declared_size(f.request))
         except Rejection as r:
-            self._reject(f, ticket, r)
-            return
-        self.tickets[f] = ticket
+            self._reject(f, authenticated, r)
 
     @observed
     async def request(self, f: http.HTTPFlow) -> None:
         if f.request.trailers and not f.response:  # addons/trailers.py: HTTP/1's too
             # never forwarded: not metered, and mitmproxy cannot send them over HTTP/1
             refusal = Rejection(errors.AMBIGUOUS, "Request trailers are not supported")
-            self._reject(f, self.tickets.get(f), refusal)
+            self._reject(f, self.phases.get(f), refusal)
             return
-        ticket = self.tickets.get(f)
-        if ticket is None or f.response or self.admission is None:
+        authenticated = self.phases.get(f)
+        if authenticated is None or f.response or self.admission is None:
             return
         try:
-            await self.admission.admit(f, ticket)
-            self.admitted.add(f)
+            admitting = self.admission.price(f, authenticated, self.client_keys.get(f, ""))
+            self.phases[f] = admitting.quoted  # settled at 0 if the proxy stops during the hold
+            self.phases[f] = await self.admission.admit(f, admitting)
+            self.in_flight.add(f)
         except Rejection as r:
-            self._reject(f, ticket, r)
+            self._reject(f, self.phases.get(f), r)
         except Exception:
             # Fail closed: a request that admission could not price must not go out unmetered.
             logger.exception("metering: admission failed")
-            self._reject(f, ticket, Rejection(errors.UNAVAILABLE, "Metering failed, retry later"))
+            failed = Rejection(errors.UNAVAILABLE, "Metering failed, retry later")
+            self._reject(f, self.phases.get(f), failed)
         finally:
-            ticket.client_key = ""  # stripped from headers, query and body checks: let it go
+            # stripped from headers and query, the body checked: let it go
+            self.client_keys.pop(f, None)
 
     @observed
     def responseheaders(self, f: http.HTTPFlow) -> None:
@@ -471,38 +491,38 @@ class Metering:
             # a protocol switch nobody asked for (upgrades are refused): an unmetered channel
             f.kill()
             return
-        ticket = self.tickets.get(f)
-        if ticket is None or not ticket.admitted or f.response is None:
+        admitted = self.phases.get(f)
+        if not isinstance(admitted, Admitted) or f.response is None:
             return
-        assert ticket.api is not None
         status = f.response.status_code
         is_sse = f.response.headers.get("content-type", "").startswith("text/event-stream")
-        if is_sse or (ticket.stream and 200 <= status < 300):
-            ticket.tap = StreamTap(
-                ticket.api,
+        if is_sse or (admitted.stream and 200 <= status < 300):
+            tap = StreamTap(
+                admitted.api,
                 f.response.headers.get("content-encoding"),
                 on_end_event=functools.partial(self._settle_at_end_event, weakref.ref(f)),
             )
-            f.response.stream = ticket.tap
+            self.phases[f] = phases.answered(admitted, tap)
+            f.response.stream = tap
 
     def _settle_at_end_event(self, ref: weakref.ref[http.HTTPFlow]) -> None:
         """The stream's end marker has been read: settle now, not at the end of the HTTP
         message (an upstream may hold the connection open, the proxy may die meanwhile);
-        the ticket is taken, so the ``response`` or ``error`` hook that follows does nothing."""
+        the phase is taken, so the ``response`` or ``error`` hook that follows does nothing."""
         f = ref()
         if f is None or f.response is None:
             return
-        ticket = self._take(f)
-        if ticket is not None and ticket.admitted:
-            self._settle_response(f, ticket, f.response)
+        admitted = self._take(f)
+        if isinstance(admitted, Admitted):
+            self._settle_response(f, admitted, f.response)
 
     @observed
     def response(self, f: http.HTTPFlow) -> Coroutine[None, None, None] | None:
         """mitmproxy sends the response's end (a body, or a stream's end of message) after
         this hook, awaiting what it returns: in durable mode, the settlement's fsync."""
-        ticket = self._take(f)
-        if ticket is not None and ticket.admitted and f.response is not None:
-            self._settle_response(f, ticket, f.response)
+        admitted = self._take(f)
+        if isinstance(admitted, Admitted) and f.response is not None:
+            self._settle_response(f, admitted, f.response)
         if (synced := self.unsynced.pop(f, None)) is not None:
             return self._durable(f, synced)
         return None
@@ -518,7 +538,9 @@ class Metering:
         except JournalError as e:
             logger.error("metering: %s: settlement journaled, maybe not durable: %s", f.id, e)
 
-    def _settle_response(self, f: http.HTTPFlow, ticket: Ticket, response: http.Response) -> None:
+    def _settle_response(
+        self, f: http.HTTPFlow, admitted: Admitted, response: http.Response
+    ) -> None:
         status = response.status_code
         reason = None if 200 <= status < 300 else f"upstream answered {status}"
         if billing.interim(response):
@@ -526,46 +548,49 @@ class Metering:
             # for a final one forever, and the upstream's (with its usage) is never read
             status = billing.UPSTREAM_FAILED
             f.response = error_response(
-                ticket.style, errors.UPSTREAM_UNREADABLE, f"Upstream sent {reason}, no answer"
+                admitted.style, errors.UPSTREAM_UNREADABLE, f"Upstream sent {reason}, no answer"
             )
-        self._settle(f, ticket, lambda: billing.response_usage(ticket, response), status, reason)
+        request = f.request
+        usage_of = functools.partial(billing.response_usage, admitted, request, response)
+        self._settle(f, admitted, usage_of, status, reason)
 
     @observed
     def error(self, f: http.HTTPFlow) -> None:
-        ticket = self._take(f)
-        if ticket is None or not ticket.admitted or f.error is None:
+        admitted = self._take(f)
+        if not isinstance(admitted, Admitted) or f.error is None:
             return
         response = f.response
         status = billing.error_status(f)
         left = billing.client_left(f, status)
         self._settle(
             f,
-            ticket,
-            lambda: billing.error_usage(ticket, response, client_left=left),
+            admitted,
+            lambda: billing.error_usage(admitted, f.request, response, client_left=left),
             status,
             f.error.msg,
         )
 
-    def _take(self, f: http.HTTPFlow) -> Ticket | None:
-        """The flow's ticket, which it gives up: the flow is settled or answered locally."""
-        self.admitted.discard(f)
-        return self.tickets.pop(f, None)
+    def _take(self, f: http.HTTPFlow) -> Authenticated | None:
+        """The flow's phase, which it gives up: the flow is settled or answered locally."""
+        self.in_flight.discard(f)
+        self.client_keys.pop(f, None)
+        return self.phases.pop(f, None)
 
-    def _forward(self, f: http.HTTPFlow, ticket: Ticket) -> None:
+    def _forward(self, f: http.HTTPFlow, authenticated: Authenticated, key: str) -> None:
         """Address the upstream as mitmproxy would have: its Host, its key.
 
         The route's upstream key goes only where the operator sends it: the reverse target,
         or in other modes (where the client picks the destination) the route's own host."""
         assert self.settings is not None
         reverse = isinstance(f.client_conn.proxy_mode, ReverseMode)
-        forward_request(f.request, ticket.request, reverse=reverse)
+        forward_request(f.request, authenticated.request, reverse=reverse)
         if reverse:
             f.request.host_header = url.hostport(f.request.scheme, f.request.host, f.request.port)
-        route = ticket.route
+        route = authenticated.route
         upstream_key = self.settings.upstream_keys.get(route)
         if not reverse and route.host is None:
             upstream_key = None  # a listen-port or the default route matches any destination
-        set_upstream_key(f.request, ticket.style, upstream_key, ticket.client_key)
+        set_upstream_key(f.request, authenticated.style, upstream_key, key)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """Reverse mode over TLS: present the upstream's own name (SNI), not the client's.
@@ -579,24 +604,25 @@ class Metering:
     def _reject(
         self,
         f: http.HTTPFlow,
-        ticket: Ticket | None,
+        phase: Authenticated | None,
         rejection: Rejection,
         style: errors.Style | None = None,
     ) -> None:
+        """Answer ``rejection`` locally; ``phase``: what is known of the request so far."""
         if style is None:
-            style = ticket.style if ticket else raw_style(f.request.path)
+            style = phase.style if phase else raw_style(f.request.path)
         problem = rejection.problem
         f.response = error_response(style, problem, rejection.message, **rejection.extra)
         f.response.headers.update(rejection.headers)
         # mitmproxy prints the request line (Gemini ?key=) and headers
-        drop_client_key(f.request, ticket.client_key if ticket else None)
+        drop_client_key(f.request, self.client_keys.get(f))
         self._take(f)
-        annotate(f, describe(ticket, "rejected", status=problem.status, reason=problem.code))
+        annotate(f, describe(phase, "rejected", status=problem.status, reason=problem.code))
 
     def _settle(
         self,
         f: http.HTTPFlow,
-        ticket: Ticket,
+        phase: Quoted,
         usage_of: Callable[[], UsageRecord | None],
         status: int,
         reason: str | None,
@@ -606,21 +632,18 @@ class Metering:
         it is charged its hold."""
         try:
             usage = usage_of()
-            settlement = billing.settlement(f, ticket, usage, status)
+            settlement = billing.settlement(f, phase, usage, status)
         except Exception:
             logger.exception("metering: cannot price %s: charging its hold", f.id)
-            usage = billing.held_usage(ticket)
-            settlement = billing.settlement(f, ticket, usage, status)
+            usage = billing.held_usage(phase)
+            settlement = billing.settlement(f, phase, usage, status)
         synced = self._record(settlement)
         if synced is not None and not synced.done():
             self.unsynced[f] = synced
-        outcome: Outcome = "charged" if usage else "failed"
-        record = describe(
-            ticket, outcome, status=status, reason=reason, usage=usage, settlement=settlement
+        settled = Settled(
+            phase=phase, usage=usage, settlement=settlement, status=status, reason=reason
         )
-        if ticket.hold is None:
-            record["holdless"] = True  # admitted while the store was down
-        annotate(f, record)
+        annotate(f, describe_settled(settled))
 
     def _record(self, settlement: Settlement) -> Future[None] | None:
         """The one hand-off of a settlement towards the store: journal it, wake the writer.

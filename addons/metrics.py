@@ -45,6 +45,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from addons import billing
+from addons.phases import Admitted
 from burnmeter.exceptions import StoreError
 from burnmeter.reports import reports_for
 from burnmeter.store.base import Settlement
@@ -174,8 +175,7 @@ class Metrics:
         if spent is None:  # not seen from the start (metrics turned on meanwhile), or counted
             return
         if hook == "request":
-            ticket = self.metering.tickets.get(f)
-            if ticket is not None and ticket.admitted:
+            if isinstance(self.metering.phases.get(f), Admitted):
                 self.hold.observe(elapsed)
         if hook not in END_HOOKS:
             self._spent[f] = spent + elapsed
@@ -270,8 +270,8 @@ class ScrapeCollector(Collector):
             yield tally.family()
         yield self.metrics.estimated.family()
         metering = self.metrics.metering
-        journal, admission = metering.journal, metering.admission
-        tickets = _snapshot(metering.tickets)
+        journal, outage = metering.journal, metering.outage
+        phases = _snapshot(metering.phases)
         yield GaugeMetricFamily(
             "burnmeter_journal_backlog",
             "Settlements journaled and not yet applied to the store.",
@@ -280,19 +280,19 @@ class ScrapeCollector(Collector):
         yield GaugeMetricFamily(
             "burnmeter_journal_bytes", "Size of the journal file.", journal.size if journal else 0
         )
-        store_up = admission is not None and not admission.store_down
+        store_up = outage is not None and not outage.store_down
         yield GaugeMetricFamily(
             "burnmeter_store_up", "1 while the store takes holds and settlements.", int(store_up)
         )
         yield GaugeMetricFamily(
             "burnmeter_holds_open",
             "Requests in flight holding credit in the store.",
-            sum(1 for t in tickets if t.hold is not None),
+            sum(1 for p in phases if isinstance(p, Admitted) and p.hold is not None),
         )
         yield GaugeMetricFamily(
             "burnmeter_in_flight",
             "Metered requests between admission and settlement.",
-            len(tickets),
+            len(phases),
         )
         yield CounterMetricFamily(
             "burnmeter_settlements_set_aside",
@@ -383,7 +383,7 @@ class ReadinessCheck:
     def _check(self) -> Readiness:
         metering = self.metering
         store, journal, writer = metering.store, metering.journal, metering.writer
-        admission = metering.admission
+        outage = metering.outage
         if metering.settings is None or store is None or journal is None or writer is None:
             return Readiness(False, ("metering is not configured",))
         reasons = []
@@ -393,7 +393,7 @@ class ReadinessCheck:
             reasons.append("store: settlements are not getting through")
         if not os.access(journal.path, os.W_OK):
             reasons.append(f"journal: {journal.path} is not writable")
-        elif admission is not None and not admission.journal_has_room():
+        elif outage is not None and not outage.journal_has_room():
             reasons.append("journal: full")
         if journal.backlog > READY_MAX_BACKLOG:
             reasons.append(f"journal: {journal.backlog} settlements waiting")

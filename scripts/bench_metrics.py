@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     metering = SimpleNamespace(
-        tickets=weakref.WeakKeyDictionary(),
+        phases=weakref.WeakKeyDictionary(),
         journal=None,
         admission=None,
         unjournaled=0,

@@ -60,12 +60,12 @@ from addons import billing  # noqa: E402
 from addons import body as body_module  # noqa: E402
 from addons import metering as metering_module  # noqa: E402
 from addons.admission import Admission  # noqa: E402
-from addons.admission import Ticket  # noqa: E402
 from addons.body import check_spellings  # noqa: E402
 from addons.body import encode_body  # noqa: E402
 from addons.body import unique_keys  # noqa: E402
 from addons.holding import HoldQueue  # noqa: E402
 from addons.metering import Metering  # noqa: E402
+from addons.phases import Admitted  # noqa: E402
 from burnmeter.config import load_config  # noqa: E402
 from burnmeter.documents import hash_key  # noqa: E402
 from burnmeter.estimate import estimate_request  # noqa: E402
@@ -154,6 +154,7 @@ IN_SITU: list[tuple[str, Any, str]] = [
     ("prepare_stream", admission_module, "prepare_stream"),
     ("journal.probe", Journal, "probe"),
     ("billing.response_usage", billing, "response_usage"),
+    ("  billing.input_estimate (no usage reported)", billing, "input_estimate"),
     ("billing.settlement (cost, billing tokens, log)", billing, "settlement"),
     ("  pricing.cost", billing.pricing, "cost"),
     ("  request_log", billing, "request_log"),
@@ -215,9 +216,9 @@ def per_request(samples: dict[str, list[float]], n: int) -> dict[str, Any]:
 
 async def hooks(
     m: Metering, w: Workload, answer: bytes, n: int
-) -> tuple[dict[str, Any], tuple[http.HTTPFlow, Ticket]]:
+) -> tuple[dict[str, Any], tuple[http.HTTPFlow, Admitted]]:
     """Median µs per hook over ``n`` sequential requests through the addon's hooks, and the
-    last request's flow and ticket."""
+    last request's flow and its admitted phase."""
     times: dict[str, list[float]] = {
         k: [] for k in ("requestheaders", "request", "responseheaders", "end")
     }
@@ -228,10 +229,11 @@ async def hooks(
         t0 = time.perf_counter()
         await m.requestheaders(f)
         t1 = time.perf_counter()
-        ticket = m.tickets[f]
         await m.request(f)
         t2 = time.perf_counter()
         assert f.response is None, f.response and f.response.content
+        admitted = m.phases[f]
+        assert isinstance(admitted, Admitted)
         if w.events:
             f.response = http.Response.make(200, b"", {"content-type": "text/event-stream"})
             f.response.content = None
@@ -262,12 +264,12 @@ async def hooks(
     out = {name: us(samples) for name, samples in times.items()}
     out["tap_per_event"] = us(per_event) if per_event else None
     out["events"] = len(events) if w.events else 0
-    return out, (f, ticket)
+    return out, (f, admitted)
 
 
 def parts(
     w: Workload,
-    admitted: tuple[http.HTTPFlow, Ticket],
+    admitted: tuple[http.HTTPFlow, Admitted],
     config_path: Path,
     db_url: str,
     tmp: Path,
@@ -325,19 +327,18 @@ def parts(
     return out | settle_parts(*admitted, store, tmp)
 
 
-def settle_parts(f: http.HTTPFlow, ticket: Ticket, store: Any, tmp: Path) -> dict[str, Any]:
+def settle_parts(f: http.HTTPFlow, admitted: Admitted, store: Any, tmp: Path) -> dict[str, Any]:
     """A settlement as the addon makes it (of a request the hooks admitted), its journal
     line, and the store applying it (the writer thread's work)."""
-    assert ticket.quote is not None and ticket.estimate is not None
-    usage = UsageRecord(input_tokens=ticket.estimate.input_tokens, output_tokens=300)
+    usage = UsageRecord(input_tokens=admitted.estimate.input_tokens, output_tokens=300)
     out: dict[str, Any] = {}
     out["settlement (cost, log document)"] = timed(
-        lambda: billing.settlement(f, ticket, usage, 200)
+        lambda: billing.settlement(f, admitted, usage, 200)
     )
     out["settlement_calc_price_calls"] = calc_price_calls(
-        lambda: billing.settlement(f, ticket, usage, 200)
+        lambda: billing.settlement(f, admitted, usage, 200)
     )
-    settlement = billing.settlement(f, ticket, usage, 200)
+    settlement = billing.settlement(f, admitted, usage, 200)
     out["journal to_json"] = timed(lambda: to_json(settlement))
     journal = Journal(str(tmp / f"parts-{f.id}.journal"), 1 << 30)
     out["journal append"] = timed(lambda: journal.append(settlement))
@@ -345,7 +346,7 @@ def settle_parts(f: http.HTTPFlow, ticket: Ticket, store: Any, tmp: Path) -> dic
     ids = iter(range(10**9))
 
     def settle_one() -> tuple[float, float]:
-        s = billing.settlement(f, ticket, usage, 200)
+        s = billing.settlement(f, admitted, usage, 200)
         object.__setattr__(s, "request_id", f"settle-{f.id}-{next(ids)}")
         object.__setattr__(s, "log", s.log | {"_id": s.request_id})
         wall, cpu = time.perf_counter(), time.thread_time()

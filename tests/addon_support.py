@@ -141,7 +141,7 @@ async def streaming(env: Env) -> tuple[http.HTTPFlow, StreamTap]:
     await admit(env, f)
     f.response = sse_response()
     env.metering.responseheaders(f)
-    tap = env.metering.tickets[f].tap
+    tap = env.metering.phases[f].tap
     assert tap is not None
     return f, tap
 

@@ -116,7 +116,7 @@ async def test_a_stream_settled_at_its_end_event_ends_after_the_fsync(
     f, tap = await streaming(env)
     body = chat_sse(["Hel", "lo"], CHAT_USAGE)
     assert tap(body) + tap(b"") == body
-    assert f not in env.metering.tickets, "settled at the end event"
+    assert f not in env.metering.phases, "settled at the end event"
     await end_of_response(env, f, gate)
     assert gate.events[:2] == ["fsync", "end of response sent"]
     log = settled(env, f.id)

@@ -30,10 +30,13 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
+from mitmproxy.utils.asyncio_utils import create_task
 
 from addons import billing
 from addons.metering import Metering
 from addons.metering import ready_line
+from addons.phases import Admitted
+from addons.phases import Quoted
 from burnmeter.config import load_config
 from burnmeter.documents import hash_key
 from burnmeter.documents import utcnow
@@ -131,10 +134,10 @@ async def test_a_forward_proxy_client_cannot_steer_the_upstream_key_elsewhere(
     steered.request.host = "evil.example"  # the destination; the Host header still says the route's
     await admit(env, steered)
     assert "authorization" not in steered.request.headers
-    assert env.metering.tickets[steered].pool == "ohmygpt", "billed by destination: no route"
+    assert env.metering.phases[steered].pool == "ohmygpt", "billed by destination: no route"
     by_port = make_flow(host="evil.example", listen_port=PORT_ROUTE)
     await admit(env, by_port)
-    assert env.metering.tickets[by_port].pool == "openhands"
+    assert env.metering.phases[by_port].pool == "openhands"
     assert "authorization" not in by_port.request.headers
 
 
@@ -335,7 +338,7 @@ async def test_gemini_key_in_query_and_gemini_error_shape(env: Env) -> None:
     await admit(env, f)
     assert f.response is None
     assert "key" not in f.request.query
-    assert f.metadata == {} and env.metering.tickets[f].model == "gemini-2.5-flash"
+    assert f.metadata == {} and env.metering.phases[f].model == "gemini-2.5-flash"
     bad = make_flow(path, body, key=None)
     await admit(env, bad)
     assert body_of(bad)["error"]["status"] == "UNAUTHENTICATED"
@@ -387,7 +390,7 @@ async def test_an_unexpected_admission_error_fails_closed(
     assert f.response is not None and f.response.status_code == 503
     assert body_of(f)["error"]["code"] == "metering_unavailable"
     assert "authorization" not in f.request.headers
-    assert f not in env.metering.tickets
+    assert f not in env.metering.phases
 
 
 async def test_insufficient_credits_is_402_with_balance(env: Env) -> None:
@@ -486,7 +489,7 @@ async def test_free_paths_pass_through_with_auth_and_no_charge(
     assert f.response is None
     assert f.metadata["metering"]["outcome"] == "passthrough"
     assert "authorization" not in f.request.headers
-    assert f not in env.metering.tickets
+    assert f not in env.metering.phases
 
 
 @pytest.mark.parametrize(
@@ -568,14 +571,14 @@ async def test_background_responses_are_refused(env: Env) -> None:
 async def test_pool_by_host_port_and_model(env: Env, kwargs, body_model: str, pool: str) -> None:
     f = make_flow(body={"model": body_model, "messages": []}, **kwargs)
     await admit(env, f)
-    ticket = env.metering.tickets[f]
-    assert ticket.pool == pool and ticket.hold is not None and ticket.hold.pool == pool
+    admitted = env.metering.phases[f]
+    assert admitted.pool == pool and admitted.hold is not None and admitted.hold.pool == pool
 
 
 async def test_reverse_mode_captures_client_host_then_sets_upstream_host(env: Env) -> None:
     f = make_flow(host=OPENHANDS_HOST, mode="reverse:http://upstream.test:80")
     await admit(env, f)
-    assert env.metering.tickets[f].host == OPENHANDS_HOST
+    assert env.metering.phases[f].host == OPENHANDS_HOST
     assert f.request.host_header == "upstream.test"
     regular = make_flow(host=OPENHANDS_HOST)
     await admit(env, regular)
@@ -622,7 +625,7 @@ async def test_streamed_response_is_tapped_and_charged(env: Env) -> None:
     await admit(env, f)
     f.response = sse_response()
     env.metering.responseheaders(f)
-    tap = env.metering.tickets[f].tap
+    tap = env.metering.phases[f].tap
     assert tap is not None and f.response.stream is tap
     body = chat_sse(["Hel", "lo"], CHAT_USAGE)
     out = b"".join(tap(body[i : i + 7]) for i in range(0, len(body), 7)) + tap(b"")
@@ -759,9 +762,9 @@ async def test_client_gone_before_the_answer_is_charged_its_hold_once_it_went_up
 ) -> None:
     f = make_flow(body={"model": "gpt-4o", "max_tokens": 500, "messages": []})
     await admit(env, f)
-    ticket = env.metering.tickets[f]
-    assert ticket.hold is not None
-    held = ticket.hold.amount
+    admitted = env.metering.phases[f]
+    assert admitted.hold is not None
+    held = admitted.hold.amount
     f.server_conn.timestamp_tcp_setup = time.time()
     f.error = flow.Error("Client disconnected.")
     env.metering.error(f)
@@ -825,8 +828,8 @@ async def test_cached_key_is_served_without_a_hold_while_the_store_is_down(
     f = make_flow()
     await admit(env, f)
     assert f.response is None, "served"
-    ticket = env.metering.tickets[f]
-    assert ticket.admitted and ticket.hold is None
+    admitted = env.metering.phases[f]
+    assert isinstance(admitted, Admitted) and admitted.hold is None
     f.response = json_response({"model": "gpt-4o", "choices": [], "usage": CHAT_USAGE})
     env.metering.responseheaders(f)
     env.metering.response(f)
@@ -842,7 +845,7 @@ async def test_unknown_key_is_503_while_the_store_is_down(
     await admit(env, make_flow())
     store_down(monkeypatch, env, "hold_many")
     await admit(env, make_flow())  # the failed hold marks the store down
-    assert env.metering.admission is not None and env.metering.admission.store_down
+    assert env.metering.outage is not None and env.metering.outage.store_down
     looked_up: list[str] = []
     monkeypatch.setattr(env.metering.store, "find_key", looked_up.append)
     f = make_flow(key=BOB_KEY)
@@ -891,7 +894,7 @@ async def test_a_slow_store_is_not_waited_for_and_a_late_hold_is_released(
     started = time.monotonic()
     await admit(env, f)
     assert time.monotonic() - started < 0.25
-    assert f.response is None and env.metering.tickets[f].hold is None
+    assert f.response is None and env.metering.phases[f].hold is None
     assert await asyncio.to_thread(made.wait, 5)
     for _ in range(200):  # the late hold goes back to the pool
         holds = env.store.open_holds(utcnow() + timedelta(days=1))
@@ -906,11 +909,11 @@ async def test_journal_headroom_refuses_new_requests(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env.tctx.configure(env.metering, metering_journal_max_kb=8)
-    assert env.metering.admission is not None
+    assert env.metering.outage is not None
     f = make_flow()
     await admit(env, f)
     assert f.response is None, "8 KiB: room for two in flight"
-    monkeypatch.setattr(env.metering.admission, "in_flight", lambda: 2)
+    monkeypatch.setattr(env.metering.outage, "in_flight", {f, make_flow()})
     g = make_flow(path="/v1/messages", body={"model": "claude-sonnet-4-5", "messages": []})
     await admit(env, g)
     assert g.response is not None and g.response.status_code == 503
@@ -1069,6 +1072,36 @@ async def test_shutdown_settles_requests_still_in_flight(env: Env) -> None:
     assert env.store.open_holds(utcnow() + timedelta(days=1)) == []
 
 
+async def test_shutdown_settles_a_request_waiting_for_its_hold_at_zero(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its hold is made meanwhile (shutdown waits for the holds under way): the settlement
+    at 0 releases it."""
+    assert env.metering.store is not None
+    hold_many = env.metering.store.hold_many
+    asked = threading.Event()
+
+    def slow_holds(*args: object) -> object:
+        asked.set()
+        time.sleep(0.1)
+        return hold_many(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(env.metering.store, "hold_many", slow_holds)
+    f = make_flow()
+    admitting = create_task(admit(env, f), name="admitting", keep_ref=False)
+    assert await asyncio.to_thread(asked.wait, 5)
+    phase = env.metering.phases[f]
+    assert isinstance(phase, Quoted) and not isinstance(phase, Admitted)
+    log = settled(env, f.id)  # done() before admission could go on
+    admitting.cancel()
+    await asyncio.gather(admitting, return_exceptions=True)
+    assert log is not None and log["creditsCost"] == 0 and log["statusCode"] == 503
+    assert log["model"] == "gpt-4o" and log["creditType"] == "openhands"
+    assert env.store.open_holds(utcnow() + timedelta(days=1)) == []
+    assert openhands_balance(env) == 5
+    assert f.metadata["metering"]["outcome"] == "failed" and f.error is not None
+
+
 # -- hostile requests: each read once, refused or metered as forwarded -----------------------
 GEMINI_FLASH = "/v1beta/models/gemini-2.5-flash:generateContent"
 GEMINI_BODY = {"contents": [{"parts": [{"text": "hi"}]}]}
@@ -1169,7 +1202,7 @@ async def test_a_host_no_route_names_is_421(env: Env) -> None:
     for host in (f"{OPENHANDS_HOST}.", OPENHANDS_HOST.upper(), f"{OPENHANDS_HOST}:8443"):
         f = make_flow(host=host, mode=REVERSE)
         await admit(env, f)
-        assert f.response is None and env.metering.tickets[f].pool == "openhands", host
+        assert f.response is None and env.metering.phases[f].pool == "openhands", host
 
 
 async def test_http2_request_trailers_are_refused(env: Env) -> None:
@@ -1198,13 +1231,13 @@ async def test_an_answer_without_the_usage_its_api_always_reports_is_charged_the
 ) -> None:
     f = make_flow(body={"model": "gpt-4o", "messages": [], "max_tokens": 1000})
     await admit(env, f)
-    ticket = env.metering.tickets[f]
-    assert ticket.hold is not None
+    admitted = env.metering.phases[f]
+    assert admitted.hold is not None
     f.response = json_response({"model": "gpt-4o", "choices": [{"message": {"content": "hi"}}]})
     env.metering.response(f)
     assert f.metadata["metering"]["output_tokens"] == 1000
     log = settled(env, f.id)
-    assert log is not None and Decimal(str(log["creditsCost"])) == ticket.hold.amount
+    assert log is not None and Decimal(str(log["creditsCost"])) == admitted.hold.amount
 
 
 async def test_a_duplicated_or_respelt_key_in_the_body_is_refused(env: Env) -> None:
@@ -1233,7 +1266,7 @@ async def test_a_key_in_the_body_is_refused(env: Env) -> None:
     f = make_flow(body={"model": "gpt-4o", "messages": [], "user": KEY})
     await admit(env, f)
     assert f.response is not None and body_of(f)["error"]["code"] == "ambiguous_request"
-    assert env.metering.tickets.get(f) is None
+    assert env.metering.phases.get(f) is None
 
 
 async def test_a_gemini_path_is_priced_as_the_model_it_resolves_to(env: Env) -> None:
@@ -1242,8 +1275,8 @@ async def test_a_gemini_path_is_priced_as_the_model_it_resolves_to(env: Env) -> 
         GEMINI_BODY,
     )
     await admit(env, f)
-    ticket = env.metering.tickets[f]
-    assert ticket.quote is not None and ticket.quote.model == "gemini-2.5-flash"
+    admitted = env.metering.phases[f]
+    assert admitted.quote is not None and admitted.quote.model == "gemini-2.5-flash"
     assert f.request.path == GEMINI_FLASH
 
 
@@ -1251,8 +1284,8 @@ async def test_a_gemini_path_is_priced_as_the_model_it_resolves_to(env: Env) -> 
 async def test_a_model_name_spelt_differently_is_priced_as_that_model(env: Env, name: str) -> None:
     f = make_flow(body={"model": name, "messages": []})
     await admit(env, f)
-    ticket = env.metering.tickets[f]
-    assert ticket.quote is not None and ticket.quote.model == "gpt-4o"
+    admitted = env.metering.phases[f]
+    assert admitted.quote is not None and admitted.quote.model == "gpt-4o"
 
 
 POOL_PRICED = (
@@ -1272,9 +1305,9 @@ async def test_a_models_pool_override_bills_at_that_pools_multiplier(env: Env) -
     for host in (OPENHANDS_HOST, OHMYGPT_HOST, "other.test"):  # x2, x3, default x1
         f = make_flow(body={"model": "special", "messages": []}, host=host)
         await admit(env, f)
-        ticket = env.metering.tickets[f]
-        assert ticket.pool == "ohmygpt" and ticket.quote is not None
-        assert ticket.quote.multiplier == 3, host  # the dearest route billing ohmygpt
+        admitted = env.metering.phases[f]
+        assert admitted.pool == "ohmygpt" and admitted.quote is not None
+        assert admitted.quote.multiplier == 3, host  # the dearest route billing ohmygpt
 
 
 async def test_a_host_that_is_not_utf8_is_refused_before_any_hold(env: Env) -> None:
@@ -1285,7 +1318,7 @@ async def test_a_host_that_is_not_utf8_is_refused_before_any_hold(env: Env) -> N
     await admit(env, f)
     assert f.response is not None and f.response.status_code == 400
     assert body_of(f)["error"]["code"] == "ambiguous_request"
-    assert f not in env.metering.tickets and openhands_balance(env) == Decimal("5")
+    assert f not in env.metering.phases and openhands_balance(env) == Decimal("5")
 
 
 async def test_a_settlement_that_cannot_be_priced_charges_the_hold(
@@ -1293,9 +1326,9 @@ async def test_a_settlement_that_cannot_be_priced_charges_the_hold(
 ) -> None:
     f = make_flow(body={"model": "gpt-4o", "max_tokens": 100, "messages": []})
     await admit(env, f)
-    ticket = env.metering.tickets[f]
-    assert ticket.hold is not None
-    held = ticket.hold.amount
+    admitted = env.metering.phases[f]
+    assert admitted.hold is not None
+    held = admitted.hold.amount
 
     def broken(*args: object) -> None:
         raise KeyError("an answer no test foresaw")
@@ -1317,7 +1350,7 @@ async def test_one_flow_failing_to_settle_at_shutdown_does_not_stop_the_others(
         await admit(env, f)
         f.response = sse_response()
         env.metering.responseheaders(f)
-        env.metering.tickets[f].tap(chat_sse(["some text"], None))  # type: ignore[misc]
+        env.metering.phases[f].tap(chat_sse(["some text"], None))  # type: ignore[misc]
         flows.append(f)
     real = billing.settlement
 
@@ -1388,7 +1421,7 @@ async def test_a_stream_is_settled_at_its_end_event_not_at_the_end_of_the_messag
     assert env.metering.writer is not None and env.metering.writer.journal.size > 0
     record = f.metadata["metering"]
     assert record["usage_source"] == "reported" and record["output_tokens"] == 200
-    assert f not in env.metering.tickets
+    assert f not in env.metering.phases
     tap(b"")
     env.metering.response(f)  # the end of the message comes later: no second settlement
     f.error = flow.Error("Client disconnected.")
@@ -1421,15 +1454,17 @@ async def test_a_balance_that_covers_part_of_the_hold_caps_the_output_lower(env:
     body = {"model": "gpt-4o", "max_tokens": 100_000, "messages": []}
     f = make_flow(body=body, key=carol)
     await admit(env, f)
-    ticket = env.metering.tickets[f]
-    assert ticket.hold is not None and ticket.hold.amount == Decimal("0.01")
+    admitted = env.metering.phases[f]
+    assert admitted.hold is not None and admitted.hold.amount == Decimal("0.01")
     limit = forwarded(f)["max_tokens"]
     # gpt-4o: input 2.5 and output 10 USD per million, route multiplier 2
-    input_cost = ticket.estimate.held_input_tokens * Decimal("2.5") * 2 / 1_000_000  # type: ignore[union-attr]
+    input_cost = admitted.estimate.held_input_tokens * Decimal("2.5") * 2 / 1_000_000  # type: ignore[union-attr]
     per_token = Decimal(10) * 2 / 1_000_000
     assert limit == int((Decimal("0.01") - input_cost) / per_token) < 100_000
     assert (
-        (limit + 1) * per_token + input_cost > ticket.hold.amount >= limit * per_token + input_cost
+        (limit + 1) * per_token + input_cost
+        > admitted.hold.amount
+        >= limit * per_token + input_cost
     )
 
 
@@ -1539,7 +1574,7 @@ def test_whatever_the_client_sends_a_forwarded_request_is_journaled(
         f.request.headers["authorization"] = f"Bearer {KEY}{key_suffix}"
     asyncio.run(admit(env, f))
     if f.response is not None:  # answered locally: never forwarded, nothing to settle
-        assert 400 <= f.response.status_code < 600 and f not in env.metering.tickets
+        assert 400 <= f.response.status_code < 600 and f not in env.metering.phases
         return
     f.response = json_response({"model": model, "choices": [], "usage": CHAT_USAGE})
     env.metering.response(f)

@@ -4,13 +4,10 @@ import json
 import logging
 
 import pytest
-from mitmproxy import contentviews
 from mitmproxy import http
-from mitmproxy.test import tflow
 from mitmproxy.test import tutils
 
 from addons import errors
-from addons.inspection import LLMStreamContentview
 from addons.keys import KeyCache
 from addons.keys import client_key
 from addons.streamtap import StreamTap
@@ -119,41 +116,3 @@ def test_tap_never_raises(caplog: pytest.LogCaptureFixture) -> None:
         assert tap(b"data: x\n\n") == b"data: x\n\n"
         assert tap(b"more") == b"more"
     assert caplog.text.count("stream tap failed") == 1
-
-
-# -- contentview -----------------------------------------------------------------------
-def test_contentview_reassembles_text_and_usage() -> None:
-    body = chat_sse(["Hello", ", world"], {"prompt_tokens": 9, "completion_tokens": 2})
-    f = tflow.tflow(req=tutils.treq(path=b"/v1/chat/completions"))
-    view = LLMStreamContentview()
-    meta = contentviews.Metadata(flow=f, content_type="text/event-stream")
-    assert view.render_priority(body, meta) > 1
-    out = view.prettify(body, meta)
-    assert out.startswith("Hello, world\n")
-    assert "4 events · model gpt-4o · done=True" in out
-    assert "usage: input 9 · output 2" in out
-    assert view.name == "LLM Stream"
-
-
-def test_contentview_anthropic_and_gemini_array() -> None:
-    view = LLMStreamContentview()
-    events = [
-        {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "Hi"}},
-        {"type": "message_delta", "usage": {"output_tokens": 1}},
-    ]
-    body = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events)
-    f = tflow.tflow(req=tutils.treq(path=b"/v1/messages"))
-    assert view.prettify(body, contentviews.Metadata(flow=f)).startswith("Hi\n")
-    gemini = [{"candidates": [{"content": {"parts": [{"text": "Yo"}]}, "finishReason": "STOP"}]}]
-    g = tflow.tflow(req=tutils.treq(path=b"/v1beta/models/m:streamGenerateContent"))
-    out = view.prettify(json.dumps(gemini).encode(), contentviews.Metadata(flow=g))
-    assert out.startswith("Yo\n") and "usage: none reported" in out
-
-
-def test_contentview_declines_other_bodies() -> None:
-    view = LLMStreamContentview()
-    f = tflow.tflow(req=tutils.treq(path=b"/index.html"))
-    meta = contentviews.Metadata(flow=f, content_type="text/event-stream")
-    assert view.render_priority(b"data: 1\n\n", meta) < 0
-    json_meta = contentviews.Metadata(flow=tflow.tflow(), content_type="application/json")
-    assert view.render_priority(b"{}", json_meta) < 0

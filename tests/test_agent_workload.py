@@ -13,6 +13,7 @@ import pytest
 from mitmproxy.test import taddons
 
 from addons.metering import Metering
+from addons.phases import Admitted
 from burnmeter.config import load_config
 from burnmeter.documents import hash_key
 from burnmeter.store import open_store
@@ -72,9 +73,9 @@ async def test_the_proxy_admits_it(
     raw = generate(MODEL)
     f = make_flow(path, raw, key=KEY, key_header=key_header, host=HOST)
     await metering.requestheaders(f)
-    ticket = metering.tickets[f]
     await metering.request(f)
     assert f.response is None  # not answered locally: forwarded
-    assert ticket.admitted and ticket.stream and ticket.hold is not None
-    assert ticket.request.api == ("anthropic.messages" if "messages" in path else "openai.chat")
-    assert ticket.estimate is not None and ticket.estimate.input_tokens > target // 8
+    admitted = metering.phases[f]
+    assert isinstance(admitted, Admitted) and admitted.stream and admitted.hold is not None
+    assert admitted.request.api == ("anthropic.messages" if "messages" in path else "openai.chat")
+    assert admitted.estimate is not None and admitted.estimate.input_tokens > target // 8
