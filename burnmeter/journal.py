@@ -263,21 +263,28 @@ class Journal:
         return out
 
     def advance(self, offset: int) -> None:
-        """Records up to ``offset`` are applied: persist that, and empty a caught-up journal."""
+        """Records up to ``offset`` are applied: persist that, and empty a caught-up journal.
+
+        The checkpoint file is written outside the lock, so that an ``append`` on the event
+        loop never waits for it; a caught-up journal whose checkpoint already reads 0 (the
+        usual case: every batch found the journal empty) is truncated without writing it."""
         with self._lock:
             if self._fd < 0:
                 raise JournalError(f"{self.path}: journal is closed")
+            caught_up = offset == self._size
+        if caught_up:
+            # Checkpoint 0 first: dying before the truncation replays applied records
+            # (harmless) instead of skipping unapplied ones; 0 is never wrong to persist.
+            self._persist_checkpoint(0)
+        with self._lock:
             while self._ends and self._ends[0][0] <= offset:
                 self._ends.popleft()
-            self._checkpoint = offset
             if offset == self._size:
-                # Checkpoint first: dying between the two steps replays applied records
-                # (harmless) instead of skipping unapplied ones.
-                self._write_checkpoint(0)
                 os.ftruncate(self._fd, 0)
                 self._size = self._checkpoint = 0
                 return
-        self._write_checkpoint(offset)
+            self._checkpoint = offset  # records were appended meanwhile: keep them
+        self._persist_checkpoint(offset)
 
     def set_aside(self, end: int, settlement: Settlement, error: Exception) -> None:
         """A record the store cannot apply: moved to ``path + ".rejected"`` so that the rest
@@ -304,6 +311,8 @@ class Journal:
 
     # -- internals -------------------------------------------------------------------------
     _closing = False
+    _persisted_checkpoint: int | None = None
+    """What the checkpoint file reads as (None: missing, unreadable, not trusted)."""
 
     def _sync_loop(self) -> None:
         """The syncer: one fsync for every record appended since the last one started."""
@@ -388,6 +397,7 @@ class Journal:
         if not at_line_start:
             logger.warning("%s: checkpoint %d does not match: replaying", self.path, offset)
             return 0
+        self._persisted_checkpoint = offset
         return offset
 
     def _line_ends(self) -> list[int]:
@@ -402,7 +412,11 @@ class Journal:
             offset += len(chunk)
         return ends
 
-    def _write_checkpoint(self, offset: int) -> None:
+    def _persist_checkpoint(self, offset: int) -> None:
+        """Replace the checkpoint file (atomically: a temporary file renamed), unless it
+        already holds ``offset``; only the consumer calls this, so no lock is needed."""
+        if offset == self._persisted_checkpoint:
+            return
         tmp = self._checkpoint_path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -412,6 +426,7 @@ class Journal:
         finally:
             os.close(fd)
         os.replace(tmp, self._checkpoint_path)
+        self._persisted_checkpoint = offset
 
     def _reject(
         self, line: bytes, end: int, error: Exception, what: str = "undecodable record"
