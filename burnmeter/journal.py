@@ -25,7 +25,8 @@ the writer's sweep releases it.
 
 The file layout is JSON lines, each carrying its format version (``FORMAT_VERSION``;
 ``docs/formats.md`` describes every version); ``path + ".checkpoint"`` holds the byte
-offset up to which records are applied, and ``fcntl.flock`` on the journal makes it one
+offset up to which records are applied (or fewer: ``advance(persist=False)`` lets it lag,
+which only replays applied records), and ``fcntl.flock`` on the journal makes it one
 process's.
 """
 
@@ -148,6 +149,7 @@ class Journal:
         self.fsync = fsync
         self._checkpoint_path = path + ".checkpoint"
         self._lock = threading.Lock()
+        self._checkpoint_lock = threading.Lock()  # the writer's advance vs close
         self.set_aside_count = 0
         """Records this object moved to ``path + ".rejected"``."""
 
@@ -262,12 +264,14 @@ class Journal:
                     self._reject(line, offset, e)
         return out
 
-    def advance(self, offset: int) -> None:
+    def advance(self, offset: int, *, persist: bool = True) -> None:
         """Records up to ``offset`` are applied: persist that, and empty a caught-up journal.
 
-        The checkpoint file is written outside the lock, so that an ``append`` on the event
-        loop never waits for it; a caught-up journal whose checkpoint already reads 0 (the
-        usual case: every batch found the journal empty) is truncated without writing it."""
+        With ``persist=False`` the checkpoint file may lag behind (until a later advance or
+        ``close``): a crash then replays records already applied, which is harmless. The
+        file is written outside the lock, so that an ``append`` on the event loop never
+        waits for it; a caught-up journal whose checkpoint already reads 0 is truncated
+        without writing it."""
         with self._lock:
             if self._fd < 0:
                 raise JournalError(f"{self.path}: journal is closed")
@@ -277,6 +281,8 @@ class Journal:
             # (harmless) instead of skipping unapplied ones; 0 is never wrong to persist.
             self._persist_checkpoint(0)
         with self._lock:
+            if self._fd < 0:
+                raise JournalError(f"{self.path}: journal is closed")
             while self._ends and self._ends[0][0] <= offset:
                 self._ends.popleft()
             if offset == self._size:
@@ -284,7 +290,8 @@ class Journal:
                 self._size = self._checkpoint = 0
                 return
             self._checkpoint = offset  # records were appended meanwhile: keep them
-        self._persist_checkpoint(offset)
+        if persist:
+            self._persist_checkpoint(offset)
 
     def set_aside(self, end: int, settlement: Settlement, error: Exception) -> None:
         """A record the store cannot apply: moved to ``path + ".rejected"`` so that the rest
@@ -298,6 +305,8 @@ class Journal:
             self._sync_wanted.notify()
         if self._syncer is not None:
             self._syncer.join()  # it syncs what is left first: the fd must outlive it
+        if self._fd >= 0 and self._checkpoint != (self._persisted_checkpoint or 0):
+            self._persist_checkpoint(self._checkpoint)  # what ``persist=False`` left behind
         with self._lock:
             if self._fd >= 0:
                 os.close(self._fd)  # also releases the flock
@@ -414,19 +423,21 @@ class Journal:
 
     def _persist_checkpoint(self, offset: int) -> None:
         """Replace the checkpoint file (atomically: a temporary file renamed), unless it
-        already holds ``offset``; only the consumer calls this, so no lock is needed."""
-        if offset == self._persisted_checkpoint:
-            return
-        tmp = self._checkpoint_path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, str(offset).encode("ascii"))
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self._checkpoint_path)
-        self._persisted_checkpoint = offset
+        already holds ``offset``. Not under the append lock: under its own, so that
+        ``close`` and a writer still running never interleave their writes of ``.tmp``."""
+        with self._checkpoint_lock:
+            if offset == self._persisted_checkpoint:
+                return
+            tmp = self._checkpoint_path + ".tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, str(offset).encode("ascii"))
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self._checkpoint_path)
+            self._persisted_checkpoint = offset
 
     def _reject(
         self, line: bytes, end: int, error: Exception, what: str = "undecodable record"

@@ -126,6 +126,44 @@ def test_checkpoint_survives_reopen(path: str) -> None:
         assert ids(j.pending(10)) == ["req-1", "req-2"]
 
 
+def test_unpersisted_checkpoint_replays_then_close_persists_it(path: str) -> None:
+    with Journal(path) as j:
+        for i in range(3):
+            j.append(settlement(i))
+        j.advance(j.pending(1)[0][0])
+        behind = Path(path + ".checkpoint").read_text()
+        applied = j.pending(1)[0][0]
+        j.advance(applied, persist=False)
+        assert j.backlog == 1 and ids(j.pending(10)) == ["req-2"]
+        # a crash now would replay req-1 (applied, charged once): the file lags behind
+        assert Path(path + ".checkpoint").read_text() == behind
+    assert Path(path + ".checkpoint").read_text() == str(applied)
+    with Journal(path) as j:
+        assert ids(j.pending(10)) == ["req-2"]
+
+
+def test_caught_up_journal_with_checkpoint_zero_is_not_rewritten(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Journal(path) as j:
+        j.append(settlement(0))
+        j.advance(j.pending(1)[0][0])
+        assert Path(path + ".checkpoint").read_text() == "0"
+        renames: list[str] = []
+        replace = os.replace
+
+        def counted(src: str, dst: str) -> None:
+            renames.append(dst)
+            replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", counted)
+        j.append(settlement(1))
+        j.advance(j.pending(1)[0][0])
+        assert os.path.getsize(path) == 0
+        assert renames == []  # the checkpoint file already read 0
+        assert Path(path + ".checkpoint").read_text() == "0"
+
+
 def test_torn_tail_is_cut_off(path: str) -> None:
     with Journal(path) as j:
         j.append(settlement(0))
