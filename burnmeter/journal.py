@@ -44,6 +44,8 @@ from decimal import Decimal
 from typing import Any
 from typing import NoReturn
 
+import orjson
+
 from burnmeter.documents import key_ref
 from burnmeter.exceptions import JournalError
 from burnmeter.exceptions import JournalFull
@@ -68,31 +70,41 @@ _READ_CHUNK = 64 * 1024
 
 
 def to_json(settlement: Settlement) -> str:
-    """One line (without the newline): Decimal as a string, datetimes as ISO 8601.
+    """One line (without the newline): Decimal as a string, datetimes as ISO 8601."""
+    return encode_record(settlement).decode("utf-8")
 
-    Every string is made encodable first: a record the journal cannot encode would be a
-    request nobody is charged for."""
-    record = encodable_tree(
-        {
-            "request_id": settlement.request_id,
-            "user_id": settlement.user_id,
-            "pool": settlement.pool,
-            "cost": str(settlement.cost),
-            "billing_tokens": settlement.billing_tokens,
-            "input_tokens": settlement.input_tokens,
-            "output_tokens": settlement.output_tokens,
-            # never a raw key on disk: legacy user_keys ids are raw keys (the store maps back)
-            "key_doc_id": key_ref(settlement.key_doc_id) if settlement.key_doc_id else None,
-            "log": settlement.log,
-            "v": FORMAT_VERSION,  # last: a record's line starts with its request_id
-        }
-    )
+
+def encode_record(settlement: Settlement) -> bytes:
+    """``to_json`` as UTF-8 bytes, the journal's own line.
+
+    orjson writes it (a tenth of the stdlib's time, the same bytes); what orjson refuses
+    goes through the stdlib: a lone surrogate (every string is then made encodable: a
+    record the journal cannot encode would be a request nobody is charged for), an integer
+    past 64 bits, a key that is not a string. orjson would write a NaN as null: the log
+    documents hold none (``request_log``: integers, strings, Decimal, datetime)."""
+    record = {
+        "request_id": settlement.request_id,
+        "user_id": settlement.user_id,
+        "pool": settlement.pool,
+        "cost": str(settlement.cost),
+        "billing_tokens": settlement.billing_tokens,
+        "input_tokens": settlement.input_tokens,
+        "output_tokens": settlement.output_tokens,
+        # never a raw key on disk: legacy user_keys ids are raw keys (the store maps back)
+        "key_doc_id": key_ref(settlement.key_doc_id) if settlement.key_doc_id else None,
+        "log": settlement.log,
+        "v": FORMAT_VERSION,  # last: a record's line starts with its request_id
+    }
+    try:
+        return orjson.dumps(record, default=_tag, option=orjson.OPT_PASSTHROUGH_DATETIME)
+    except orjson.JSONEncodeError:
+        pass
     return json.dumps(
-        record,
+        encodable_tree(record),
         default=_tag,
         ensure_ascii=False,
         separators=(",", ":"),
-    )
+    ).encode("utf-8")
 
 
 def from_json(text: str | bytes) -> Settlement:
@@ -187,7 +199,7 @@ class Journal:
     def append(self, settlement: Settlement) -> Future[None]:
         """Write one record; the future is done once it is durable (at once without fsync),
         or holds a ``JournalError`` if the fsync that covered it failed."""
-        line = (to_json(settlement) + "\n").encode("utf-8")
+        line = encode_record(settlement) + b"\n"
         with self._lock:
             if self._fd < 0:
                 raise JournalError(f"{self.path}: journal is closed")
@@ -296,7 +308,7 @@ class Journal:
     def set_aside(self, end: int, settlement: Settlement, error: Exception) -> None:
         """A record the store cannot apply: moved to ``path + ".rejected"`` so that the rest
         go on; every record before it must be applied already (this advances past it)."""
-        line = to_json(settlement).encode("utf-8")
+        line = encode_record(settlement)
         self._reject(line, end, error, "record the store cannot apply")
 
     def close(self) -> None:

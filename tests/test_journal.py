@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -92,6 +93,21 @@ def test_round_trip_is_exact() -> None:
     assert str(back.log["nested"]["xs"][0]) == "2.50"
     assert back.log["createdAt"].utcoffset() == timedelta(hours=7)
     assert from_json(to_json(settlement(1))) == settlement(1)
+
+
+def test_what_orjson_refuses_is_journaled_by_the_stdlib(path: str) -> None:
+    """A lone surrogate (replaced), an integer past 64 bits, a key that is no string."""
+    s = settlement(0)
+    log = s.log | {"model": "gpt\ud800", "big": 2**70, "byStatus": {200: Decimal("1.5")}}
+    odd = dataclasses.replace(s, log=log)
+    back = from_json(to_json(odd))
+    assert back.log["model"] == "gpt\ufffd"
+    assert back.log["big"] == 2**70
+    assert back.log["byStatus"] == {"200": Decimal("1.5")}
+    with Journal(path) as j:
+        j.append(odd)
+    with Journal(path) as j:
+        assert j.pending(1)[0][1].log == back.log
 
 
 def test_pending_advance_and_compaction(path: str) -> None:
