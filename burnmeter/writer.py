@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 OnSettled = Callable[[Settlement, Decimal], None]
 
+CHECKPOINT_INTERVAL = 1.0
+"""Seconds between checkpoint writes while the journal is never caught up (under load): a
+crash replays at most about this much of settlements already applied (charged once)."""
+
 
 class SettlementWriter:
     """``store_factory`` runs in the writer thread (SQLite connections are per thread).
@@ -77,6 +81,7 @@ class SettlementWriter:
         self._deadline = float("inf")
         self._thread: threading.Thread | None = None
         self._settling_since: float | None = None  # monotonic, while store.settle runs
+        self._next_checkpoint = 0.0  # monotonic: a partial advance persists from then on
 
     @property
     def backlog(self) -> int:
@@ -196,7 +201,7 @@ class SettlementWriter:
         except Exception:
             logger.warning("a batch of settlements failed: applying them one by one")
         else:
-            self.journal.advance(batch[-1][0])
+            self._advance(batch[-1][0])
             return
         set_aside = False
         for end, settlement in batch:
@@ -211,7 +216,16 @@ class SettlementWriter:
         # Setting the last record aside advanced past it, and may have emptied the journal:
         # advancing again to an offset from before would cover records appended since.
         if not set_aside:
-            self.journal.advance(batch[-1][0])
+            self._advance(batch[-1][0])
+
+    def _advance(self, offset: int) -> None:
+        """``Journal.advance``, persisting a checkpoint short of the journal's end at most
+        every ``CHECKPOINT_INTERVAL`` (a caught-up journal is emptied every time)."""
+        now = time.monotonic()
+        persist = self._stopping or now >= self._next_checkpoint
+        self.journal.advance(offset, persist=persist)
+        if persist:
+            self._next_checkpoint = now + CHECKPOINT_INTERVAL
 
     @staticmethod
     def _apply(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -94,6 +95,21 @@ def test_round_trip_is_exact() -> None:
     assert from_json(to_json(settlement(1))) == settlement(1)
 
 
+def test_what_orjson_refuses_is_journaled_by_the_stdlib(path: str) -> None:
+    """A lone surrogate (replaced), an integer past 64 bits, a key that is no string."""
+    s = settlement(0)
+    log = s.log | {"model": "gpt\ud800", "big": 2**70, "byStatus": {200: Decimal("1.5")}}
+    odd = dataclasses.replace(s, log=log)
+    back = from_json(to_json(odd))
+    assert back.log["model"] == "gpt\ufffd"
+    assert back.log["big"] == 2**70
+    assert back.log["byStatus"] == {"200": Decimal("1.5")}
+    with Journal(path) as j:
+        j.append(odd)
+    with Journal(path) as j:
+        assert j.pending(1)[0][1].log == back.log
+
+
 def test_pending_advance_and_compaction(path: str) -> None:
     with Journal(path) as j:
         for i in range(3):
@@ -124,6 +140,44 @@ def test_checkpoint_survives_reopen(path: str) -> None:
     with Journal(path) as j:
         assert j.backlog == 2
         assert ids(j.pending(10)) == ["req-1", "req-2"]
+
+
+def test_unpersisted_checkpoint_replays_then_close_persists_it(path: str) -> None:
+    with Journal(path) as j:
+        for i in range(3):
+            j.append(settlement(i))
+        j.advance(j.pending(1)[0][0])
+        behind = Path(path + ".checkpoint").read_text()
+        applied = j.pending(1)[0][0]
+        j.advance(applied, persist=False)
+        assert j.backlog == 1 and ids(j.pending(10)) == ["req-2"]
+        # a crash now would replay req-1 (applied, charged once): the file lags behind
+        assert Path(path + ".checkpoint").read_text() == behind
+    assert Path(path + ".checkpoint").read_text() == str(applied)
+    with Journal(path) as j:
+        assert ids(j.pending(10)) == ["req-2"]
+
+
+def test_caught_up_journal_with_checkpoint_zero_is_not_rewritten(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Journal(path) as j:
+        j.append(settlement(0))
+        j.advance(j.pending(1)[0][0])
+        assert Path(path + ".checkpoint").read_text() == "0"
+        renames: list[str] = []
+        replace = os.replace
+
+        def counted(src: str, dst: str) -> None:
+            renames.append(dst)
+            replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", counted)
+        j.append(settlement(1))
+        j.advance(j.pending(1)[0][0])
+        assert os.path.getsize(path) == 0
+        assert renames == []  # the checkpoint file already read 0
+        assert Path(path + ".checkpoint").read_text() == "0"
 
 
 def test_torn_tail_is_cut_off(path: str) -> None:
