@@ -47,6 +47,7 @@ import re
 from collections.abc import Iterable
 from collections.abc import Iterator
 from typing import Any
+from typing import NamedTuple
 
 from burnmeter.records import UsageRecord
 from burnmeter.sse import MAX_EVENT_BYTES
@@ -413,13 +414,27 @@ def _text_blocks(events: Iterable[str | None]) -> re.Pattern[bytes]:
     return re.compile(rb"(?:(?:" + b"|".join(names) + rb")data: (?!\[DONE\]\n)[^\n]*+\n\n)++")
 
 
-# Text counted a chunk at a time: when, once the model is known, all the event blocks a chunk
-# completed are single-line text events (one regex match over them) that cannot matter
-# otherwise (named events by their name, unnamed ones when the api's stateful pattern finds
-# nothing in them), their strings are counted with one findall over them all, which is what
-# counting them event by event gives. api: (blocks, stateful or None, text strings)
-_TEXT_CHUNKS: dict[str, tuple[re.Pattern[bytes], re.Pattern[bytes] | None, re.Pattern[bytes]]] = {
-    api: (_text_blocks(events), _STATEFUL_DATA[api] if None in events else None, strings)
+class _TextChunks(NamedTuple):
+    """Text counted a chunk at a time: when, once the model is known, all the event blocks a
+    chunk completed are single-line text events (``blocks`` matches them all) that cannot
+    matter otherwise (named events by their name, unnamed ones when ``stateful`` finds nothing
+    in them), their ``strings`` are counted with one findall over them all, which is what
+    counting them event by event gives."""
+
+    blocks: re.Pattern[bytes]
+    stateful: re.Pattern[bytes] | None
+    strings: re.Pattern[bytes]
+    newlines: int
+    """Per event: "data: ...\\n\\n", after an "event: ...\\n" line if they are named."""
+
+
+_TEXT_CHUNKS = {
+    api: _TextChunks(
+        _text_blocks(events),
+        _STATEFUL_DATA[api] if None in events else None,
+        strings,
+        2 if None in events else 3,
+    )
     for api, (events, strings) in _TEXT_STRINGS.items()
 }
 
@@ -546,12 +561,25 @@ class StreamUsage:
 
     def feed(self, chunk: bytes) -> None:
         try:
-            if self._sse is not None:
-                blocks = self._sse.take(chunk)
-                if blocks:
-                    self._on_blocks(blocks)
-            else:
-                self._feed(chunk)
+            sse = self._sse or self._start(chunk)
+            if sse is None:
+                return
+            blocks = sse.take(chunk)
+            if not blocks:
+                return
+            text = self._text_chunks
+            if (
+                text is not None
+                and self._model is not None
+                and text.blocks.fullmatch(blocks) is not None
+                and (text.stateful is None or text.stateful.search(blocks) is None)
+            ):
+                self.events += blocks.count(10) // text.newlines  # 10: "\n", counted by memchr
+                if self.collect_text:
+                    self.text_chars += _text_chars(text.strings.findall(blocks))
+                return
+            for event in SSEParser.events(blocks):
+                self._on_data(event.event, event.data)
         except Exception:
             # Runs inside mitmproxy's stream callable: raising would hang the client.
             logger.exception("failed to read a %s stream chunk", self.api)
@@ -572,40 +600,21 @@ class StreamUsage:
         )
         return normalise(self.api, merged, raw), self._model
 
-    def _feed(self, chunk: bytes) -> None:
-        """The first chunks (until the body's format is known), and JSON bodies."""
-        if self._json is not None:
-            for element in self._json.feed(chunk):
-                self._on_data(None, element)
-            self.done = self.done or self._json.closed
-            return
-        head = chunk.lstrip()[:1]
-        if not head:
-            return
-        if head in b"[{":
+    def _start(self, chunk: bytes) -> SSEParser | None:
+        """Until the body's format is known, and for a JSON body: the SSE parser once the body
+        is known to be an event stream, else None (a JSON body is read here)."""
+        if self._json is None:
+            head = chunk.lstrip()[:1]
+            if not head:
+                return None
+            if head not in b"[{":
+                self._sse = SSEParser(self.max_event_bytes)
+                return self._sse
             self._json = JSONArrayParser(self.max_event_bytes)
-            self._feed(chunk)
-            return
-        self._sse = SSEParser(self.max_event_bytes)
-        blocks = self._sse.take(chunk)
-        if blocks:
-            self._on_blocks(blocks)
-
-    def _on_blocks(self, blocks: bytes) -> None:
-        """The events of the blocks one chunk completed (``SSEParser.take``)."""
-        text_chunks = self._text_chunks
-        if (
-            text_chunks is not None
-            and self._model is not None
-            and text_chunks[0].fullmatch(blocks) is not None
-            and (text_chunks[1] is None or text_chunks[1].search(blocks) is None)
-        ):
-            self.events += blocks.count(b"\n\n")
-            if self.collect_text:
-                self.text_chars += _text_chars(text_chunks[2].findall(blocks))
-            return
-        for event in SSEParser.events(blocks):
-            self._on_data(event.event, event.data)
+        for element in self._json.feed(chunk):
+            self._on_data(None, element)
+        self.done = self.done or self._json.closed
+        return None
 
     def _on_data(self, event: str | None, data: bytes) -> None:
         self.events += 1
