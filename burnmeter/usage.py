@@ -49,6 +49,8 @@ from collections.abc import Iterator
 from typing import Any
 from typing import NamedTuple
 
+import orjson
+
 from burnmeter.records import UsageRecord
 from burnmeter.sse import MAX_EVENT_BYTES
 from burnmeter.sse import JSONArrayParser
@@ -321,8 +323,12 @@ def _model_of(obj: dict[str, Any]) -> str | None:
 
 def _loads(data: bytes) -> Any:
     try:
-        # Decoding first skips json.loads's encoding detection, a third of its time on
-        # a typical stream chunk.
+        return orjson.loads(data)  # about 6x json.loads on a stream event
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        # What orjson refuses and json takes (NaN, integers past 64 bits, lone surrogates);
+        # decoding first skips json.loads's encoding detection.
         return json.loads(data.decode())
     except (ValueError, RecursionError):
         return None
