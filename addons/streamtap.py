@@ -138,7 +138,10 @@ class StreamTap:
                 if self.first_byte_at is None:
                     self.first_byte_at = time.time()
                 self.bytes += len(data)
-                self._meter(data)
+                if self._head is None and self._inflate is None:  # a plain body, known
+                    self.usage.feed(data)
+                else:
+                    self._meter(data)
             elif self._head:
                 self._meter(b"", end=True)
             if self.usage.done and self.on_end_event is not None:

@@ -26,10 +26,12 @@ class SSEEvent(NamedTuple):
 class SSEParser:
     """An event-stream parser (WHATWG HTML, "Server-sent events"), minus ``id``/``retry``.
 
-    Line endings are normalised to ``\\n`` per chunk, so event boundaries are found with one
-    ``bytes.find(b"\\n\\n")`` per event instead of a per-line loop. An event whose block
-    exceeds ``max_event_bytes`` is dropped, counted in ``overflows``, and parsing resumes
-    after its terminating blank line.
+    Line endings are normalised to ``\\n`` per chunk, so event boundaries are found with
+    ``bytes`` searches instead of a per-line loop. ``take`` returns all the event blocks a
+    chunk completed as one ``bytes`` (a caller may judge them all at once, with one regex
+    over it, and only then split them); ``feed`` = ``events(take(chunk))``. An event whose
+    block exceeds ``max_event_bytes`` is dropped, counted in ``overflows``, and parsing
+    resumes after its terminating blank line.
     """
 
     def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
@@ -50,21 +52,83 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Consume one chunk and return the events it completed."""
+        return self.events(self.take(chunk))
+
+    def take(self, chunk: bytes) -> bytes:
+        """Consume one chunk and return the event blocks it completed, each followed by its
+        blank line (``b"\\n\\n"``), line endings normalised, oversized blocks left out;
+        ``b""`` if it completed none."""
         if not chunk:
-            return []
+            return b""
         if not self._started:
             self._started = True
             if chunk.startswith(_BOM):
                 chunk = chunk[len(_BOM) :]
-        # A CR ending the previous chunk already ended the line; an LF right after it is the
-        # second half of that CRLF.
-        if self._after_cr and chunk.startswith(b"\n"):
-            chunk = chunk[1:]
-        self._after_cr = chunk.endswith(b"\r")
-        if b"\r" in chunk:
+        if self._after_cr:
+            # A CR ending the previous chunk already ended the line; an LF right after it
+            # is the second half of that CRLF.
+            if chunk.startswith(b"\n"):
+                chunk = chunk[1:]
+            self._after_cr = False
+        if 13 in chunk:  # an int: a memchr, where b"\r" in chunk sets up a substring search
+            self._after_cr = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        self._buf += chunk
-        return self._drain()
+        buf = self._buf
+        if not buf:
+            # The common case, an event per read: the chunk is the blocks, no copy.
+            if chunk.endswith(b"\n\n") and len(chunk) <= self.max_event_bytes:
+                return chunk
+            if not chunk:
+                return b""
+        buf += chunk
+        # The last blank line ends the last complete block. If it overlaps the one before
+        # ("\n\n\n"), the first "\n" ended a block and the second is an empty line, which
+        # dispatches nothing; the region ends after it either way.
+        end = buf.rfind(b"\n\n", self._scan_from)
+        blocks = b""
+        if end >= 0:
+            blocks = bytes(buf[: end + 2])
+            del buf[: end + 2]
+            if self._skipping:  # the first block is the end of an oversized event
+                self._skipping = False
+                blocks = blocks[blocks.find(b"\n\n") + 2 :]
+            if len(blocks) > self.max_event_bytes:
+                blocks = self._without_oversized(blocks)
+        if not self._skipping and len(buf) > self.max_event_bytes:
+            self.overflows += 1
+            self._skipping = True
+        if self._skipping:
+            # Keep the last byte: it may be the first "\n" of the terminating blank line.
+            del buf[:-1]
+        self._scan_from = max(len(buf) - 1, 0)
+        return blocks
+
+    def _without_oversized(self, blocks: bytes) -> bytes:
+        kept = []
+        start = 0
+        end = blocks.find(b"\n\n")
+        while end >= 0:
+            if end - start > self.max_event_bytes:
+                self.overflows += 1
+            else:
+                kept.append(blocks[start : end + 2])
+            start = end + 2
+            end = blocks.find(b"\n\n", start)
+        return b"".join(kept)
+
+    @staticmethod
+    def events(blocks: bytes) -> list[SSEEvent]:
+        """The events of blocks from ``take``."""
+        events: list[SSEEvent] = []
+        start = 0
+        end = blocks.find(b"\n\n")
+        while end >= 0:
+            event = _parse_block(blocks[start:end])
+            if event is not None:
+                events.append(event)
+            start = end + 2
+            end = blocks.find(b"\n\n", start)
+        return events
 
     def close(self) -> list[SSEEvent]:
         """End of stream: dispatch a final event that lacks its trailing blank line."""
@@ -73,34 +137,6 @@ class SSEParser:
         self._scan_from = 0
         self._skipping = False
         return [] if event is None else [event]
-
-    def _drain(self) -> list[SSEEvent]:
-        buf = self._buf
-        events: list[SSEEvent] = []
-        end = buf.find(b"\n\n", self._scan_from)
-        if end >= 0:
-            data = bytes(buf)  # one copy; the blocks are slices of it
-            start = 0
-            while end >= 0:
-                if self._skipping:
-                    self._skipping = False
-                elif end - start > self.max_event_bytes:
-                    self.overflows += 1
-                else:
-                    event = _parse_block(data[start:end])
-                    if event is not None:
-                        events.append(event)
-                start = end + 2
-                end = data.find(b"\n\n", start)
-            del buf[:start]
-        if not self._skipping and len(buf) > self.max_event_bytes:
-            self.overflows += 1
-            self._skipping = True
-        if self._skipping:
-            # Keep the last byte: it may be the first "\n" of the terminating blank line.
-            del buf[:-1]
-        self._scan_from = max(len(buf) - 1, 0)
-        return events
 
 
 def _parse_block(block: bytes) -> SSEEvent | None:

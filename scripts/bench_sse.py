@@ -6,9 +6,13 @@ on the last) and an Anthropic Messages stream, cuts them into fixed-size chunks 
 reads, and reports the median over interleaved repeats.
 
 Then the proxy's stream tap (``addons.streamtap.StreamTap``, as set on every metered stream)
-on each recorded stream of the usage corpus (``tests/corpus.py`` finds it), fed one event per
-call as paced generation arrives: µs per event per stream, and per API (total time / total
-events).
+on each recorded stream of the usage corpus (``tests/corpus.py`` finds it) and on the streams
+the fake upstream answers bench_proxy.py's streamed workloads with (small SSE and the
+coding-agent-shaped requests): µs per event per stream and per API (total time / total
+events), fed two ways. "read" is the body cut into ``--chunk``-byte reads, as a TCP socket
+delivers a stream that arrives faster than it is read (the corpus keeps no read boundaries);
+"event" is one event per call, as paced generation arrives and as bench_proxy.py times the
+tap (``tap_us_per_event``), where the per-call overhead is paid on every event.
 
     python scripts/bench_sse.py [--events 5000] [--chunk 4096] [--repeats 9] [--format json]
 """
@@ -16,6 +20,7 @@ events).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import sys
@@ -174,46 +179,103 @@ def bench(events: int, chunk_size: int, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-def corpus_taps(repeats: int) -> list[dict[str, Any]]:
-    """µs per event of the stream tap on each corpus SSE stream, one event per call."""
+def by_event(body: bytes) -> list[bytes]:
+    """The stream one event (with its blank line) per piece."""
+    pieces = [part + b"\n\n" for part in body.replace(b"\r\n", b"\n").split(b"\n\n")]
+    return [p for p in pieces if p.strip()]
+
+
+def by_read(body: bytes, chunk_size: int) -> list[bytes]:
+    return [body[i : i + chunk_size] for i in range(0, len(body), chunk_size)]
+
+
+def time_tap(api: str, pieces: list[bytes], repeats: int) -> float:
+    """Median seconds for a fresh tap to meter the pieces, end of stream included."""
+    samples = []
+    for _ in range(repeats):
+        tap = StreamTap(api)
+        started = time.perf_counter()
+        for piece in pieces:
+            tap(piece)
+        tap(b"")
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def tap_rows(
+    streams: dict[str, tuple[str, bytes]], chunk: int, repeats: int
+) -> list[dict[str, Any]]:
+    """µs per event of the stream tap on each (api, body), fed by read and by event."""
     rows = []
-    for name, case in load_cases().items():
-        if not (case["response"]["content_type"] or "").startswith("text/event-stream"):
-            continue
-        body = case["response"]["body"].encode()
-        pieces = [part + b"\n\n" for part in body.replace(b"\r\n", b"\n").split(b"\n\n")]
-        pieces = [p for p in pieces if p.strip()]
-        samples = []
-        for _ in range(repeats):
-            tap = StreamTap(case["api"])
-            started = time.perf_counter()
-            for piece in pieces:
-                tap(piece)
-            tap(b"")
-            samples.append(time.perf_counter() - started)
-        seconds = statistics.median(samples)
-        rows.append(
-            {
-                "stream": name,
-                "api": case["api"],
-                "bytes": len(body),
-                "events": len(pieces),
-                "median_s": seconds,
-                "us_per_event": seconds / len(pieces) * 1e6,
-            }
-        )
+    for name, (api, body) in streams.items():
+        events = len(by_event(body))
+        row: dict[str, Any] = {"stream": name, "api": api, "bytes": len(body), "events": events}
+        for feed, pieces in (("read", by_read(body, chunk)), ("event", by_event(body))):
+            seconds = time_tap(api, pieces, repeats)
+            row[f"{feed}_s"] = seconds
+            row[f"{feed}_us_per_event"] = seconds / events * 1e6
+        rows.append(row)
     return rows
 
 
-def per_api(rows: list[dict[str, Any]]) -> dict[str, float]:
+def corpus_streams() -> dict[str, tuple[str, bytes]]:
+    return {
+        name: (case["api"], case["response"]["body"].encode())
+        for name, case in load_cases().items()
+        if (case["response"]["content_type"] or "").startswith("text/event-stream")
+    }
+
+
+def workload_streams() -> dict[str, tuple[str, bytes]]:
+    """bench_proxy.py's streamed workloads as the fake upstream answers them (in process,
+    on 127.0.0.1)."""
+    import aiohttp
+
+    from scripts.bench_proxy import WORKLOADS
+    from scripts.fake_upstream import FakeUpstream
+
+    async def fetch() -> dict[str, tuple[str, bytes]]:
+        upstream = FakeUpstream()
+        port = await upstream.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                streams = {}
+                for w in WORKLOADS:
+                    if not w.events:
+                        continue
+                    url = f"http://127.0.0.1:{port}{w.path}"
+                    headers = {"Content-Type": "application/json"}
+                    async with session.post(url, data=w.body, headers=headers) as r:
+                        streams[w.name] = (w.api, await r.read())
+                return streams
+        finally:
+            await upstream.stop()
+
+    return asyncio.run(fetch())
+
+
+def per_api(rows: list[dict[str, Any]], feed: str) -> dict[str, float]:
     """Total time / total events, per API and over all streams."""
     groups: dict[str, list[dict[str, Any]]] = {"all": rows}
     for row in rows:
         groups.setdefault(row["api"], []).append(row)
     return {
-        api: sum(r["median_s"] for r in group) / sum(r["events"] for r in group) * 1e6
+        api: sum(r[f"{feed}_s"] for r in group) / sum(r["events"] for r in group) * 1e6
         for api, group in groups.items()
     }
+
+
+def print_taps(title: str, rows: list[dict[str, Any]]) -> None:
+    print(f"\n{title}: µs per event, fed by {{read, event}}")
+    print(f"{'stream':<52} {'events':>6} {'read':>7} {'event':>7}")
+    for row in rows:
+        print(
+            f"{row['stream']:<52} {row['events']:>6} "
+            f"{row['read_us_per_event']:>7.2f} {row['event_us_per_event']:>7.2f}"
+        )
+    reads, events = per_api(rows, "read"), per_api(rows, "event")
+    for api in reads:
+        print(f"{'per API: ' + api:<52} {'':>6} {reads[api]:>7.2f} {events[api]:>7.2f}")
 
 
 def main() -> None:
@@ -224,9 +286,15 @@ def main() -> None:
     parser.add_argument("--format", choices=["table", "json"], default="table")
     args = parser.parse_args()
     rows = bench(args.events, args.chunk, args.repeats)
-    taps = corpus_taps(args.repeats)
+    corpus = tap_rows(corpus_streams(), args.chunk, args.repeats)
+    workloads = tap_rows(workload_streams(), args.chunk, args.repeats)
     if args.format == "json":
-        out = {"synthetic": rows, "corpus_tap": taps, "corpus_tap_us_per_event": per_api(taps)}
+        out = {
+            "synthetic": rows,
+            "corpus_tap": corpus,
+            "corpus_tap_us_per_event": {f: per_api(corpus, f) for f in ("read", "event")},
+            "workload_tap": workloads,
+        }
         json.dump(out, sys.stdout, indent=2)
         print()
         return
@@ -243,15 +311,11 @@ def main() -> None:
             f"{row['events_per_s'] / 1e3:>10.1f} {row['us_per_event']:>9.2f} "
             f"{row['speedup_vs_naive']:>7.2f}"
         )
-    if not taps:
+    print_taps("the stream tap on bench_proxy.py's streamed workloads", workloads)
+    if not corpus:
         print("\nno usage corpus found (set BURNMETER_CORPUS): no corpus figures")
         return
-    print(f"\nthe stream tap on {len(taps)} corpus streams, one event per call")
-    print(f"{'stream':<52} {'events':>6} {'µs/event':>9}")
-    for row in taps:
-        print(f"{row['stream']:<52} {row['events']:>6} {row['us_per_event']:>9.2f}")
-    for api, value in per_api(taps).items():
-        print(f"{'per API: ' + api:<52} {'':>6} {value:>9.2f}")
+    print_taps(f"the stream tap on {len(corpus)} corpus streams", corpus)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 from mitmproxy import http
@@ -10,8 +9,6 @@ from mitmproxy.test import tutils
 from addons import errors
 from addons.keys import KeyCache
 from addons.keys import client_key
-from addons.streamtap import StreamTap
-from tests.addon_support import chat_sse
 
 
 # -- errors ----------------------------------------------------------------------------
@@ -91,28 +88,3 @@ def test_key_cache_ttl_zero_caches_nothing() -> None:
     assert cache.get("a") == (False, None)
 
 
-# -- stream tap ------------------------------------------------------------------------
-@pytest.mark.parametrize("size", [1, 7, 64, 10_000])
-def test_tap_passes_bytes_unchanged_and_finds_usage(size: int) -> None:
-    body = chat_sse(["Hello", ", world"], {"prompt_tokens": 9, "completion_tokens": 2})
-    tap = StreamTap("openai.chat")
-    out = b"".join(tap(body[i : i + size]) for i in range(0, len(body), size)) + tap(b"")
-    assert out == body
-    usage, model = tap.usage.result()
-    assert usage is not None and (usage.input_tokens, usage.output_tokens) == (9, 2)
-    assert model == "gpt-4o" and tap.usage.done and tap.usage.text_chars == 12
-    assert tap.first_byte_at is not None and tap.bytes == len(body)
-
-
-def test_tap_never_raises(caplog: pytest.LogCaptureFixture) -> None:
-    tap = StreamTap("openai.chat")
-
-    class Broken:
-        def feed(self, chunk: bytes) -> None:
-            raise RuntimeError("bug")
-
-    tap.usage = Broken()  # type: ignore[assignment]
-    with caplog.at_level(logging.ERROR):
-        assert tap(b"data: x\n\n") == b"data: x\n\n"
-        assert tap(b"more") == b"more"
-    assert caplog.text.count("stream tap failed") == 1

@@ -9,6 +9,9 @@ import random
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from burnmeter import usage as usage_module
 from burnmeter.records import UsageRecord
@@ -765,3 +768,15 @@ def test_anthropic_web_searches_from_the_final_delta() -> None:
     body = sse(("message_start", start), ("message_delta", delta), ("message_stop", {}))
     record = read_stream("anthropic.messages", body).result()[0]
     assert record is not None and record.web_search_requests == 20
+
+
+@settings(deadline=None)  # no timing asserted: a loaded machine is slow
+@given(st.lists(st.text(max_size=20), max_size=5), st.booleans())
+def test_text_chars_without_decoding_are_what_decoding_counts(texts: list[str], ascii_only: bool):
+    literals = [
+        json.dumps(text, ensure_ascii=ascii_only)[1:-1].encode("utf-8", "surrogatepass")
+        for text in texts
+    ]
+    assert usage_module._text_chars(literals) == sum(map(len, texts))
+    broken = [*literals, b"ab\\x"]  # a broken escape counts its bytes, the others their text
+    assert usage_module._text_chars(broken) == sum(map(len, texts)) + 4
