@@ -86,5 +86,3 @@ def test_key_cache_ttl_zero_caches_nothing() -> None:
     cache = KeyCache(ttl=0)
     cache.put("a", None)
     assert cache.get("a") == (False, None)
-
-
