@@ -13,7 +13,6 @@ from mitmproxy import http
 from mitmproxy.test import tflow
 from mitmproxy.test import tutils
 
-from addons import errors
 from addons.admission import METERED_FIELDS
 from addons.admission import check_spellings
 from addons.admission import unique_keys
@@ -23,42 +22,6 @@ from addons.keys import KeyCache
 from addons.keys import client_key
 from addons.streamtap import StreamTap
 from tests.addon_support import chat_sse
-
-
-# -- errors ----------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "api, path, style",
-    [
-        ("openai.chat", "/v1/chat/completions", "openai"),
-        ("anthropic.messages", "/v1/messages", "anthropic"),
-        (None, "/v1/messages/count_tokens", "anthropic"),
-        ("gemini.generate", "/v1beta/models/g:generateContent", "gemini"),
-        (None, "/v1/models", "openai"),
-    ],
-)
-def test_style_for(api: str | None, path: str, style: str) -> None:
-    assert errors.style_for(api, path) == style
-
-
-def test_error_shapes() -> None:
-    problem = errors.INSUFFICIENT_CREDITS
-    openai = errors.error_response("openai", problem, "no money", balance=0.5)
-    assert openai.status_code == 402 and openai.headers["content-type"] == "application/json"
-    assert json.loads(openai.content or b"") == {
-        "error": {
-            "message": "no money",
-            "type": "insufficient_quota",
-            "code": "insufficient_credits",
-            "balance": 0.5,
-        }
-    }
-    assert errors.error_body("anthropic", problem, "no money") == {
-        "type": "error",
-        "error": {"type": "insufficient_credits", "message": "no money"},
-    }
-    assert errors.error_body("gemini", problem, "no money") == {
-        "error": {"code": 402, "message": "no money", "status": "RESOURCE_EXHAUSTED"}
-    }
 
 
 # -- keys ------------------------------------------------------------------------------
