@@ -9,7 +9,6 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 from mitmproxy import contentviews
-from mitmproxy import http
 from mitmproxy.test import tflow
 from mitmproxy.test import tutils
 
@@ -18,51 +17,8 @@ from addons.admission import check_spellings
 from addons.admission import unique_keys
 from addons.exceptions import DuplicateKey
 from addons.inspection import LLMStreamContentview
-from addons.keys import KeyCache
-from addons.keys import client_key
 from addons.streamtap import StreamTap
 from tests.addon_support import chat_sse
-
-
-# -- keys ------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "headers, path, style, key",
-    [
-        ([("authorization", "Bearer sk-1")], "/v1/chat/completions", "openai", "sk-1"),
-        ([("authorization", "bearer  sk-1 ")], "/v1/chat/completions", "openai", "sk-1"),
-        ([("x-api-key", "sk-2")], "/v1/chat/completions", "openai", None),
-        ([("x-api-key", "sk-2")], "/v1/messages", "anthropic", "sk-2"),
-        ([("authorization", "Basic abc")], "/v1/messages", "anthropic", None),
-        ([("x-goog-api-key", "g-1")], "/v1beta/models/m:generateContent", "gemini", "g-1"),
-        ([], "/v1beta/models/m:generateContent?key=g-2", "gemini", "g-2"),
-        ([], "/v1/chat/completions?key=g-2", "openai", None),
-    ],
-)
-def test_client_key(headers, path: str, style, key: str | None) -> None:
-    request = tutils.treq(
-        path=path.encode(), headers=http.Headers([(k.encode(), v.encode()) for k, v in headers])
-    )
-    assert client_key(request, style) == key
-
-
-def test_key_cache_expires_and_is_bounded() -> None:
-    now = [0.0]
-    cache = KeyCache(ttl=10, max_entries=2, clock=lambda: now[0])
-    assert cache.get("a") == (False, None)
-    cache.put("a", None)  # unknown keys are cached too
-    assert cache.get("a") == (True, None)
-    now[0] = 10
-    assert cache.get("a") == (False, None)
-    for key in "bcd":
-        cache.put(key, None)
-    assert cache.get("b") == (False, None), "the oldest entry made room"
-    assert cache.get("d") == (True, None)
-
-
-def test_key_cache_ttl_zero_caches_nothing() -> None:
-    cache = KeyCache(ttl=0)
-    cache.put("a", None)
-    assert cache.get("a") == (False, None)
 
 
 # -- stream tap ------------------------------------------------------------------------
