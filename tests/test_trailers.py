@@ -118,12 +118,19 @@ def test_the_protocol_error_says_why() -> None:
 
 # -- the factory and its installation -------------------------------------------------------------
 def test_only_chunked_bodies_get_the_patched_reader() -> None:
-    readers = BodyReaders(_http1.make_body_reader)
+    asked: list[int | None] = []
+
+    def original(size: int | None) -> _http1.TBodyReader:
+        asked.append(size)
+        return ContentLengthReader(size) if size and size > 0 else Http10Reader()
+
+    readers = BodyReaders(original)
     first, second = readers(None), readers(None)
     assert isinstance(first, NoTrailersReader) and first is not second, "one per message"
     assert first.request is None, "no request until the server side links it"
     assert type(readers(7)) is ContentLengthReader
-    assert type(readers(-1)) is Http10Reader, "read until close, as mitmproxy does"
+    assert type(readers(-1)) is Http10Reader
+    assert asked == [7, -1], "every other size is mitmproxy's own reader's"
 
 
 def unpatched(monkeypatch: pytest.MonkeyPatch) -> None:
