@@ -8,13 +8,10 @@ that picks the route is one host, no protocol switch, no usage-hiding parameter.
 from __future__ import annotations
 
 import posixpath
-import string
 from urllib.parse import quote
 from urllib.parse import unquote
 
-import h11
 import pytest
-from h11._receivebuffer import ReceiveBuffer
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -31,7 +28,6 @@ from addons.exceptions import Ambiguous
 from addons.exceptions import ConflictingKeys
 from addons.keys import client_key
 from addons.keys import drop_client_key
-from addons.trailers import NoTrailersReader
 from burnmeter.documents import new_key
 from burnmeter.usage import api_for
 
@@ -338,44 +334,6 @@ def test_te_is_not_forwarded() -> None:
     request = req("/v1/chat/completions", [("host", "api.test"), ("te", "trailers")])
     forward(request, read_request(request, reverse=True), reverse=True)
     assert "te" not in request.headers
-
-
-# -- class 11: HTTP/1 trailers are a protocol error, not a crash -------------------------------
-field_names = st.text(string.ascii_letters + "-", min_size=1, max_size=12)
-
-
-@EXAMPLES
-@given(field_names, st.text(string.ascii_letters + string.digits, max_size=12))
-def test_chunked_trailers_go_on_the_request_or_are_a_protocol_error(name: str, value: str) -> None:
-    body = f"3\r\nabc\r\n0\r\n{name}: {value}\r\n\r\n".encode()
-    request = req("/v1/chat/completions")
-    reader = NoTrailersReader()
-    reader.request = request
-    data, end = read_chunked(reader, body)
-    assert isinstance(data, h11.Data) and bytes(data.data) == b"abc"
-    assert end == h11.EndOfMessage()
-    assert request.trailers is not None and request.trailers[name] == value
-    with pytest.raises(h11.RemoteProtocolError):  # an upstream's answer: no request
-        read_chunked(NoTrailersReader(), body)
-
-
-def read_chunked(reader: NoTrailersReader, body: bytes) -> list[object]:
-    buf = ReceiveBuffer()
-    buf += body
-    events = []
-    while (event := reader(buf)) is not None:
-        events.append(event)
-        if isinstance(event, h11.EndOfMessage):
-            break
-    return events
-
-
-def test_a_chunked_body_without_trailers_still_ends() -> None:
-    request = req("/v1/chat/completions")
-    reader = NoTrailersReader()
-    reader.request = request
-    assert read_chunked(reader, b"3\r\nabc\r\n0\r\n\r\n")[-1] == h11.EndOfMessage()
-    assert not request.trailers
 
 
 # -- class 14: the answer keeps its usage -------------------------------------------------------
