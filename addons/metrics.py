@@ -45,6 +45,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from addons import billing
+from addons import options
 from addons.phases import Admitted
 from burnmeter.exceptions import StoreError
 from burnmeter.reports import reports_for
@@ -507,7 +508,7 @@ class MetricsAddon:
     def configure(self, updated: set[str]) -> None:
         from mitmproxy import ctx
 
-        if not updated & {"metering_metrics", "metering_metrics_users"}:
+        if not updated & options.METRICS_NAMES:
             return
         spec = ctx.options.metering_metrics
         try:

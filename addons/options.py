@@ -38,6 +38,9 @@ NAMES = frozenset(
         "metering_sweep_seconds",
     }
 )
+"""The metering addon's options (``declare``)."""
+METRICS_NAMES = frozenset({"metering_metrics", "metering_metrics_users"})
+"""The metrics addon's options (``addons/metrics.py`` declares them)."""
 JOURNAL_STEM = "burnmeter"
 """The journal's name stem when the store is not a file (MongoDB)."""
 DEFAULT_JOURNAL_MAX_KB = DEFAULT_MAX_BYTES // 1024
@@ -157,8 +160,9 @@ def unknown_options(names: Iterable[str]) -> list[str]:
     """A message for each ``metering_*`` name that is no option, with the closest one."""
     messages = []
     for name in sorted(n for n in names if n.startswith("metering")):
-        close = difflib.get_close_matches(name, NAMES, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]}?" if close else f"options: {', '.join(sorted(NAMES))}"
+        known = NAMES | METRICS_NAMES
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else f"options: {', '.join(sorted(known))}"
         messages.append(f"{name}: no such option ({hint})")
     return messages
 
