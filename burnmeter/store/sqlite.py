@@ -165,7 +165,7 @@ def _load_parts(text: str) -> dict[str, Decimal]:
     return {name: from_nanos(nanos) for name, nanos in json.loads(text).items()}
 
 
-def _busy(error: sqlite3.OperationalError) -> bool:
+def _busy(error: sqlite3.Error) -> bool:
     """SQLITE_BUSY and its extended codes: another connection holds a lock."""
     return (getattr(error, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY
 
@@ -291,9 +291,14 @@ class SqliteStore(Store):
                 self.path, timeout=0, isolation_level=None, check_same_thread=False
             )
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA wal_autocheckpoint=0")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] != "wal":
+            try:
+                conn.execute("PRAGMA wal_autocheckpoint=0")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                wal = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+            except sqlite3.Error:  # a lock (None) or a failure (StoreError): try_hold says
+                conn.close()
+                raise
+            if not wal:
                 conn.close()
                 return None
             self._unwaiting = conn
@@ -509,7 +514,7 @@ class SqliteStore(Store):
                 return None
             with self._write(conn):
                 return self._hold(conn, request)
-        except sqlite3.OperationalError as e:  # connecting
+        except sqlite3.Error as e:  # connecting
             return None if _busy(e) else StoreError(f"{self.path}: {e}")
         except StoreError as e:
             return (
