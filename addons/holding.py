@@ -4,7 +4,8 @@ transaction.
 Admission awaits ``HoldQueue.hold``. While no hold is queued or under way on the thread, the
 store is asked first to make it at once (``Store.try_hold``: SQLite on a connection that
 never waits for a lock, never checkpoints and never syncs; None when it would wait, and
-always from MongoDB). Otherwise, and whenever it would wait, the hold is queued: the thread takes every hold queued since its last
+always from MongoDB): such a hold is answered without a loop pass, so no give-up can
+overtake it. Otherwise the hold is queued: the thread takes every hold queued since its last
 batch, has the store make them in turn (``Store.hold_many``: on SQLite one transaction,
 one commit) and hands the outcomes back to the event loop in one wake-up. Under load that
 replaces a thread hop, a transaction and a loop wake-up per request with one per batch;
