@@ -1,6 +1,11 @@
-"""Holds go to the store from one thread, many to a transaction.
+"""Holds are made on the event loop where nothing can wait, else from one thread, many to a
+transaction.
 
-Admission awaits ``HoldQueue.hold``. The thread takes every hold queued since its last
+Admission awaits ``HoldQueue.hold``. While no hold is queued or under way on the thread, the
+store is asked first to make it at once (``Store.try_hold``: SQLite on a connection that
+never waits for a lock, never checkpoints and never syncs; None when it would wait, and
+always from MongoDB): such a hold is answered without a loop pass, so no give-up can
+overtake it. Otherwise the hold is queued: the thread takes every hold queued since its last
 batch, has the store make them in turn (``Store.hold_many``: on SQLite one transaction,
 one commit) and hands the outcomes back to the event loop in one wake-up. Under load that
 replaces a thread hop, a transaction and a loop wake-up per request with one per batch;
@@ -56,6 +61,16 @@ class HoldQueue:
 
     async def hold(self, request: HoldRequest) -> Hold | InsufficientBalance:
         """The store's answer; raises ``StoreError`` (the store failed) or what it raised."""
+        with self._cond:
+            if self._stopping:
+                raise StoreError("shutting down")
+            queued = bool(self._queue or self._busy)
+        # behind a hold queued earlier it waits its turn: holds are made in arrival order
+        outcome = None if queued else self.store.try_hold(request)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if outcome is not None:
+            return outcome
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Hold | InsufficientBalance] = loop.create_future()
         with self._cond:

@@ -824,7 +824,7 @@ async def test_cached_key_is_served_without_a_hold_while_the_store_is_down(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await admit(env, make_flow())  # alice's key is now cached
-    store_down(monkeypatch, env, "hold_many", "find_key")
+    store_down(monkeypatch, env, "try_hold", "hold_many", "find_key")
     f = make_flow()
     await admit(env, f)
     assert f.response is None, "served"
@@ -843,7 +843,7 @@ async def test_unknown_key_is_503_while_the_store_is_down(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await admit(env, make_flow())
-    store_down(monkeypatch, env, "hold_many")
+    store_down(monkeypatch, env, "try_hold", "hold_many")
     await admit(env, make_flow())  # the failed hold marks the store down
     assert env.metering.outage is not None and env.metering.outage.store_down
     looked_up: list[str] = []
@@ -858,7 +858,9 @@ async def test_unknown_key_is_503_while_the_store_is_down(
 async def test_a_key_looked_up_during_the_outage_is_not_admitted_without_a_hold(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store_down(monkeypatch, env, "hold_many")  # reads work, writes fail (a locked SQLite file)
+    store_down(
+        monkeypatch, env, "try_hold", "hold_many"
+    )  # reads work, writes fail (a locked SQLite file)
     f = make_flow()
     await admit(env, f)
     assert f.response is not None and f.response.status_code == 503
@@ -868,7 +870,7 @@ async def test_cached_balance_must_cover_a_holdless_admission(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await admit(env, make_flow(key=BOB_KEY))  # 402, and bob's key is cached
-    store_down(monkeypatch, env, "hold_many")
+    store_down(monkeypatch, env, "try_hold", "hold_many")
     f = make_flow(key=BOB_KEY)
     await admit(env, f)
     assert f.response is not None and f.response.status_code == 402
@@ -890,6 +892,7 @@ async def test_a_slow_store_is_not_waited_for_and_a_late_hold_is_released(
 
     await admit(env, make_flow())
     monkeypatch.setattr(env.metering.store, "hold_many", slow_holds)
+    monkeypatch.setattr(env.metering.store, "try_hold", lambda request: None)  # it would wait
     f = make_flow()
     started = time.monotonic()
     await admit(env, f)

@@ -241,6 +241,24 @@ def test_hold_many_in_turn(store: Store) -> None:
     assert sorted(h.request_id for h in held) == ["r1", "r3", "r4"]
 
 
+def test_try_hold_makes_the_hold_or_leaves_it_as_it_was(store: Store) -> None:
+    """The hold ``hold`` would make, or None and nothing changed (SQLite tries, MongoDB
+    never does)."""
+    alice(store, creditsNew="5")
+    outcomes = [
+        store.try_hold(HoldRequest(f"r{i}", "alice", OPENHANDS, D(3), D(3))) for i in (1, 2)
+    ]
+    if outcomes == [None, None]:
+        assert store.balance("alice", OPENHANDS) == D(5)
+        assert store.open_holds(datetime.now(UTC) + timedelta(days=1)) == []
+        return
+    assert isinstance(outcomes[0], Hold) and outcomes[0].parts == {"creditsNew": D(3)}
+    assert outcomes[1] == InsufficientBalance(D(2))
+    assert store.balance("alice", OPENHANDS) == D(2)
+    held = store.open_holds(datetime.now(UTC) + timedelta(days=1))
+    assert [h.request_id for h in held] == ["r1"]
+
+
 # -- settlement -----------------------------------------------------------------------
 
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
+import time
 from decimal import Decimal as D
 from pathlib import Path
 
@@ -11,8 +16,10 @@ import pytest
 from stores import POOLS
 
 from burnmeter.config import Pool
+from burnmeter.documents import utcnow
 from burnmeter.exceptions import StoreError
 from burnmeter.store.base import Hold
+from burnmeter.store.base import HoldRequest
 from burnmeter.store.base import Settlement
 from burnmeter.store.sqlite import SqliteStore
 
@@ -240,3 +247,90 @@ def test_a_file_deleted_or_replaced_is_an_outage_until_the_same_file_is_back(
     assert store.settle([settlement(1)]) == [True]
     assert store.balance("alice", OPENHANDS) == 4
     store.close()
+
+
+# -- try_hold: a hold that never waits ------------------------------------------------
+
+
+def wanted(request_id: str, amount: int) -> HoldRequest:
+    return HoldRequest(request_id, "alice", OPENHANDS, D(amount), D(amount))
+
+
+LOCKER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.readline()
+conn.execute("ROLLBACK")
+"""
+
+
+def test_try_hold_gives_way_at_once_to_another_process_holding_the_write_lock(
+    tmp_path: Path,
+) -> None:
+    store = open_store(tmp_path / "b.db")
+    store.create_user("alice", "k", {"creditsNew": D(10)})
+    locker = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, store.path],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert locker.stdout is not None and locker.stdout.readline() == "locked\n"
+        start = time.perf_counter()
+        assert store.try_hold(wanted("r1", 3)) is None
+        # the lock outlives the call: waiting for it would take busy_timeout (10 s)
+        assert time.perf_counter() - start < 1.0
+    finally:
+        locker.communicate("\n", timeout=10)
+    assert store.balance("alice", OPENHANDS) == 10  # None changed nothing
+    hold = store.try_hold(wanted("r1", 3))  # its connection was left out of a transaction
+    assert isinstance(hold, Hold) and store.balance("alice", OPENHANDS) == 7
+    store.close()
+
+
+def test_try_hold_never_checkpoints_and_the_writers_commits_still_do(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    store = open_store(path)
+    store.create_user("alice", "k", {"creditsNew": D(10_000)})
+    store.connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page_size = store.connection().execute("PRAGMA page_size").fetchone()[0]
+
+    def holds_in_the_database_file() -> int:
+        """What the file holds without its WAL: what checkpoints have written back."""
+        copy = tmp_path / "copy.db"
+        shutil.copyfile(path, copy)
+        conn = sqlite3.connect(copy)
+        count: int = conn.execute("SELECT COUNT(*) FROM holds").fetchone()[0]
+        conn.close()
+        copy.unlink()
+        return count
+
+    for i in range(400):
+        assert isinstance(store.try_hold(wanted(f"r{i}", 1)), Hold)
+    frames = (os.path.getsize(f"{path}-wal") - 32) // (24 + page_size)
+    assert frames > 1000  # past SQLite's autocheckpoint threshold: try_hold's commits never ran one
+    assert holds_in_the_database_file() == 0
+    store.release(Hold("r0", "alice", "openhands", {"creditsNew": D(1)}, utcnow()))
+    assert holds_in_the_database_file() == 399  # the other connection's commit checkpointed
+    store.close()
+
+
+def test_try_hold_holds_on_a_store_nothing_else_writes(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "b.db")
+    store.create_user("alice", "k", {"creditsNew": D(10)})
+    hold = store.try_hold(wanted("r1", 3))
+    assert isinstance(hold, Hold) and store.balance("alice", OPENHANDS) == 7
+    store.close()
+
+
+def test_a_durable_or_read_only_store_never_tries(tmp_path: Path) -> None:
+    open_store(tmp_path / "b.db").create_user("alice", "k", {"creditsNew": D(10)})
+    for store in (
+        SqliteStore(tmp_path / "b.db", POOLS, durable=True),
+        SqliteStore(tmp_path / "b.db", POOLS, read_only=True),
+    ):
+        assert store.try_hold(wanted("r1", 3)) is None
+        store.close()

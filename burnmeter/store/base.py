@@ -5,7 +5,7 @@ Documents are exchanged as MongoDB-shaped dicts with the field names of ``docs/d
 document is missing from the dict too.
 
 Every operation is synchronous and thread-safe; the proxy calls them from worker threads,
-never from mitmproxy's event loop.
+never from mitmproxy's event loop, except ``try_hold``, which never waits.
 """
 
 from __future__ import annotations
@@ -182,6 +182,12 @@ class Store(ABC):
             except (StoreError, DocumentError) as e:
                 outcomes.append(e)
         return outcomes
+
+    def try_hold(self, request: HoldRequest) -> HoldOutcome | None:
+        """``hold``'s outcome if it can be made without waiting for anything (a lock, a
+        sync, the network), else None, having changed nothing: a backend that cannot
+        promise that returns None, and the caller makes the hold on a thread."""
+        return None
 
     @abstractmethod
     def settle(

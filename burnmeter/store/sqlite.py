@@ -11,6 +11,13 @@ read-then-write atomic across threads and processes. Each thread has its own con
 A store opened ``read_only`` connects with ``mode=ro``: it works on a file the process may
 not write, and SQLite itself refuses any write through it.
 
+``try_hold`` makes a hold on the caller's thread (the proxy's event loop) only if nothing
+can make it wait: on a connection of its own that never waits for the write lock
+(``busy_timeout`` 0: a lock another connection or process holds is ``None``, the hold
+thread's turn), never checkpoints (``wal_autocheckpoint`` 0: the other connections' commits
+still do, the writer's settlements among them) and never syncs (WAL with
+``synchronous=NORMAL`` writes the commit to the WAL file without fsync; a ``durable`` store
+syncs every commit, so it never tries).
 
 
 The file is the one that was opened, never another: SQLite writes on through an open
@@ -158,6 +165,11 @@ def _load_parts(text: str) -> dict[str, Decimal]:
     return {name: from_nanos(nanos) for name, nanos in json.loads(text).items()}
 
 
+def _busy(error: sqlite3.Error) -> bool:
+    """SQLITE_BUSY and its extended codes: another connection holds a lock."""
+    return (getattr(error, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY
+
+
 def _names(columns: Iterable[str]) -> str:
     return ", ".join(f'"{name}"' for name in columns)
 
@@ -190,6 +202,10 @@ class SqliteStore(Store):
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
+        self._unwaiting: sqlite3.Connection | None = None
+        """``try_hold``'s connection, opened on its first use."""
+        self._unwaiting_lock = threading.Lock()
+        """Taken without waiting: a second thread trying meanwhile gets ``None``."""
         self._identity: tuple[int, int] | None = self._file_identity()
         """(st_dev, st_ino) of the file opened; None until it exists."""
 
@@ -266,18 +282,42 @@ class SqliteStore(Store):
         except sqlite3.OperationalError as e:
             raise StoreError(f"{self.path}: {e}") from e
 
+    def _unwaiting_connection(self) -> sqlite3.Connection | None:
+        """``try_hold``'s connection; None while the file is not yet known or not in WAL
+        mode (outside WAL a writer blocks readers, and a commit syncs)."""
+        if self._unwaiting is None and self._identity is not None:
+            self.check_identity()  # connecting to a vanished file would create an empty one
+            conn = sqlite3.connect(
+                self.path, timeout=0, isolation_level=None, check_same_thread=False
+            )
+            conn.row_factory = sqlite3.Row
+            try:
+                conn.execute("PRAGMA wal_autocheckpoint=0")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                wal = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+            except sqlite3.Error:  # a lock (None) or a failure (StoreError): try_hold says
+                conn.close()
+                raise
+            if not wal:
+                conn.close()
+                return None
+            self._unwaiting = conn
+            with self._lock:
+                self._connections.append(conn)
+        return self._unwaiting
+
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self.connection()
+    def _write(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        conn = conn or self.connection()
         self.check_identity()  # one stat per transaction: a batch of holds or settlements
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:  # the body or the commit failed
+                    conn.execute("ROLLBACK")
         except sqlite3.OperationalError as e:
             raise StoreError(f"{self.path}: {e}") from e
 
@@ -302,6 +342,7 @@ class SqliteStore(Store):
             for conn in self._connections:
                 conn.close()
             self._connections.clear()
+            self._unwaiting = None
         self._local = threading.local()
 
     # -- set-up -------------------------------------------------------------------------
@@ -461,6 +502,28 @@ class SqliteStore(Store):
                 return [self._hold(conn, r) for r in requests]
         except StoreError as e:
             return [e] * len(requests)
+
+    def try_hold(self, request: HoldRequest) -> HoldOutcome | None:
+        """See the module's docstring. Also None for a durable or read-only store and while
+        another thread tries; a lock met at any step rolls back, so None changed nothing."""
+        if self.durable or self.read_only or not self._unwaiting_lock.acquire(blocking=False):
+            return None
+        try:
+            conn = self._unwaiting_connection()
+            if conn is None:
+                return None
+            with self._write(conn):
+                return self._hold(conn, request)
+        except sqlite3.Error as e:  # connecting
+            return None if _busy(e) else StoreError(f"{self.path}: {e}")
+        except StoreError as e:
+            return (
+                None
+                if isinstance(e.__cause__, sqlite3.OperationalError) and _busy(e.__cause__)
+                else e
+            )
+        finally:
+            self._unwaiting_lock.release()
 
     def _hold(self, conn: sqlite3.Connection, r: HoldRequest) -> Hold | InsufficientBalance:
         balances = self._balances(r.user_id, r.pool, conn)
