@@ -1090,6 +1090,7 @@ async def test_shutdown_settles_a_request_waiting_for_its_hold_at_zero(
         return hold_many(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(env.metering.store, "hold_many", slow_holds)
+    monkeypatch.setattr(env.metering.store, "try_hold", lambda request: None)  # the thread's
     f = make_flow()
     admitting = create_task(admit(env, f), name="admitting", keep_ref=False)
     assert await asyncio.to_thread(asked.wait, 5)

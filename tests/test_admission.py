@@ -267,6 +267,7 @@ async def test_a_cached_key_is_admitted_without_a_hold_while_the_store_is_down(
         raise StoreError("connection refused")
 
     monkeypatch.setattr(setup.store, "hold_many", down)
+    monkeypatch.setattr(setup.store, "try_hold", down)
     f = make_flow()
     admitted = await setup.admission.admit(f, setup.admission.price(f, cached, key))
     assert admitted.hold is None and setup.outage.store_down
