@@ -14,6 +14,7 @@ may well have generated.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 
 from mitmproxy import http
@@ -24,6 +25,7 @@ from burnmeter import pricing
 from burnmeter.documents import request_log
 from burnmeter.documents import utcnow
 from burnmeter.estimate import EMBEDDING_APIS
+from burnmeter.estimate import estimate_input_tokens
 from burnmeter.estimate import estimate_output_tokens
 from burnmeter.estimate import held_usage as estimated_held_usage
 from burnmeter.money import ZERO
@@ -46,14 +48,16 @@ ALWAYS_REPORTED = frozenset(
 """APIs whose complete answers always carry usage (Gemini's embeddings do not)."""
 
 
-def estimated(ticket: Ticket, reported: UsageRecord | None, text_chars: int) -> UsageRecord:
-    """Usage of a request the upstream did not (fully) report."""
+def estimated(
+    ticket: Ticket, request: http.Request, reported: UsageRecord | None, text_chars: int
+) -> UsageRecord:
+    """Usage of a request the upstream did not (fully) report; its input is estimated from
+    the body as forwarded (decoded again: only a settlement without usage needs it)."""
     output = estimate_output_tokens(text_chars)
     if reported is None:
-        assert ticket.estimate is not None
-        return UsageRecord(
-            input_tokens=ticket.estimate.input_tokens, output_tokens=output, source="estimated"
-        )
+        assert ticket.api is not None
+        input_tokens = estimate_input_tokens(ticket.api, json.loads(request.content or b""))
+        return UsageRecord(input_tokens=input_tokens, output_tokens=output, source="estimated")
     if reported.output_tokens >= output:
         return reported
     return dataclasses.replace(reported, output_tokens=output, source="estimated")
@@ -76,7 +80,9 @@ def interim(response: http.Response | None) -> bool:
     return response is not None and 100 <= response.status_code < 200
 
 
-def response_usage(ticket: Ticket, response: http.Response) -> UsageRecord | None:
+def response_usage(
+    ticket: Ticket, request: http.Request, response: http.Response
+) -> UsageRecord | None:
     """Usage of a response that arrived whole (``response`` hook)."""
     if interim(response):
         return held_usage(ticket)
@@ -88,7 +94,7 @@ def response_usage(ticket: Ticket, response: http.Response) -> UsageRecord | Non
             return reported
         if stream.done and ticket.api in ALWAYS_REPORTED:
             return held_usage(ticket)
-        return estimated(ticket, reported, stream.text_chars)
+        return estimated(ticket, request, reported, stream.text_chars)
     content = None if response.stream else response.get_content(strict=False)
     reported = None
     if content and "json" in response.headers.get("content-type", ""):
@@ -99,7 +105,7 @@ def response_usage(ticket: Ticket, response: http.Response) -> UsageRecord | Non
     if ticket.api in ALWAYS_REPORTED:
         return held_usage(ticket)
     generated = 0 if ticket.api in EMBEDDING_APIS else len(content or b"")
-    return estimated(ticket, None, generated)
+    return estimated(ticket, request, None, generated)
 
 
 def arrived_whole(ticket: Ticket, response: http.Response) -> bool:
@@ -110,7 +116,11 @@ def arrived_whole(ticket: Ticket, response: http.Response) -> bool:
 
 
 def error_usage(
-    ticket: Ticket, response: http.Response | None, *, client_left: bool = False
+    ticket: Ticket,
+    request: http.Request,
+    response: http.Response | None,
+    *,
+    client_left: bool = False,
 ) -> UsageRecord | None:
     """Usage of a request that failed (``error`` hook): only what was reported for an
     upstream error answer (as ``response_usage``), else an estimate of what reached the
@@ -128,7 +138,7 @@ def error_usage(
         return None
     reported = ticket.tap.usage.result()[0] if ticket.tap is not None else None
     text_chars = ticket.tap.usage.text_chars if ticket.tap is not None else 0
-    seen = estimated(ticket, reported, text_chars)
+    seen = estimated(ticket, request, reported, text_chars)
     if not client_left:
         return seen
     quote = ticket.quote

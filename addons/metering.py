@@ -338,7 +338,7 @@ class Metering:
         self._settle(
             f,
             ticket,
-            lambda: billing.error_usage(ticket, response) if admitted else None,
+            lambda: billing.error_usage(ticket, f.request, response) if admitted else None,
             SHUTDOWN_STATUS,
             "proxy shut down",
         )
@@ -528,7 +528,9 @@ class Metering:
             f.response = error_response(
                 ticket.style, errors.UPSTREAM_UNREADABLE, f"Upstream sent {reason}, no answer"
             )
-        self._settle(f, ticket, lambda: billing.response_usage(ticket, response), status, reason)
+        self._settle(
+            f, ticket, lambda: billing.response_usage(ticket, f.request, response), status, reason
+        )
 
     @observed
     def error(self, f: http.HTTPFlow) -> None:
@@ -541,7 +543,7 @@ class Metering:
         self._settle(
             f,
             ticket,
-            lambda: billing.error_usage(ticket, response, client_left=left),
+            lambda: billing.error_usage(ticket, f.request, response, client_left=left),
             status,
             f.error.msg,
         )

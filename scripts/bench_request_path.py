@@ -65,6 +65,7 @@ from addons.holding import HoldQueue  # noqa: E402
 from addons.metering import Metering  # noqa: E402
 from burnmeter.config import load_config  # noqa: E402
 from burnmeter.documents import hash_key  # noqa: E402
+from burnmeter.estimate import estimate_input_tokens  # noqa: E402
 from burnmeter.estimate import estimate_request  # noqa: E402
 from burnmeter.estimate import hold_amounts  # noqa: E402
 from burnmeter.estimate import output_tokens_paid  # noqa: E402
@@ -297,7 +298,8 @@ def parts(
     )
     out["json.dumps(body)"] = timed(lambda: json.dumps(body).encode())
     out["held_input_tokens"] = estimate.held_input_tokens
-    out["estimated_input_tokens"] = estimate.input_tokens
+    out["estimate_input_tokens"] = timed(lambda: estimate_input_tokens(w.api, body))
+    out["estimated_input_tokens"] = estimate_input_tokens(w.api, body)
 
     store = open_store(db_url, config.pools)
     pool = config.pools[route.pool]
@@ -326,7 +328,9 @@ def settle_parts(f: http.HTTPFlow, ticket: Ticket, store: Any, tmp: Path) -> dic
     """A settlement as the addon makes it (of a request the hooks admitted), its journal
     line, and the store applying it (the writer thread's work)."""
     assert ticket.quote is not None and ticket.estimate is not None
-    usage = UsageRecord(input_tokens=ticket.estimate.input_tokens, output_tokens=300)
+    assert ticket.api is not None
+    input_tokens = estimate_input_tokens(ticket.api, json.loads(f.request.content or b""))
+    usage = UsageRecord(input_tokens=input_tokens, output_tokens=300)
     out: dict[str, Any] = {}
     out["settlement (cost, log document)"] = timed(
         lambda: billing.settlement(f, ticket, usage, 200)
