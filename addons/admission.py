@@ -379,7 +379,7 @@ class Admission:
         if self.config.cap_output_tokens:
             # the hold taken decides: a balance that covered only part of it pays for less
             held = hold.amount if hold is not None else maximum
-            paid = output_tokens_paid(ticket.estimate, ticket.quote, held)
+            paid = output_tokens_paid(ticket.estimate, ticket.quote, held, maximum)
             ticket.output_tokens_paid = paid
             rewritten = cap_output(ticket.api, body, paid) or rewritten
         if rewritten:

@@ -197,19 +197,22 @@ def held_usage(estimate: RequestEstimate, quote: PriceQuote) -> UsageRecord:
     return max(_held_usages(estimate, quote), key=lambda usage: cost(usage, quote))
 
 
-def output_tokens_paid(estimate: RequestEstimate, quote: PriceQuote, held: Decimal) -> int:
+def output_tokens_paid(
+    estimate: RequestEstimate, quote: PriceQuote, held: Decimal, maximum: Decimal
+) -> int:
     """Output tokens per choice that a hold of ``held`` pays for, beyond the input (at least
-    one, at most the request's limit): a hold smaller than the maximum (the balance
-    covered only part of it) pays for fewer. Found by bisection: a cost never falls as a
-    count grows, whatever tiers, modalities or fees the price has."""
+    one, at most the request's limit): a hold smaller than ``maximum`` (``hold_amounts``'
+    price of the whole limit; the balance covered only part of it) pays for fewer. Found
+    by bisection: a cost never falls as a count grows, whatever tiers, modalities or fees
+    the price has."""
     per_choice = estimate.output_tokens_per_choice
+    if per_choice == 0 or held >= maximum:  # the whole limit, priced already: not again
+        return per_choice
 
     def affordable(tokens: int) -> bool:
         usages = _held_usages(estimate, quote, tokens * estimate.choices)
         return max(cost(usage, quote) for usage in usages) <= held
 
-    if per_choice == 0 or affordable(per_choice):
-        return per_choice
     low, high = 1, per_choice - 1  # low: the floor paid in any case; high: the most it may pay
     while low < high:
         middle = (low + high + 1) // 2

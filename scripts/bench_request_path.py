@@ -292,9 +292,9 @@ def parts(
     maximum, minimum = hold_amounts(estimate, quote)
     out["hold_amounts"] = timed(lambda: hold_amounts(estimate, quote))
     out["hold_amounts_calc_price_calls"] = calc_price_calls(lambda: hold_amounts(estimate, quote))
-    out["output_tokens_paid"] = timed(lambda: output_tokens_paid(estimate, quote, maximum))
+    out["output_tokens_paid"] = timed(lambda: output_tokens_paid(estimate, quote, maximum, maximum))
     out["output_tokens_paid_calc_price_calls"] = calc_price_calls(
-        lambda: output_tokens_paid(estimate, quote, maximum)
+        lambda: output_tokens_paid(estimate, quote, maximum, maximum)
     )
     out["json.dumps(body)"] = timed(lambda: json.dumps(body).encode())
     out["held_input_tokens"] = estimate.held_input_tokens

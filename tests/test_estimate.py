@@ -7,6 +7,7 @@ from decimal import Decimal
 import pytest
 from corpus import SKIP_REASON
 from corpus import load_cases
+from genai_prices.types import ModelPrice
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -456,9 +457,30 @@ def test_output_tokens_paid_by_a_partial_hold() -> None:
     e = RequestEstimate(2_000, 1_000, False, choices=2)
     maximum, minimum = hold_amounts(e, q)
     assert minimum == Decimal("0.006")  # the upper bound of the input is held: 2000 x 3
-    assert output_tokens_paid(e, q, maximum) == 500
-    assert output_tokens_paid(e, q, maximum * 2) == 500
+    assert output_tokens_paid(e, q, maximum, maximum) == 500
+    assert output_tokens_paid(e, q, maximum * 2, maximum) == 500
     # 0.0074 - 0.006 pays 100 output tokens at 14 per million: 50 per choice
-    assert output_tokens_paid(e, q, Decimal("0.0074")) == 50
-    assert output_tokens_paid(e, q, minimum) == 1, "one token at least: a limit of 0 is invalid"
+    assert output_tokens_paid(e, q, Decimal("0.0074"), maximum) == 50
+    assert output_tokens_paid(e, q, minimum, maximum) == 1, (
+        "one token at least: a limit of 0 is invalid"
+    )
     assert held_usage(e, q).input_tokens == 2_000
+
+
+def test_a_full_hold_pays_for_the_whole_limit_without_pricing_it_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    q = resolve_price(CONFIG, "claude-sonnet-4-5-20250929", Decimal(1))
+    e = RequestEstimate(2_000, 1_000, False, choices=2)
+    maximum, _ = hold_amounts(e, q)
+    calls = []
+    calc_price = ModelPrice.calc_price
+    monkeypatch.setattr(
+        ModelPrice,
+        "calc_price",
+        lambda price, usage: calls.append(usage) or calc_price(price, usage),
+    )
+    assert output_tokens_paid(e, q, maximum, maximum) == 500
+    assert calls == []
+    assert output_tokens_paid(e, q, maximum - Decimal("0.000014"), maximum) == 499
+    assert calls, "a partial hold is priced"
