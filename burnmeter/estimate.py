@@ -332,7 +332,10 @@ class _Tally:
             if type(item) is str:
                 strings.append(item)
             elif type(item) is dict:
-                self._add_object(item, stack)
+                if "cache_control" in item or _may_be_media(item):
+                    self._add_object(item, stack)
+                else:  # most parts: text, tool calls, tool results
+                    stack.extend(item.values())
             elif type(item) is list:
                 stack.extend(item)
             elif type(item) is int or type(item) is float:
