@@ -72,6 +72,9 @@ SERVER_TOOL_TYPES = ("web_search", "web_fetch", "file_search", "code_execution",
 """Tool ``type`` prefixes of server-side tools (Anthropic's dated types, OpenAI's)."""
 
 EMBEDDING_APIS = ("openai.embeddings", "gemini.embed")
+MAX_NESTING = 900
+"""Deepest nesting of a prompt's JSON a request may have (none comes near it); deeper is
+refused, as Python's recursion limit refused it when the estimate was a recursion."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,27 +326,32 @@ class _Tally:
             self.text(value)
 
     def add(self, value: object) -> None:
-        # A loop over a stack, not a recursion, on exact types first: the request path
+        # A loop, level by level, not a recursion, on exact types first: the request path
         # walks every part of every request. Strings are measured at the end, all at once.
-        stack = [value]
+        level = [value]
         strings = self.strings
-        while stack:
-            item = stack.pop()
-            if type(item) is str:
-                strings.append(item)
-            elif type(item) is dict:
-                if "cache_control" in item or _may_be_media(item):
-                    self._add_object(item, stack)
-                else:  # most parts: text, tool calls, tool results
-                    stack.extend(item.values())
-            elif type(item) is list:
-                stack.extend(item)
-            elif type(item) is int or type(item) is float:
-                strings.append(str(item))
-            elif type(item) is not bool and item is not None:
-                self._add_other(item, stack)
+        for _ in range(MAX_NESTING):
+            below: list[object] = []
+            for item in level:
+                if type(item) is str:
+                    strings.append(item)
+                elif type(item) is dict:
+                    if "cache_control" in item or _may_be_media(item):
+                        self._add_object(item, below)
+                    else:  # most parts: text, tool calls, tool results
+                        below.extend(item.values())
+                elif type(item) is list:
+                    below.extend(item)
+                elif type(item) is int or type(item) is float:
+                    strings.append(str(item))
+                elif type(item) is not bool and item is not None:
+                    self._add_other(item, below)
+            if not below:
+                return
+            level = below
+        raise ValueError(f"request JSON is nested deeper than {MAX_NESTING} levels")
 
-    def _add_object(self, part: dict[str, object], stack: list[object]) -> None:
+    def _add_object(self, part: dict[str, object], below: list[object]) -> None:
         if _may_be_media(part) and (flat := self._media_tokens(part)) is not None:
             self.flat_tokens += flat
             if (modality := _media_modality(part)) == "audio":
@@ -355,18 +363,18 @@ class _Tally:
                 if key == "cache_control":
                     self.cache_marker(item)
                 else:
-                    stack.append(item)
+                    below.append(item)
         else:
-            stack.extend(part.values())
+            below.extend(part.values())
 
-    def _add_other(self, item: object, stack: list[object]) -> None:
+    def _add_other(self, item: object, below: list[object]) -> None:
         """What the loop's exact types miss: their subclasses (a body not from ``json``)."""
         if isinstance(item, str):
             self.strings.append(item)
         elif isinstance(item, list):
-            stack.extend(item)
+            below.extend(item)
         elif isinstance(item, dict):
-            self._add_object(item, stack)
+            self._add_object(item, below)
         elif isinstance(item, int | float) and not isinstance(item, bool):
             self.strings.append(str(item))
 

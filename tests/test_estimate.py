@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 import json
 import re
 import statistics
@@ -16,6 +17,7 @@ from burnmeter.config import parse_config
 from burnmeter.estimate import ANTHROPIC_TOOL_PROMPT_TOKENS
 from burnmeter.estimate import AUDIO_TOKENS
 from burnmeter.estimate import FILE_TOKENS
+from burnmeter.estimate import MAX_NESTING
 from burnmeter.estimate import SERVER_TOOL_TOKENS
 from burnmeter.estimate import UPSTREAM_PROMPT_TOKENS
 from burnmeter.estimate import RequestEstimate
@@ -191,6 +193,15 @@ def test_stream_flag() -> None:
         ),
         ("openai.chat", [], "request body must be a JSON object"),
         ("openai.completions", {}, "unknown api 'openai.completions'"),
+        (
+            "openai.chat",
+            {
+                "messages": [
+                    user(functools.reduce(lambda inner, _: [inner], range(MAX_NESTING), []))
+                ]
+            },
+            f"request JSON is nested deeper than {MAX_NESTING} levels",
+        ),
     ],
 )
 def test_bad_requests(api: str, body: object, message: str) -> None:
