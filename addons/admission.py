@@ -331,7 +331,7 @@ class Admission:
         if self.config.cap_output_tokens:
             # the hold taken decides: a balance that covered only part of it pays for less
             held = hold.amount if hold is not None else maximum
-            paid = output_tokens_paid(quoted.estimate, quoted.quote, held)
+            paid = output_tokens_paid(quoted.estimate, quoted.quote, held, maximum)
             rewritten = cap_output(quoted.api, body, paid) or rewritten
         if rewritten:
             request.set_content(encode_body(body))

@@ -27,12 +27,11 @@ from mitmproxy.connection import ConnectionState
 from addons.phases import Admitted
 from addons.phases import Quoted
 from burnmeter import pricing
-from burnmeter.config import Config
 from burnmeter.documents import request_log
 from burnmeter.documents import utcnow
 from burnmeter.estimate import EMBEDDING_APIS
+from burnmeter.estimate import estimate_input_tokens
 from burnmeter.estimate import estimate_output_tokens
-from burnmeter.estimate import estimate_request
 from burnmeter.estimate import held_usage as estimated_held_usage
 from burnmeter.money import ZERO
 from burnmeter.records import UsageRecord
@@ -52,16 +51,13 @@ ALWAYS_REPORTED = frozenset(
     }
 )
 """APIs whose complete answers always carry usage (Gemini's embeddings do not)."""
-INPUT_ESTIMATE_CONFIG = Config()
-"""``estimate_request`` reads its config for the output limit alone: the input estimate is
-the same under any."""
 
 
 def input_estimate(admitted: Admitted, request: http.Request) -> int:
     """The careful estimate of the request's input tokens, from its body as forwarded
     (decoded again): only a settlement without reported usage needs it."""
     body = json.loads(request.content or b"")
-    return estimate_request(admitted.api, body, INPUT_ESTIMATE_CONFIG).input_tokens
+    return estimate_input_tokens(admitted.api, body)
 
 
 def estimated(

@@ -1,9 +1,10 @@
 """Request-side token estimates: what admission holds before the upstream reports usage.
 
 No tokenizer: text is ``ceil(chars / 4)`` tokens, plus a small overhead per message, and
-media count at flat rates (see docs/estimator.md for how far off this is on real traffic).
+media count at flat rates (see docs/estimator.md for how far off this is on real traffic);
+only a settlement without reported usage needs it (``estimate_input_tokens``).
 That central estimate undercounts some text many times over (CJK, emoji, random
-characters), so holds use an upper bound instead (``max_input_tokens``): a UTF-8 byte is
+characters), so holds use an upper bound instead (``held_input_tokens``): a UTF-8 byte is
 the least a token can be in every byte-level tokenizer, plus allowances for what an
 upstream adds to the prompt itself (a system prompt, server-side tool results).
 ``ValueError`` means a malformed request; its message is meant for the client (400).
@@ -71,12 +72,18 @@ SERVER_TOOL_TYPES = ("web_search", "web_fetch", "file_search", "code_execution",
 """Tool ``type`` prefixes of server-side tools (Anthropic's dated types, OpenAI's)."""
 
 EMBEDDING_APIS = ("openai.embeddings", "gemini.embed")
+MAX_NESTING = 900
+"""Deepest nesting of a prompt's JSON a request may have (none comes near it); deeper is
+refused, as Python's recursion limit refused it when the estimate was a recursion."""
 
 
 @dataclass(frozen=True, slots=True)
 class RequestEstimate:
-    input_tokens: int
-    """The central estimate, charged when a response reports no usage."""
+    """What admission needs of a request: what to hold, and how to forward it."""
+
+    held_input_tokens: int
+    """The upper bound of the input tokens, which holds pay for (the central estimate a
+    settlement without usage charges is ``estimate_input_tokens``, never more)."""
     max_output_tokens: int
     """The output limit of all choices together (``choices`` times the per-choice limit)."""
     stream: bool
@@ -85,21 +92,15 @@ class RequestEstimate:
     billed as cache writes, dearer than input."""
     input_audio_tokens: int = 0
     input_image_tokens: int = 0
-    """The parts of ``input_tokens`` that are audio clips and images."""
+    """The parts of the input that are audio clips and images (flat counts)."""
     output_modalities: frozenset[str] | None = frozenset({"text"})
     """What the response may hold ("text", "audio", "image"); None: whatever the model makes."""
     server_tool_uses: Mapping[str, int] = field(default_factory=dict)
     """The most uses of each billed server tool the request allows, by UsageRecord count."""
     service_tier: str | None = None
     """The service tier the request asks for."""
-    max_input_tokens: int = 0
-    """The upper bound of the input tokens, which holds pay for."""
     choices: int = 1
     """Completions asked for (``n``, ``candidateCount``)."""
-
-    @property
-    def held_input_tokens(self) -> int:
-        return max(self.input_tokens, self.max_input_tokens)
 
     @property
     def output_tokens_per_choice(self) -> int:
@@ -109,10 +110,40 @@ class RequestEstimate:
 def estimate_request(
     api: str, body: object, config: Config, path: str = "", model: str | None = None
 ) -> RequestEstimate:
-    """Estimate a request of ``api`` (a corpus api name, e.g. "openai.chat") to ``path``;
-    without an output limit of its own, a request may generate ``model``'s maximum."""
+    """Estimate a request of ``api`` (a corpus api name, e.g. "openai.chat") to ``path``
+    for its admission; without an output limit of its own, a request may generate
+    ``model``'s maximum."""
+    body = _request_object(body)
+    tally = _tally(api, body)
+    limit, choices = _output_limit(api, body, config.max_output_tokens(model))
+    return RequestEstimate(
+        held_input_tokens=tally.max_tokens(),
+        max_output_tokens=limit * choices,
+        stream=_stream(api, body, path),
+        cache_ttl=tally.cache_ttl,
+        input_audio_tokens=tally.audio_tokens,
+        input_image_tokens=tally.image_tokens,
+        output_modalities=_output_modalities(api, body),
+        server_tool_uses=_server_tool_uses(api, body, path),
+        service_tier=_requested_tier(api, body),
+        choices=choices,
+    )
+
+
+def estimate_input_tokens(api: str, body: object) -> int:
+    """The central estimate of a request's input tokens, charged when a response reports
+    no usage (only a settlement needs it: admission holds ``held_input_tokens``)."""
+    return _tally(api, _request_object(body)).tokens()
+
+
+def _request_object(body: object) -> dict[str, object]:
     if not isinstance(body, dict):
         raise ValueError("request body must be a JSON object")
+    return body
+
+
+def _tally(api: str, body: dict[str, object]) -> _Tally:
+    """Everything in the prompt of a request of ``api``; ``ValueError`` if malformed."""
     tally = _Tally(api.partition(".")[0])
     match api:
         case "openai.chat":
@@ -142,20 +173,7 @@ def estimate_request(
                 tally.add(_object(request, "content"))
         case _:
             raise ValueError(f"unknown api {api!r}")
-    limit, choices = _output_limit(api, body, config.max_output_tokens(model))
-    return RequestEstimate(
-        input_tokens=tally.tokens(),
-        max_output_tokens=limit * choices,
-        stream=_stream(api, body, path),
-        cache_ttl=tally.cache_ttl,
-        input_audio_tokens=tally.audio_tokens,
-        input_image_tokens=tally.image_tokens,
-        output_modalities=_output_modalities(api, body),
-        server_tool_uses=_server_tool_uses(api, body, path),
-        service_tier=_requested_tier(api, body),
-        max_input_tokens=tally.max_tokens(),
-        choices=choices,
-    )
+    return tally
 
 
 def estimate_output_tokens(text_chars: int) -> int:
@@ -182,19 +200,22 @@ def held_usage(estimate: RequestEstimate, quote: PriceQuote) -> UsageRecord:
     return max(_held_usages(estimate, quote), key=lambda usage: cost(usage, quote))
 
 
-def output_tokens_paid(estimate: RequestEstimate, quote: PriceQuote, held: Decimal) -> int:
+def output_tokens_paid(
+    estimate: RequestEstimate, quote: PriceQuote, held: Decimal, maximum: Decimal
+) -> int:
     """Output tokens per choice that a hold of ``held`` pays for, beyond the input (at least
-    one, at most the request's limit): a hold smaller than the maximum (the balance
-    covered only part of it) pays for fewer. Found by bisection: a cost never falls as a
-    count grows, whatever tiers, modalities or fees the price has."""
+    one, at most the request's limit): a hold smaller than ``maximum`` (``hold_amounts``'
+    price of the whole limit; the balance covered only part of it) pays for fewer. Found
+    by bisection: a cost never falls as a count grows, whatever tiers, modalities or fees
+    the price has."""
     per_choice = estimate.output_tokens_per_choice
+    if per_choice == 0 or held >= maximum:  # the whole limit, priced already: not again
+        return per_choice
 
     def affordable(tokens: int) -> bool:
         usages = _held_usages(estimate, quote, tokens * estimate.choices)
         return max(cost(usage, quote) for usage in usages) <= held
 
-    if per_choice == 0 or affordable(per_choice):
-        return per_choice
     low, high = 1, per_choice - 1  # low: the floor paid in any case; high: the most it may pay
     while low < high:
         middle = (low + high + 1) // 2
@@ -250,9 +271,10 @@ class _Tally:
 
     def __init__(self, family: str) -> None:
         self.family = family
-        self.chars = 0
-        self.bytes = 0
-        """UTF-8 bytes of the text: no byte-level tokenizer makes more tokens of it."""
+        self.strings: list[str] = []
+        """The text seen, measured once at the end (``measured``)."""
+        self.decoded_bytes = 0
+        """Bytes of base64 text the upper bound counts beyond its flat tokens."""
         self.flat_tokens = 0
         self.message_count = 0
         self.server_tools = 0
@@ -261,16 +283,21 @@ class _Tally:
         self.image_tokens = 0
 
     def tokens(self) -> int:
-        text = math.ceil(self.chars / CHARS_PER_TOKEN)
+        text = math.ceil(len("".join(self.strings)) / CHARS_PER_TOKEN)
         return text + self.flat_tokens + self.message_count * MESSAGE_OVERHEAD_TOKENS
 
     def max_tokens(self) -> int:
+        """UTF-8 bytes of the text (no byte-level tokenizer makes more tokens of it) and the
+        flat counts, plus what an upstream may add. Never below ``tokens``: a string has at
+        least as many bytes as characters, and ``decoded_bytes`` is never negative."""
+        text = "".join(self.strings)
+        utf8_bytes = len(text) if text.isascii() else _utf8_bytes(text)
         added = UPSTREAM_PROMPT_TOKENS + self.server_tools * SERVER_TOOL_TOKENS
-        return self.bytes + self.flat_tokens + self.message_count * MESSAGE_OVERHEAD_TOKENS + added
+        counted = self.flat_tokens + self.message_count * MESSAGE_OVERHEAD_TOKENS
+        return utf8_bytes + self.decoded_bytes + counted + added
 
     def text(self, value: str) -> None:
-        self.chars += len(value)
-        self.bytes += len(value) if value.isascii() else _utf8_bytes(value)
+        self.strings.append(value)
 
     def messages(self, items: Sequence[object]) -> None:
         self.message_count += len(items)
@@ -282,9 +309,11 @@ class _Tally:
                 continue
             if not isinstance(tools, list):
                 raise ValueError("'tools' must be an array")
-            self.add_cache_markers(tools)
             self.server_tools += sum(1 for tool in tools if _is_server_tool(tool))
-            self.text(json.dumps(tools, separators=(",", ":")))  # ASCII: \u escapes
+            dumped = json.dumps(tools, separators=(",", ":"))  # ASCII: \u escapes
+            if '"cache_control"' in dumped:  # else no marker to look for
+                self.add_cache_markers(tools)
+            self.text(dumped)
 
     def embedding_input(self, value: str | list[object]) -> None:
         # Token-id arrays are already tokens.
@@ -297,26 +326,57 @@ class _Tally:
             self.text(value)
 
     def add(self, value: object) -> None:
-        if isinstance(value, str):
-            self.text(value)
-        elif isinstance(value, list):
-            for item in value:
-                self.add(item)
-        elif isinstance(value, dict):
-            if (flat := self._media_tokens(value)) is not None:
-                self.flat_tokens += flat
-                if (modality := _media_modality(value)) == "audio":
-                    self.audio_tokens += flat
-                elif modality == "image":
-                    self.image_tokens += flat
+        # A loop, level by level, not a recursion, on exact types first: the request path
+        # walks every part of every request. Strings are measured at the end, all at once.
+        level = [value]
+        strings = self.strings
+        for _ in range(MAX_NESTING):
+            below: list[object] = []
+            for item in level:
+                if type(item) is str:
+                    strings.append(item)
+                elif type(item) is dict:
+                    if "cache_control" in item or _may_be_media(item):
+                        self._add_object(item, below)
+                    else:  # most parts: text, tool calls, tool results
+                        below.extend(item.values())
+                elif type(item) is list:
+                    below.extend(item)
+                elif type(item) is int or type(item) is float:
+                    strings.append(str(item))
+                elif type(item) is not bool and item is not None:
+                    self._add_other(item, below)
+            if not below:
                 return
-            for key, item in value.items():
+            level = below
+        raise ValueError(f"request JSON is nested deeper than {MAX_NESTING} levels")
+
+    def _add_object(self, part: dict[str, object], below: list[object]) -> None:
+        if _may_be_media(part) and (flat := self._media_tokens(part)) is not None:
+            self.flat_tokens += flat
+            if (modality := _media_modality(part)) == "audio":
+                self.audio_tokens += flat
+            elif modality == "image":
+                self.image_tokens += flat
+        elif "cache_control" in part:
+            for key, item in part.items():
                 if key == "cache_control":
                     self.cache_marker(item)
                 else:
-                    self.add(item)
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            self.text(str(value))
+                    below.append(item)
+        else:
+            below.extend(part.values())
+
+    def _add_other(self, item: object, below: list[object]) -> None:
+        """What the loop's exact types miss: their subclasses (a body not from ``json``)."""
+        if isinstance(item, str):
+            self.strings.append(item)
+        elif isinstance(item, list):
+            below.extend(item)
+        elif isinstance(item, dict):
+            self._add_object(item, below)
+        elif isinstance(item, int | float) and not isinstance(item, bool):
+            self.strings.append(str(item))
 
     def add_cache_markers(self, value: object) -> None:
         if isinstance(value, list):
@@ -355,7 +415,7 @@ class _Tally:
             if isinstance(source, dict) and source.get("type") in ("text", "content"):
                 return None  # plain text, counted as such
             return FILE_TOKENS
-        for key in ("inlineData", "inline_data", "fileData", "file_data"):
+        for key in _BLOB_KEYS:
             blob = part.get(key)
             if isinstance(blob, dict):
                 return self._blob_tokens(blob)
@@ -372,9 +432,26 @@ class _Tally:
             # Base64 of text: 3 bytes per 4 characters, then chars/4 as for any text; the
             # upper bound counts the decoded bytes.
             decoded = math.ceil(len(data) * 3 / 4)
-            self.bytes += decoded - math.ceil(decoded / CHARS_PER_TOKEN)
+            self.decoded_bytes += decoded - math.ceil(decoded / CHARS_PER_TOKEN)
             return math.ceil(decoded / CHARS_PER_TOKEN)
         return FILE_TOKENS
+
+
+_MEDIA_TYPES = frozenset(
+    ("image_url", "input_image", "image", "input_audio", "file", "input_file", "document")
+)
+"""The part ``type`` values ``_Tally._media_tokens`` may count at a flat rate."""
+_BLOB_KEYS = ("inlineData", "inline_data", "fileData", "file_data")
+"""Gemini's media parts, either spelling."""
+
+
+def _may_be_media(part: dict[str, object]) -> bool:
+    """Whether ``_Tally._media_tokens`` may count ``part`` (a cheap test that most text
+    parts fail: the request path asks it of every object in a request)."""
+    kind = part.get("type")
+    return (isinstance(kind, str) and kind in _MEDIA_TYPES) or not part.keys().isdisjoint(
+        _BLOB_KEYS
+    )
 
 
 def _media_modality(part: dict[str, object]) -> str | None:
@@ -384,7 +461,7 @@ def _media_modality(part: dict[str, object]) -> str | None:
         return "image"
     if kind == "input_audio":
         return "audio"
-    for key in ("inlineData", "inline_data", "fileData", "file_data"):
+    for key in _BLOB_KEYS:
         blob = part.get(key)
         if isinstance(blob, dict):
             mime = str(blob.get("mimeType") or blob.get("mime_type") or "")

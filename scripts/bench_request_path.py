@@ -68,6 +68,7 @@ from addons.metering import Metering  # noqa: E402
 from addons.phases import Admitted  # noqa: E402
 from burnmeter.config import load_config  # noqa: E402
 from burnmeter.documents import hash_key  # noqa: E402
+from burnmeter.estimate import estimate_input_tokens  # noqa: E402
 from burnmeter.estimate import estimate_request  # noqa: E402
 from burnmeter.estimate import hold_amounts  # noqa: E402
 from burnmeter.estimate import output_tokens_paid  # noqa: E402
@@ -294,15 +295,16 @@ def parts(
     maximum, minimum = hold_amounts(estimate, quote)
     out["hold_amounts"] = timed(lambda: hold_amounts(estimate, quote))
     out["hold_amounts_calc_price_calls"] = calc_price_calls(lambda: hold_amounts(estimate, quote))
-    out["output_tokens_paid"] = timed(lambda: output_tokens_paid(estimate, quote, maximum))
+    out["output_tokens_paid"] = timed(lambda: output_tokens_paid(estimate, quote, maximum, maximum))
     out["output_tokens_paid_calc_price_calls"] = calc_price_calls(
-        lambda: output_tokens_paid(estimate, quote, maximum)
+        lambda: output_tokens_paid(estimate, quote, maximum, maximum)
     )
     out["json.dumps(body)"] = timed(lambda: json.dumps(body).encode())
     decoded = body_module.decode_body(as_sent)
     out["encode_body(body)"] = timed(lambda: encode_body(decoded))
     out["held_input_tokens"] = estimate.held_input_tokens
-    out["estimated_input_tokens"] = estimate.input_tokens
+    out["estimate_input_tokens"] = timed(lambda: estimate_input_tokens(w.api, body))
+    out["estimated_input_tokens"] = estimate_input_tokens(w.api, body)
 
     store = open_store(db_url, config.pools)
     pool = config.pools[route.pool]
@@ -330,7 +332,8 @@ def parts(
 def settle_parts(f: http.HTTPFlow, admitted: Admitted, store: Any, tmp: Path) -> dict[str, Any]:
     """A settlement as the addon makes it (of a request the hooks admitted), its journal
     line, and the store applying it (the writer thread's work)."""
-    usage = UsageRecord(input_tokens=admitted.estimate.input_tokens, output_tokens=300)
+    input_tokens = estimate_input_tokens(admitted.api, json.loads(f.request.content or b""))
+    usage = UsageRecord(input_tokens=input_tokens, output_tokens=300)
     out: dict[str, Any] = {}
     out["settlement (cost, log document)"] = timed(
         lambda: billing.settlement(f, admitted, usage, 200)

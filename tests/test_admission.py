@@ -221,7 +221,7 @@ async def test_admit_holds_the_estimated_maximum_and_caps_the_output(setup: Setu
     maximum, _ = hold_amounts(quoted.estimate, quoted.quote)
     assert admitted.hold is not None and admitted.hold.amount == maximum
     assert balance(setup) == 5 - maximum
-    paid = output_tokens_paid(quoted.estimate, quoted.quote, maximum)
+    paid = output_tokens_paid(quoted.estimate, quoted.quote, maximum, maximum)
     assert admitted.output_tokens_paid == paid and admitted.tap is None
     forwarded = json.loads(f.request.content or b"")
     assert forwarded["stream_options"] == {"include_usage": True}

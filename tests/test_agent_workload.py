@@ -16,6 +16,7 @@ from addons.metering import Metering
 from addons.phases import Admitted
 from burnmeter.config import load_config
 from burnmeter.documents import hash_key
+from burnmeter.estimate import estimate_input_tokens
 from burnmeter.store import open_store
 from scripts import agent_workload
 from scripts.bench_proxy import CONFIG
@@ -78,4 +79,4 @@ async def test_the_proxy_admits_it(
     admitted = metering.phases[f]
     assert isinstance(admitted, Admitted) and admitted.stream and admitted.hold is not None
     assert admitted.request.api == ("anthropic.messages" if "messages" in path else "openai.chat")
-    assert admitted.estimate is not None and admitted.estimate.input_tokens > target // 8
+    assert estimate_input_tokens(admitted.api, json.loads(raw)) > target // 8

@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 import json
 import re
 import statistics
@@ -7,6 +8,7 @@ from decimal import Decimal
 import pytest
 from corpus import SKIP_REASON
 from corpus import load_cases
+from genai_prices.types import ModelPrice
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -15,9 +17,11 @@ from burnmeter.config import parse_config
 from burnmeter.estimate import ANTHROPIC_TOOL_PROMPT_TOKENS
 from burnmeter.estimate import AUDIO_TOKENS
 from burnmeter.estimate import FILE_TOKENS
+from burnmeter.estimate import MAX_NESTING
 from burnmeter.estimate import SERVER_TOOL_TOKENS
 from burnmeter.estimate import UPSTREAM_PROMPT_TOKENS
 from burnmeter.estimate import RequestEstimate
+from burnmeter.estimate import estimate_input_tokens
 from burnmeter.estimate import estimate_output_tokens
 from burnmeter.estimate import estimate_request
 from burnmeter.estimate import held_usage
@@ -46,7 +50,7 @@ def estimate(api: str, body: object, path: str = "") -> RequestEstimate:
 
 
 def tokens(api: str, body: object) -> int:
-    return estimate(api, body).input_tokens
+    return estimate_input_tokens(api, body)
 
 
 def user(content: object) -> dict[str, object]:
@@ -189,6 +193,15 @@ def test_stream_flag() -> None:
         ),
         ("openai.chat", [], "request body must be a JSON object"),
         ("openai.completions", {}, "unknown api 'openai.completions'"),
+        (
+            "openai.chat",
+            {
+                "messages": [
+                    user(functools.reduce(lambda inner, _: [inner], range(MAX_NESTING), []))
+                ]
+            },
+            f"request JSON is nested deeper than {MAX_NESTING} levels",
+        ),
     ],
 )
 def test_bad_requests(api: str, body: object, message: str) -> None:
@@ -250,8 +263,7 @@ def test_estimator_accuracy_on_corpus() -> None:
         if reported is None or case["request"]["body"] is None:
             continue
         request = case["request"]
-        estimated = estimate_request(case["api"], request["body"], CONFIG, request["path"])
-        ratios.append(estimated.input_tokens / reported)
+        ratios.append(estimate_input_tokens(case["api"], request["body"]) / reported)
     median_error = statistics.median(abs(r - 1) for r in ratios)
     deciles = statistics.quantiles(ratios, n=10)
     print(
@@ -409,8 +421,8 @@ def test_the_upper_bound_covers_any_byte_level_tokenizer_in_any_script(text: str
     else:
         body = {"messages": [user(text)]}
     estimate = estimate_request(api, body, CONFIG)
-    assert estimate.max_input_tokens >= len(text.encode("utf-8", "surrogatepass"))
-    assert estimate.held_input_tokens >= estimate.input_tokens
+    assert estimate.held_input_tokens >= len(text.encode("utf-8", "surrogatepass"))
+    assert estimate.held_input_tokens >= estimate_input_tokens(api, body)
 
 
 def test_the_upper_bound_covers_every_reported_prompt_in_the_corpus() -> None:
@@ -424,19 +436,19 @@ def test_the_upper_bound_covers_every_reported_prompt_in_the_corpus() -> None:
             continue
         request = case["request"]
         estimated = estimate_request(case["api"], request["body"], CONFIG, request["path"])
-        assert estimated.max_input_tokens >= reported, name
+        assert estimated.held_input_tokens >= reported, name
         checked += 1
     assert checked >= 40
 
 
 def test_the_upper_bound_allows_for_server_tools_and_the_upstreams_own_prompt() -> None:
     plain = estimate("anthropic.messages", {"messages": [user("hi")]})
-    assert plain.max_input_tokens == len("user") + len("hi") + 4 + UPSTREAM_PROMPT_TOKENS
+    assert plain.held_input_tokens == len("user") + len("hi") + 4 + UPSTREAM_PROMPT_TOKENS
     search = {"messages": [user("hi")], "tools": [{"type": "web_search_20250305", "name": "w"}]}
     with_search = estimate("anthropic.messages", search)
-    assert with_search.max_input_tokens > plain.max_input_tokens + SERVER_TOOL_TOKENS
+    assert with_search.held_input_tokens > plain.held_input_tokens + SERVER_TOOL_TOKENS
     responses = {"input": "hi", "tools": [{"type": "web_search_preview"}]}
-    assert estimate("openai.responses", responses).max_input_tokens > SERVER_TOOL_TOKENS
+    assert estimate("openai.responses", responses).held_input_tokens > SERVER_TOOL_TOKENS
 
 
 def test_a_request_without_an_output_limit_is_held_for_its_models_maximum() -> None:
@@ -453,12 +465,33 @@ def test_a_request_without_an_output_limit_is_held_for_its_models_maximum() -> N
 
 def test_output_tokens_paid_by_a_partial_hold() -> None:
     q = resolve_price(CONFIG, "claude-sonnet-4-5-20250929", Decimal(1))
-    e = RequestEstimate(1_000, 1_000, False, max_input_tokens=2_000, choices=2)
+    e = RequestEstimate(2_000, 1_000, False, choices=2)
     maximum, minimum = hold_amounts(e, q)
     assert minimum == Decimal("0.006")  # the upper bound of the input is held: 2000 x 3
-    assert output_tokens_paid(e, q, maximum) == 500
-    assert output_tokens_paid(e, q, maximum * 2) == 500
+    assert output_tokens_paid(e, q, maximum, maximum) == 500
+    assert output_tokens_paid(e, q, maximum * 2, maximum) == 500
     # 0.0074 - 0.006 pays 100 output tokens at 14 per million: 50 per choice
-    assert output_tokens_paid(e, q, Decimal("0.0074")) == 50
-    assert output_tokens_paid(e, q, minimum) == 1, "one token at least: a limit of 0 is invalid"
+    assert output_tokens_paid(e, q, Decimal("0.0074"), maximum) == 50
+    assert output_tokens_paid(e, q, minimum, maximum) == 1, (
+        "one token at least: a limit of 0 is invalid"
+    )
     assert held_usage(e, q).input_tokens == 2_000
+
+
+def test_a_full_hold_pays_for_the_whole_limit_without_pricing_it_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    q = resolve_price(CONFIG, "claude-sonnet-4-5-20250929", Decimal(1))
+    e = RequestEstimate(2_000, 1_000, False, choices=2)
+    maximum, _ = hold_amounts(e, q)
+    calls = []
+    calc_price = ModelPrice.calc_price
+    monkeypatch.setattr(
+        ModelPrice,
+        "calc_price",
+        lambda price, usage: calls.append(usage) or calc_price(price, usage),
+    )
+    assert output_tokens_paid(e, q, maximum, maximum) == 500
+    assert calls == []
+    assert output_tokens_paid(e, q, maximum - Decimal("0.000014"), maximum) == 499
+    assert calls, "a partial hold is priced"
