@@ -61,6 +61,8 @@ from burnmeter.documents import hash_key  # noqa: E402
 from burnmeter.documents import new_key  # noqa: E402
 from burnmeter.store import open_store  # noqa: E402
 from scripts import agent_workload  # noqa: E402
+from scripts.bench_sse import by_event  # noqa: E402
+from scripts.bench_sse import time_tap  # noqa: E402
 from scripts.processes import free_port  # noqa: E402
 from scripts.processes import peak_rss_mb  # noqa: E402
 from scripts.processes import stop_process  # noqa: E402
@@ -299,17 +301,12 @@ async def upstream_stream(upstream_port: int, w: Workload) -> bytes:
 
 def tap_us_per_event(api: str, stream: bytes) -> float:
     """µs per SSE event of the proxy's stream tap, fed one event per call; median of repeats."""
-    events = [part + b"\n\n" for part in stream.split(b"\n\n") if part]
-    samples = []
-    for _ in range(TAP_REPEATS):
-        tap = StreamTap(api)
-        start = time.perf_counter()
-        for event in events:
-            tap(event)
-        tap(b"")
-        samples.append(time.perf_counter() - start)
-        assert tap.usage.done and tap.usage.result()[0] is not None
-    return round(statistics.median(samples) / len(events) * 1e6, 2)
+    events = by_event(stream)
+    tap = StreamTap(api)
+    for event in [*events, b""]:
+        tap(event)
+    assert tap.usage.done and tap.usage.result()[0] is not None, "the workload reports usage"
+    return round(time_tap(api, events, TAP_REPEATS) / len(events) * 1e6, 2)
 
 
 # -- processes -------------------------------------------------------------------------------
