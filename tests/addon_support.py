@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import time
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from mitmproxy import connection
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ProxyMode
@@ -20,6 +23,7 @@ from addons.metering import Metering
 from addons.streamtap import StreamTap
 from burnmeter.config import load_config
 from burnmeter.documents import hash_key
+from burnmeter.journal import Journal
 from burnmeter.store import open_store
 from burnmeter.store.base import Store
 
@@ -162,3 +166,18 @@ def alice_store(tmp_path: Path, **balances: Decimal) -> tuple[Path, str, Store]:
     store.ensure_schema(0)
     store.create_user("alice", hash_key(KEY), balances)
     return config_path, db_url, store
+
+
+class FullDisk:
+    """``os.write`` answers ENOSPC for the journal's file while ``full``: the OS boundary."""
+
+    def __init__(self, journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.full = True
+        real_write = os.write
+
+        def write(fd: int, data: bytes) -> int:
+            if fd == journal._fd and self.full:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "write", write)

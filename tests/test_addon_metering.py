@@ -1,11 +1,9 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import gzip
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -51,6 +49,7 @@ from tests.addon_support import OHMYGPT_HOST
 from tests.addon_support import OPENHANDS_HOST
 from tests.addon_support import PORT_ROUTE
 from tests.addon_support import Env
+from tests.addon_support import FullDisk
 from tests.addon_support import admit
 from tests.addon_support import chat_sse
 from tests.addon_support import json_response
@@ -1486,15 +1485,7 @@ async def test_a_journal_that_cannot_be_written_refuses_service_until_it_can(
 ) -> None:
     assert env.metering.writer is not None
     journal = env.metering.writer.journal
-    real_write = os.write
-    disk_full = True
-
-    def write(fd: int, data: bytes) -> int:  # the OS boundary: ENOSPC for the journal's fd
-        if fd == journal._fd and disk_full:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", write)
+    disk = FullDisk(journal, monkeypatch)
     served = make_flow()
     await admit(env, served)  # admitted before the disk filled up
     served.response = json_response({"model": "gpt-4o", "choices": [], "usage": CHAT_USAGE})
@@ -1505,7 +1496,7 @@ async def test_a_journal_that_cannot_be_written_refuses_service_until_it_can(
     await admit(env, refused)
     assert refused.response is not None and refused.response.status_code == 503
     assert "journal" in body_of(refused)["error"]["message"]
-    disk_full = False  # space again: the next admission's probe write succeeds
+    disk.full = False  # space again: the next admission's probe write succeeds
     later = make_flow()
     await admit(env, later)
     assert later.response is None

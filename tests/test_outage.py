@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import time
 import weakref
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ from burnmeter.exceptions import JournalError
 from burnmeter.exceptions import StoreError
 from burnmeter.journal import Journal
 from burnmeter.writer import SettlementWriter
+from tests.addon_support import FullDisk
 from tests.test_journal import settlement
 
 
@@ -116,20 +115,12 @@ def test_the_journal_keeps_room_for_each_request_in_flight(
 def test_a_journal_that_cannot_be_written_refuses_until_a_probe_write_succeeds(
     outage: Outage, journal: Journal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_write = os.write
-    disk_full = True
-
-    def write(fd: int, data: bytes) -> int:  # the OS boundary: ENOSPC for the journal's fd
-        if fd == journal._fd and disk_full:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", write)
+    disk = FullDisk(journal, monkeypatch)
     with pytest.raises(JournalError):
         journal.append(settlement(1))
     refusal = outage.refusal()
     assert refusal is not None and refusal.problem is errors.UNAVAILABLE
     assert refusal.message == "Metering journal cannot be written, retry later"
-    disk_full = False
+    disk.full = False
     assert outage.refusal() is None
     assert journal.failing is None
