@@ -101,6 +101,31 @@ def model_of(request: CanonicalRequest, body: dict[str, Any]) -> str:
     return model
 
 
+def authenticated(
+    request: http.Request,
+    canonical: CanonicalRequest,
+    route: Route,
+    owner: KeyOwner,
+    key: str,
+    *,
+    key_cached: bool,
+) -> Authenticated:
+    """The authentication phase of a request whose ``owner`` holds ``key`` (kept masked only)."""
+    return Authenticated(
+        api=canonical.api,
+        style=canonical.style,
+        path=canonical.path,
+        host=canonical.authority,
+        upstream=url.hostport(request.scheme, request.host, request.port),
+        owner=owner,
+        key_mask=mask_key(key),
+        route=route,
+        pool=route.pool,
+        request=canonical,
+        key_cached=key_cached,
+    )
+
+
 def check_owner(owner: KeyOwner | None, now: datetime) -> KeyOwner:
     if owner is None:
         raise Rejection(errors.INVALID_KEY, "Invalid API key")
@@ -222,20 +247,7 @@ class Admission:
                 f"{canonical.method} {canonical.path} is not served by this gateway",
             )
         self.check_rate(key, route)
-        authenticated = Authenticated(
-            api=canonical.api,
-            style=canonical.style,
-            path=canonical.path,
-            host=canonical.authority,
-            upstream=url.hostport(request.scheme, request.host, request.port),
-            owner=owner,
-            key_mask=mask_key(key),
-            route=route,
-            pool=route.pool,
-            request=canonical,
-            key_cached=found,
-        )
-        return authenticated, key
+        return authenticated(request, canonical, route, owner, key, key_cached=found), key
 
     def check_rate(self, key: str, route: Route | None) -> None:
         """429 past the key's requests per minute: the route's own limit, else the global one

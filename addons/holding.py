@@ -121,6 +121,11 @@ class HoldQueue:
                 batch = [w for w in taken if not w.future.done()]
                 self._busy = len(batch)
             outcomes = self._make(batch) if batch else []
+            with self._cond:
+                # made (committed): a hold that comes now may be made on the loop, after
+                # these in any case; reset before the answers go out, which may bring it
+                self._busy = 0
+                self._cond.notify_all()
             by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Waiting, object]]] = {}
             for waiting, outcome in zip(batch, outcomes, strict=True):
                 by_loop.setdefault(waiting.loop, []).append((waiting, outcome))
@@ -129,9 +134,6 @@ class HoldQueue:
                     loop.call_soon_threadsafe(self._answer, answers)
                 except RuntimeError:  # the loop is closed: nobody waits, the sweep releases
                     pass
-            with self._cond:
-                self._busy = 0
-                self._cond.notify_all()
 
     def _make(self, batch: list[_Waiting]) -> list[HoldOutcome | BaseException]:
         try:

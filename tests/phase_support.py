@@ -9,8 +9,8 @@ import tomllib
 from decimal import Decimal
 
 from mitmproxy import http
-from mitmproxy.net.http import url
 
+from addons import admission
 from addons import phases
 from addons.canonical import read_request
 from addons.phases import Admitted
@@ -19,7 +19,6 @@ from addons.phases import Quoted
 from addons.streamtap import StreamTap
 from burnmeter.config import Config
 from burnmeter.config import parse_config
-from burnmeter.documents import mask_key
 from burnmeter.documents import utcnow
 from burnmeter.estimate import estimate_request
 from burnmeter.pricing import resolve_price
@@ -44,19 +43,7 @@ def authenticated(f: http.HTTPFlow, *, key_cached: bool = False) -> Authenticate
     canonical = read_request(request, reverse=False)
     route = TEST_CONFIG.route(canonical.host, canonical.port, f.client_conn.sockname[1])
     assert route is not None
-    return Authenticated(
-        api=canonical.api,
-        style=canonical.style,
-        path=canonical.path,
-        host=canonical.authority,
-        upstream=url.hostport(request.scheme, request.host, request.port),
-        owner=ALICE,
-        key_mask=mask_key(KEY),
-        route=route,
-        pool=route.pool,
-        request=canonical,
-        key_cached=key_cached,
-    )
+    return admission.authenticated(request, canonical, route, ALICE, KEY, key_cached=key_cached)
 
 
 def quoted(f: http.HTTPFlow) -> Quoted:
