@@ -661,6 +661,48 @@ async def test_json_response_is_charged_and_annotated(env: Env) -> None:
     assert env.store.balance("alice", env.store.pools["openhands"]) == Decimal("4.991")
 
 
+async def test_the_careful_input_estimate_is_made_only_for_a_settlement_without_usage(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pay for what you use: admission holds on the bound; the walk of the request that
+    estimates its input runs only when the upstream reported no usage (a stream cut short)."""
+    asked: list[str] = []
+    careful = billing.estimate_input_tokens
+
+    def counted(api: str, body: dict[str, object]) -> int:
+        asked.append(api)
+        return careful(api, body)
+
+    monkeypatch.setattr(billing, "estimate_input_tokens", counted)
+    reported = make_flow()
+    await admit(env, reported)
+    reported.response = json_response({"model": "gpt-4o", "choices": [], "usage": CHAT_USAGE})
+    env.metering.responseheaders(reported)
+    env.metering.response(reported)
+    streamed = make_flow(body={"model": "gpt-4o", "messages": [], "stream": True})
+    await admit(env, streamed)
+    streamed.response = sse_response()
+    env.metering.responseheaders(streamed)
+    tap = env.metering.phases[streamed].tap
+    assert tap is not None
+    tap(chat_sse(["Hel", "lo"], CHAT_USAGE))
+    tap(b"")
+    env.metering.response(streamed)
+    assert asked == []
+    cut = make_flow(body={"model": "gpt-4o", "messages": [], "stream": True})
+    await admit(env, cut)
+    cut.response = sse_response()
+    env.metering.responseheaders(cut)
+    tap = env.metering.phases[cut].tap
+    assert tap is not None
+    tap(chat_sse(["Hel", "lo"], None).partition(b"data: [DONE]")[0])
+    cut.error = flow.Error("peer closed connection")
+    env.metering.error(cut)
+    assert asked == ["openai.chat"]
+    sources = {f.id: f.metadata["metering"]["usage_source"] for f in (reported, streamed, cut)}
+    assert sources == {reported.id: "reported", streamed.id: "reported", cut.id: "estimated"}
+
+
 async def test_upstream_error_without_usage_releases_the_hold(env: Env) -> None:
     f = make_flow()
     await admit(env, f)
