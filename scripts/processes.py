@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import signal
 import socket
 import subprocess
@@ -51,14 +53,21 @@ def wait_for_line(proc: subprocess.Popen[bytes], output: Callable[[], str], mark
         time.sleep(0.05)
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
-    """SIGTERM (mitmdump then runs its addons' ``done()``), SIGKILL after ``timeout``."""
+def stop_process(
+    proc: subprocess.Popen[bytes], timeout: float = 15.0, *, group: bool = False
+) -> int:
+    """SIGTERM (mitmdump then runs its addons' ``done()``), SIGKILL after ``timeout``;
+    ``group``: to the process's whole group (one started with ``start_new_session``).
+
+    One SIGTERM only: mitmproxy's handler goes with its event loop, so a second one, sent
+    while the interpreter winds down after a clean shutdown, would kill it (status -15)."""
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        send = functools.partial(os.killpg, proc.pid) if group else proc.send_signal
+        send(signal.SIGTERM)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            send(signal.SIGKILL)
             proc.wait(5)
     return int(proc.returncode)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -58,9 +57,7 @@ class Process:
         return next(line for line in self.output().splitlines() if READY in line)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        return stop_process(self.proc)
+        return stop_process(self.proc, group=True)
 
 
 @pytest.fixture
